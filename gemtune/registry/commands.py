@@ -1,0 +1,84 @@
+"""`gemtune registry --root DIR push|list|promote|rollback|split`: thin wrappers over store.py and routes.py."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable, parse_split
+from gemtune.registry.store import Registry
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    reg = typer.Typer(help="Versioned adapter registry: push, list, promote, split (A/B), rollback.",
+                      no_args_is_help=True)
+    app.add_typer(reg, name="registry")
+    state: dict = {}
+
+    @reg.callback()
+    def _root(root: str = typer.Option(..., "--root", help="Registry directory (created on first push).")):
+        state["root"] = root
+
+    def _registry(create: bool = False) -> Registry:
+        return Registry(state["root"], create=create)
+
+    @reg.command("push")
+    def push(name: str = typer.Argument(..., help="Adapter name (lower-case, digits, . _ -)."),
+             path: str = typer.Argument(..., help="PEFT adapter directory."),
+             force: bool = typer.Option(False, "--force", help="Push despite compatibility or gate problems; "
+                                        "recorded in the manifest and the audit log."),
+             note: Optional[str] = typer.Option(None, "--note", help="Free text stored in the manifest.")):
+        """Copy an adapter into the next immutable version NAME/vN with a sha256 manifest."""
+        vi = _registry(create=True).push(name, path, force=force, note=note)
+        if vi.manifest.get("forced"):
+            console.print(f"[yellow]forced:[/yellow] {'; '.join(vi.manifest['forced_reasons'])}", highlight=False)
+        console.print(f"pushed [bold]{vi.ref}[/bold] → {vi.path}", highlight=False)
+        print(vi.ref)
+
+    @reg.command("list")
+    def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+        """Every adapter version and the aliases that route to it."""
+        r = _registry()
+        rows = r.list()
+        routes = RouteTable(r).read()["routes"]
+        for row in rows:
+            row["aliases"] = {a: e["weights"][row["version"]] for a, e in routes.get(row["name"], {}).items()
+                              if e["weights"].get(row["version"])}
+        if as_json:
+            print(json.dumps({"versions": rows, "routes": {n: {a: e["weights"] for a, e in al.items()}
+                                                          for n, al in routes.items()}}, indent=2))
+            return
+        t = Table("adapter", "rank", "targets", "pushed", "aliases (weight)", "forced")
+        for row in rows:
+            al = ", ".join(f"{a} ({w})" for a, w in row["aliases"].items())
+            t.add_row(row["ref"], str(row["rank"]), ",".join(row["target_modules"] or []) if isinstance(
+                row["target_modules"], list) else str(row["target_modules"]), row["pushed_at"] or "", al,
+                "yes" if row["forced"] else "")
+        console.print(t)
+
+    @reg.command("promote")
+    def promote(name: str = typer.Argument(...), version: str = typer.Argument(..., help="vN or N."),
+                alias: str = typer.Option(DEFAULT_ALIAS, "--alias", help="Alias to point at VERSION.")):
+        """Route 100% of an alias to one version (verifies its sha256 first)."""
+        out = RouteTable(_registry()).promote(name, version, alias)
+        console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
+
+    @reg.command("split")
+    def split(name: str = typer.Argument(...),
+              weights: List[str] = typer.Argument(..., help="VERSION=WEIGHT pairs, e.g. v3=90 v4=10."),
+              alias: str = typer.Option(DEFAULT_ALIAS, "--alias")):
+        """A/B split an alias over versions by weight, sticky per request `user`."""
+        out = RouteTable(_registry()).split(name, alias, parse_split(weights))
+        console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
+
+    @reg.command("rollback")
+    def rollback(name: str = typer.Argument(...), alias: str = typer.Option(DEFAULT_ALIAS, "--alias")):
+        """Restore the alias's previous route; repeat to walk further back."""
+        out = RouteTable(_registry()).rollback(name, alias)
+        console.print(f"{name}@{alias} → {out['weights']} (history left: {out['history_depth']})", highlight=False)

@@ -1,0 +1,378 @@
+"""Routes: aliases (`prod`, `canary`, …) that point at one version or at A/B weights, with a history to roll back.
+
+`routes.json` in the registry root is the single source of truth:
+
+    {"format": 1,
+     "routes": {"<name>": {"<alias>": {"weights": {"v3": 90, "v4": 10}, "updated_at": "…",
+                                       "history": [{"weights": {"v2": 100}, "updated_at": "…"}, …]}}},
+     "log": [{"at": "…", "event": "promote", …}, …]}
+
+Every change is a read-modify-write under the registry lock, written atomically (temp, fsync, rename), so a reader
+(the server polls the file's stat) sees the old table or the new one, never half of one. A promote or split pushes
+the alias's current weights onto its history; `rollback` pops the last entry back, so repeated rollbacks walk the
+history backwards. Versions are sha256-verified before they are routed to: a corrupt version is refused and the
+alias keeps serving what it served before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gemtune.errors import UserError
+from gemtune.registry.store import (NAME_RE, VERSION_RE, Registry, normalize_version, validate_name,
+                                    version_number)
+from gemtune.utils import atomic_write_json
+
+DEFAULT_ALIAS = "prod"
+FORMAT = 1
+LOG_KEEP = 500
+HISTORY_KEEP = 100
+
+
+def validate_alias(alias: str) -> str:
+    """Aliases share the name alphabet but must not look like a version (`v3` would be ambiguous in `name@v3`)."""
+    if not isinstance(alias, str) or not NAME_RE.match(alias) or ".." in alias or VERSION_RE.match(alias):
+        raise UserError(f"invalid alias {alias!r}: use lower-case letters, digits, '.', '_' or '-', not vN",
+                        field="alias")
+    return alias
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a request's `model` field asked for: the base, a pinned version, or an alias to resolve."""
+
+    name: str  # adapter name, or "base"
+    version: str | None = None
+    alias: str | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.name == "base"
+
+
+def parse_model(model: str) -> ModelRef:
+    """`base`, `name` (alias prod), `name@vN` (pinned) or `name@alias`; anything else is a UserError (HTTP 400)."""
+    if not isinstance(model, str) or not model:
+        raise UserError("model must be a non-empty string: 'base', '<adapter>', '<adapter>@vN' or "
+                        "'<adapter>@<alias>'", field="model")
+    if model == "base":
+        return ModelRef("base")
+    parts = model.split("@")
+    if len(parts) > 2:
+        raise UserError(f"invalid model {model!r}: at most one '@' (name@vN or name@alias)", field="model")
+    name = parts[0]
+    if not NAME_RE.match(name) or ".." in name:
+        raise UserError(f"invalid model {model!r}: adapter names use lower-case letters, digits, '.', '_', '-'",
+                        field="model")
+    if len(parts) == 1:
+        return ModelRef(name, alias=DEFAULT_ALIAS)
+    tail = parts[1]
+    if VERSION_RE.match(tail):
+        return ModelRef(name, version=tail)
+    if NAME_RE.match(tail) and ".." not in tail:
+        return ModelRef(name, alias=tail)
+    raise UserError(f"invalid model {model!r}: after '@' expected a version vN or an alias name", field="model")
+
+
+def parse_split(items: list[str]) -> dict[str, int]:
+    """`["v3=90", "v4=10"]` → `{"v3": 90, "v4": 10}`; weights are non-negative integers, at least one positive."""
+    weights: dict[str, int] = {}
+    for it in items:
+        m = re.fullmatch(r"\s*(v?\d+)\s*=\s*(\d+)\s*", it)
+        if not m:
+            raise UserError(f"invalid split {it!r}: expected VERSION=WEIGHT such as v3=90", field="split")
+        v = normalize_version(m.group(1))
+        if v in weights:
+            raise UserError(f"version {v} given twice", field="split")
+        weights[v] = int(m.group(2))
+    return validate_weights(weights)
+
+
+def validate_weights(weights: dict) -> dict[str, int]:
+    if not isinstance(weights, dict) or not weights:
+        raise UserError("weights must map versions to integer weights, e.g. {\"v3\": 90, \"v4\": 10}",
+                        field="weights")
+    out = {}
+    for v, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise UserError(f"weight for {v} must be a non-negative integer, got {w!r}", field="weights")
+        out[normalize_version(v)] = w
+    if sum(out.values()) <= 0:
+        raise UserError("at least one weight must be positive", field="weights")
+    return dict(sorted(out.items(), key=lambda kv: version_number(kv[0])))
+
+
+def pick_version(weights: dict[str, int], *, name: str, alias: str, user: str | None) -> str:
+    """Choose an arm: sticky on `user` (same user → same arm while weights hold), random without one."""
+    arms = [(v, w) for v, w in weights.items() if w > 0]
+    if len(arms) == 1:
+        return arms[0][0]
+    total = sum(w for _, w in arms)
+    if user:
+        digest = hashlib.sha256(f"{name}\0{alias}\0{user}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") % total
+    else:
+        point = random.randrange(total)
+    for v, w in arms:
+        if point < w:
+            return v
+        point -= w
+    return arms[-1][0]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class RouteTable:
+    """Reads and changes `routes.json` for one registry (used by the CLI and the server's admin API)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.path = registry.routes_path
+
+    def read(self) -> dict:
+        return read_routes(self.path)
+
+    def get(self, name: str, alias: str = DEFAULT_ALIAS) -> dict | None:
+        return self.read()["routes"].get(name, {}).get(alias)
+
+    def promote(self, name: str, version: str, alias: str = DEFAULT_ALIAS) -> dict:
+        """Point `alias` at one version (100%); the previous weights go onto the alias history."""
+        validate_name(name)
+        validate_alias(alias)
+        version = normalize_version(version)
+        self.registry.verify(name, version)
+        return self._change(name, alias, {version: 100}, "promote")
+
+    def split(self, name: str, alias: str, weights: dict) -> dict:
+        """A/B: route `alias` over several versions by integer weights, sticky per user."""
+        validate_name(name)
+        validate_alias(alias)
+        weights = validate_weights(weights)
+        for v in weights:
+            self.registry.verify(name, v)
+        return self._change(name, alias, weights, "split")
+
+    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict:
+        """Restore the alias's previous weights (pop its history); repeated calls walk further back."""
+        validate_name(name)
+        validate_alias(alias)
+        with self.registry.locked():
+            data = self.read()
+            entry = data["routes"].get(name, {}).get(alias)
+            if not entry:
+                raise UserError(f"alias {name}@{alias} does not exist; nothing to roll back", field="alias")
+            if not entry.get("history"):
+                raise UserError(f"alias {name}@{alias} has no earlier route to roll back to "
+                                f"(it serves {entry['weights']})", field="alias")
+            prev = entry["history"].pop()
+            before = entry["weights"]
+            entry["weights"], entry["updated_at"] = prev["weights"], _now()
+            self._append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
+                                    "to": entry["weights"]})
+            atomic_write_json(self.path, data)
+            return _public(name, alias, entry)
+
+    def _change(self, name: str, alias: str, weights: dict[str, int], event: str) -> dict:
+        with self.registry.locked():
+            data = self.read()
+            aliases = data["routes"].setdefault(name, {})
+            entry = aliases.get(alias)
+            before = None
+            if entry is None:
+                entry = aliases[alias] = {"weights": weights, "updated_at": _now(), "history": []}
+            else:
+                before = entry["weights"]
+                if before != weights:
+                    entry["history"].append({"weights": before, "updated_at": entry.get("updated_at")})
+                    entry["history"] = entry["history"][-HISTORY_KEEP:]
+                entry["weights"], entry["updated_at"] = weights, _now()
+            self._append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights})
+            atomic_write_json(self.path, data)
+            return _public(name, alias, entry)
+
+    def log_event_locked(self, event: dict) -> None:
+        """Append to the audit log; the caller already holds the registry lock (push records forced pushes)."""
+        data = self.read()
+        self._append_log(data, event)
+        atomic_write_json(self.path, data)
+
+    @staticmethod
+    def _append_log(data: dict, event: dict) -> None:
+        data.setdefault("log", []).append({"at": _now(), **event})
+        data["log"] = data["log"][-LOG_KEEP:]
+
+
+def _public(name: str, alias: str, entry: dict) -> dict:
+    return {"name": name, "alias": alias, "weights": dict(entry["weights"]), "updated_at": entry.get("updated_at"),
+            "history_depth": len(entry.get("history", []))}
+
+
+def read_routes(path: Path) -> dict:
+    """Parse and check routes.json (missing → empty table); a hand-edited mistake names the field."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {"format": FORMAT, "routes": {}, "log": []}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict) or not isinstance(data.get("routes", {}), dict):
+        raise UserError("expected an object with a 'routes' object", file=str(path), field="routes")
+    data.setdefault("format", FORMAT)
+    data.setdefault("routes", {})
+    data.setdefault("log", [])
+    for name, aliases in data["routes"].items():
+        if not isinstance(aliases, dict):
+            raise UserError(f"routes.{name} must be an object of aliases", file=str(path), field=f"routes.{name}")
+        for alias, entry in aliases.items():
+            where = f"routes.{name}.{alias}"
+            if not isinstance(entry, dict) or not isinstance(entry.get("weights"), dict):
+                raise UserError("expected an object with 'weights'", file=str(path), field=where)
+            try:
+                entry["weights"] = validate_weights(entry["weights"])
+            except UserError as e:
+                raise UserError(str(e), file=str(path), field=f"{where}.weights") from None
+            entry.setdefault("history", [])
+    return data
+
+
+class RouteWatcher:
+    """The server's live view of routes.json: re-read when the file's stat changes, checked at most every
+    `poll_s` (so a CLI change is live well within 1 s without a restart).
+
+    New or changed arms are passed to `accept(name, version)` first (the server verifies sha256 there); an alias
+    whose new weights name a version that fails is kept at its last good weights, so a corrupt push never takes
+    traffic from a working version.
+    """
+
+    def __init__(self, registry: Registry, *, poll_s: float = 0.2,
+                 accept: Callable[[str, str], None] | None = None, on_reject: Callable[[str, str, str], None] | None = None):
+        self.registry = registry
+        self.path = registry.routes_path
+        self.poll_s = poll_s
+        self.accept = accept
+        self.on_reject = on_reject
+        self._lock = threading.Lock()
+        self._stat: tuple | None = None
+        self._checked = 0.0
+        self.table: dict[str, dict[str, dict[str, int]]] = {}
+        self.rejected: dict[tuple[str, str], str] = {}
+        self.generation = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.refresh(force=True)
+
+    def start(self) -> None:
+        """Poll in a background thread, so request handlers never stat or hash on the event loop."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gemtune-routes", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.refresh(throttle=False)
+            except Exception as e:  # never let the poller die: the server would silently stop following routes
+                if self.on_reject:
+                    self.on_reject("routes.json", "*", f"{type(e).__name__}: {e}")
+
+    def _file_stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self, force: bool = False, throttle: bool = True) -> bool:
+        """Reload if routes.json changed (`force`: reload regardless); returns True when the table changed."""
+        now = time.monotonic()
+        if throttle and not force and now - self._checked < self.poll_s:
+            return False
+        with self._lock:
+            self._checked = now
+            st = self._file_stat()
+            if not force and st == self._stat:
+                return False
+            try:
+                data = read_routes(self.path)
+            except UserError as e:  # a hand-broken file: keep serving the last good table
+                if self.on_reject:
+                    self.on_reject("routes.json", "*", str(e))
+                self._stat = st
+                return False
+            new = {n: {a: e["weights"] for a, e in aliases.items()} for n, aliases in data["routes"].items()}
+            table = self._accept_changes(new)
+            self._stat = st
+            changed = table != self.table
+            self.table = table
+            if changed:
+                self.generation += 1
+            return changed
+
+    def _accept_changes(self, new: dict) -> dict:
+        table: dict[str, dict[str, dict[str, int]]] = {}
+        for name, aliases in new.items():
+            for alias, weights in aliases.items():
+                old = self.table.get(name, {}).get(alias)
+                if weights == old:
+                    table.setdefault(name, {})[alias] = weights
+                    continue
+                bad = self._first_bad(name, weights, old)
+                if bad is None:
+                    table.setdefault(name, {})[alias] = weights
+                    self.rejected.pop((name, alias), None)
+                else:
+                    self.rejected[(name, alias)] = bad
+                    if self.on_reject:
+                        self.on_reject(name, alias, bad)
+                    if old is not None:
+                        table.setdefault(name, {})[alias] = old
+        return table
+
+    def _first_bad(self, name: str, weights: dict, old: dict | None) -> str | None:
+        if self.accept is None:
+            return None
+        for v, w in weights.items():
+            if w <= 0 or (old and v in old):
+                continue
+            try:
+                self.accept(name, v)
+            except UserError as e:
+                return str(e)
+        return None
+
+    def _maybe_refresh(self) -> None:
+        if self._thread is None:
+            self.refresh()
+
+    def weights(self, name: str, alias: str) -> dict[str, int] | None:
+        self._maybe_refresh()
+        return self.table.get(name, {}).get(alias)
+
+    def aliases(self, name: str) -> dict[str, dict[str, int]]:
+        self._maybe_refresh()
+        return dict(self.table.get(name, {}))
+
+    def resolve(self, name: str, alias: str, user: str | None) -> str | None:
+        w = self.weights(name, alias)
+        if not w:
+            return None
+        return pick_version(w, name=name, alias=alias, user=user)

@@ -1,0 +1,332 @@
+"""The adapter registry: immutable, verified versions under `adapters/<name>/<version>/`.
+
+A push copies a PEFT adapter into the next version directory (built under a temp name, fsynced, renamed into
+place), with `manifest.json` holding every file's size and sha256. Versions are never rewritten: a regression is
+fixed by routing (see routes.py), not by editing weights in place. A push refuses what vLLM would refuse to load
+(DoRA, `modules_to_save`, per-layer ranks, ranks outside vLLM's punica sizes) and adapters whose eval gate said no,
+unless forced; a forced push records why it was forced. Loading re-hashes every file against the manifest and
+accepts safetensors only, so a flipped bit or a pickle never reaches the engine.
+
+Concurrent writers (two CLI pushes, the server's admin API) serialise on one file lock in the registry root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from gemtune.errors import UserError
+from gemtune.utils import atomic_dir, atomic_write_json, sha256_file
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256)
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SIDECAR = "gemtune.json"
+# Files a version may carry besides the two PEFT files: metadata a reader needs, never executable formats.
+OPTIONAL_FILES = (SIDECAR, "README.md", "model_card.md", "card.md")
+LOCK_TIMEOUT_S = 30.0
+
+
+class CorruptAdapter(UserError):
+    """A stored version whose files no longer match its manifest: refused, never loaded."""
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    version: str
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        """The pinned model name clients use: `name@vN`."""
+        return f"{self.name}@{self.version}"
+
+
+def validate_name(name: str, what: str = "adapter name") -> str:
+    """Names become directory names and model ids: lower-case, no separators, no `..`, no `@`."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise UserError(
+            f"invalid {what} {name!r}: use lower-case letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit, at most 64 characters", field="name")
+    if name == "base":
+        raise UserError("'base' is reserved for the base model", field="name")
+    return name
+
+
+def normalize_version(version: str | int) -> str:
+    """Accept `v3`, `3` or 3; return `v3`."""
+    s = str(version).strip()
+    if s.isdigit():
+        s = f"v{int(s)}"
+    if not VERSION_RE.match(s):
+        raise UserError(f"invalid version {version!r}: expected vN such as v3", field="version")
+    return s
+
+
+def version_number(version: str) -> int:
+    return int(normalize_version(version)[1:])
+
+
+def check_adapter_config(cfg: dict, where: str) -> list[str]:
+    """Why vLLM (and our engine) could not load this PEFT config unchanged; empty when it can."""
+    problems = []
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        problems.append(f'peft_type is {cfg.get("peft_type")!r}; only plain LoRA is served')
+    if cfg.get("use_dora"):
+        problems.append("use_dora is true: DoRA adapters cannot be served by vLLM")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']!r}: vLLM cannot load fully trained extra modules")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern set: per-layer ranks are not servable; use one rank")
+    r = cfg.get("r")
+    if not isinstance(r, int) or r not in VLLM_RANKS:
+        problems.append(f"rank r={r!r} is not one of {list(VLLM_RANKS)} (vLLM's supported LoRA ranks)")
+    if cfg.get("bias", "none") not in ("none", None):
+        problems.append(f'bias={cfg.get("bias")!r}: only bias "none" is servable')
+    if cfg.get("use_rslora"):
+        problems.append("use_rslora is true: vLLM scales LoRA by alpha/r, rsLoRA would be served wrongly")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if cfg.get(key):
+            problems.append(f"{key} is set: layer subsets are not servable by vLLM")
+    if not cfg.get("target_modules"):
+        problems.append("target_modules is empty")
+    return problems
+
+
+def gate_problems(sidecar: dict | None) -> list[str]:
+    """Why the adapter's own eval says it must not ship (from the `gemtune.json` sidecar)."""
+    if not sidecar:
+        return []
+    problems = []
+    if sidecar.get("shippable") is False:
+        problems.append('gemtune.json says "shippable": false')
+    ev = sidecar.get("eval") or {}
+    if isinstance(ev, dict) and ev.get("gate_passed") is False:
+        problems.append('gemtune.json says eval.gate_passed: false')
+    return problems
+
+
+def _read_json(path: Path, field_name: str | None = None) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("file not found", file=str(path), field=field_name) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno, field=field_name) from None
+    if not isinstance(data, dict):
+        raise UserError("expected a JSON object", file=str(path))
+    return data
+
+
+def inspect_adapter(path: str | Path) -> tuple[dict, dict | None, list[str], list[str]]:
+    """(adapter_config, sidecar, compatibility problems, gate problems) for an adapter directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError("not a directory; expected a PEFT adapter directory", file=str(p))
+    if not (p / ADAPTER_CONFIG).is_file():
+        raise UserError(f"no {ADAPTER_CONFIG}: not a PEFT adapter", file=str(p))
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        hint = " (found adapter_model.bin: pickled weights are refused, re-save with safe_serialization)" \
+            if (p / "adapter_model.bin").exists() else ""
+        raise UserError(f"no {ADAPTER_WEIGHTS}{hint}", file=str(p))
+    cfg = _read_json(p / ADAPTER_CONFIG)
+    sidecar = _read_json(p / SIDECAR) if (p / SIDECAR).is_file() else None
+    problems = check_adapter_config(cfg, str(p / ADAPTER_CONFIG))
+    problems += _check_safetensors(p / ADAPTER_WEIGHTS)
+    return cfg, sidecar, problems, gate_problems(sidecar)
+
+
+def _check_safetensors(path: Path) -> list[str]:
+    """A readable safetensors header whose tensors are LoRA A/B only (no embedded full modules)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # header truncated, not safetensors at all
+        return [f"{path.name} is not a readable safetensors file ({type(e).__name__}: {e})"]
+    if not keys:
+        return [f"{path.name} holds no tensors"]
+    odd = [k for k in keys if "lora_A" not in k and "lora_B" not in k]
+    if odd:
+        return [f"{path.name} holds non-LoRA tensors (e.g. {odd[0]!r}): vLLM would refuse them"]
+    return []
+
+
+def _manifest_files(d: Path) -> dict[str, dict]:
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+class Registry:
+    """A registry directory: `adapters/<name>/<vN>/`, `routes.json`, and the lock every writer takes."""
+
+    def __init__(self, root: str | Path, *, create: bool = True):
+        self.root = Path(root).expanduser()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise UserError("registry directory does not exist", file=str(self.root))
+        self.adapters_dir = self.root / "adapters"
+        self.routes_path = self.root / "routes.json"
+
+    def lock(self) -> FileLock:
+        """The one writer lock: pushes and route changes from any process serialise on it."""
+        return FileLock(str(self.root / ".registry.lock"), timeout=LOCK_TIMEOUT_S)
+
+    def locked(self):
+        lock = self.lock()
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(f"registry is locked by another writer for over {LOCK_TIMEOUT_S:.0f} s",
+                            file=str(self.root / ".registry.lock")) from None
+        return _Held(lock)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.adapters_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.adapters_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+    def versions(self, name: str) -> list[str]:
+        d = self.adapters_dir / name
+        if not d.is_dir():
+            return []
+        vs = [p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+        return sorted(vs, key=version_number)
+
+    def exists(self, name: str, version: str | None = None) -> bool:
+        if version is None:
+            return bool(self.versions(name))
+        return (self.adapters_dir / name / version / MANIFEST).is_file()
+
+    def info(self, name: str, version: str) -> VersionInfo:
+        validate_name(name)
+        version = normalize_version(version)
+        d = self.adapters_dir / name / version
+        if not (d / MANIFEST).is_file():
+            known = ", ".join(self.versions(name)) or "none"
+            raise UserError(f"adapter {name}@{version} is not in the registry (versions: {known})",
+                            file=str(self.root), field="version")
+        return VersionInfo(name, version, d, _read_json(d / MANIFEST))
+
+    def latest(self, name: str) -> VersionInfo:
+        vs = self.versions(validate_name(name))
+        if not vs:
+            raise UserError(f"adapter {name!r} is not in the registry", file=str(self.root), field="name")
+        return self.info(name, vs[-1])
+
+    def list(self) -> list[dict]:
+        """Every adapter and version with its manifest summary (for `registry list` and `/v1/models`)."""
+        out = []
+        for name in self.names():
+            for v in self.versions(name):
+                m = _read_json(self.adapters_dir / name / v / MANIFEST)
+                out.append({"name": name, "version": v, "ref": f"{name}@{v}", "rank": m.get("rank"),
+                            "target_modules": m.get("target_modules"), "pushed_at": m.get("pushed_at"),
+                            "forced": m.get("forced", False), "base_model": m.get("base_model")})
+        return out
+
+    def verify(self, name: str, version: str) -> VersionInfo:
+        """Re-hash every file against the manifest; refuse anything missing, extra, changed or not safetensors."""
+        vi = self.info(name, version)
+        files = vi.manifest.get("files") or {}
+        if ADAPTER_WEIGHTS not in files or ADAPTER_CONFIG not in files:
+            raise CorruptAdapter("manifest lists no adapter weights/config", file=str(vi.path / MANIFEST))
+        present = {p.name for p in vi.path.iterdir() if p.is_file() and p.name != MANIFEST}
+        extra = present - set(files)
+        if extra:
+            raise CorruptAdapter(f"files not in the manifest: {sorted(extra)}", file=str(vi.path))
+        for fname, meta in files.items():
+            fp = vi.path / fname
+            if fname.endswith((".bin", ".pt", ".pth", ".pkl")):
+                raise CorruptAdapter("pickled weights are never loaded", file=str(fp))
+            if not fp.is_file():
+                raise CorruptAdapter("file listed in the manifest is missing", file=str(fp))
+            if fp.stat().st_size != meta.get("size") or sha256_file(fp) != meta.get("sha256"):
+                raise CorruptAdapter(f"sha256 mismatch against {MANIFEST}: the stored adapter was modified or "
+                                     "corrupted; refusing to load it", file=str(fp), field="sha256")
+        return vi
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def push(self, name: str, path: str | Path, *, force: bool = False, note: str | None = None) -> VersionInfo:
+        """Copy an adapter directory into the next immutable version; refuse unservable or gate-failed ones.
+
+        `force` pushes despite problems and records them in the manifest (`forced`, `forced_reasons`) and in the
+        routes audit log, so a forced version is always visible as such.
+        """
+        validate_name(name)
+        src = Path(path).expanduser()
+        cfg, sidecar, problems, gate = inspect_adapter(src)
+        hard = [p for p in problems if "not a readable safetensors" in p or "holds no tensors" in p]
+        if hard:
+            raise UserError("; ".join(hard), file=str(src / ADAPTER_WEIGHTS))
+        if (problems or gate) and not force:
+            what = []
+            if problems:
+                what.append("not servable unchanged by vLLM/gemtune: " + "; ".join(problems))
+            if gate:
+                what.append("its eval gate failed: " + "; ".join(gate))
+            raise UserError(" | ".join(what) + " (use --force to push anyway; it will be recorded)",
+                            file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
+        with self.locked():
+            existing = self.versions(name)
+            n = version_number(existing[-1]) + 1 if existing else 1
+            version = f"v{n}"
+            final = self.adapters_dir / name / version
+            with atomic_dir(final) as tmp:
+                for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *OPTIONAL_FILES):
+                    if (src / fname).is_file():
+                        shutil.copyfile(src / fname, tmp / fname)
+                manifest = {
+                    "name": name, "version": version, "pushed_at": _now(), "source": str(src.resolve()),
+                    "rank": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
+                    "target_modules": cfg.get("target_modules"),
+                    "base_model": (sidecar or {}).get("base_model") or cfg.get("base_model_name_or_path"),
+                    "forced": bool(force and (problems or gate)),
+                    "forced_reasons": (problems + gate) if force else [],
+                    "note": note, "files": _manifest_files(tmp),
+                }
+                atomic_write_json(tmp / MANIFEST, manifest)
+                _make_read_only(tmp)
+            from gemtune.registry.routes import RouteTable  # routes imports store; import here to avoid a cycle
+
+            RouteTable(self).log_event_locked({"event": "push", "ref": f"{name}@{version}",
+                                               "forced": manifest["forced"], "reasons": manifest["forced_reasons"]})
+        return VersionInfo(name, version, final, manifest)
+
+
+class _Held:
+    def __init__(self, lock: FileLock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _make_read_only(d: Path) -> None:
+    """Immutable on disk too: a stray `cp` over a version fails instead of silently changing what serves."""
+    for p in d.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o444)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

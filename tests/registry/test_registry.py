@@ -1,0 +1,263 @@
+"""Registry store and routes: immutable verified versions, refusals, aliases, A/B splits, rollback, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from gemtune.errors import UserError
+from gemtune.registry.routes import (RouteTable, RouteWatcher, parse_model, parse_split, pick_version,
+                                     read_routes)
+from gemtune.registry.store import CorruptAdapter, Registry, inspect_adapter
+from gemtune.registry.synthetic import make_random_adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_gemma3, tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("adapters")
+    return make_random_adapters(tiny_gemma3, [d / "a", d / "b", d / "c"], r=8)
+
+
+def _edit_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_push_creates_immutable_versions_with_manifest(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.push("support", adapters[0])
+    v2 = reg.push("support", adapters[1])
+    assert (v1.version, v2.version) == ("v1", "v2")
+    assert v1.ref == "support@v1"
+    m = json.loads((v1.path / "manifest.json").read_text())
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(m["files"])
+    assert m["rank"] == 8 and m["forced"] is False
+    assert reg.versions("support") == ["v1", "v2"]
+    assert reg.verify("support", "v2").path == tmp_path / "reg" / "adapters" / "support" / "v2"
+    assert [r["ref"] for r in reg.list()] == ["support@v1", "support@v2"]
+    # nothing half-built is left beside the versions
+    assert not [p for p in (tmp_path / "reg" / "adapters" / "support").iterdir() if p.name.startswith(".")]
+    log = read_routes(reg.routes_path)["log"]
+    assert [e["ref"] for e in log if e["event"] == "push"] == ["support@v1", "support@v2"]
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"rank_pattern": {"q_proj": 16}}, "per-layer ranks"),
+    ({"alpha_pattern": {"q_proj": 4}}, "per-layer ranks"),
+    ({"r": 12}, "rank r=12"),
+    ({"peft_type": "IA3"}, "plain LoRA"),
+])
+def test_push_refuses_vllm_incompatible_unless_forced(tmp_path, adapters, changes, needle):
+    bad = _edit_config(adapters[0], tmp_path / "bad", **changes)
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(UserError, match=needle) as e:
+        reg.push("x", bad)
+    assert "adapter_config.json" in str(e.value)
+    assert reg.versions("x") == []
+    vi = reg.push("x", bad, force=True)
+    assert vi.manifest["forced"] is True and any(needle in r for r in vi.manifest["forced_reasons"])
+    assert reg.list()[0]["forced"] is True
+
+
+@pytest.mark.parametrize("sidecar", [{"shippable": False}, {"eval": {"gate_passed": False}}])
+def test_push_refuses_failed_gate_unless_forced(tmp_path, adapters, sidecar):
+    src = tmp_path / "gated"
+    shutil.copytree(adapters[0], src)
+    (src / "gemtune.json").write_text(json.dumps(sidecar))
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(UserError, match="eval gate failed") as e:
+        reg.push("x", src)
+    assert "gemtune.json" in str(e.value)
+    vi = reg.push("x", src, force=True)
+    assert vi.manifest["forced"] and (vi.path / "gemtune.json").is_file()
+    forced = [e for e in read_routes(reg.routes_path)["log"] if e["event"] == "push"]
+    assert forced[-1]["forced"] is True and forced[-1]["reasons"]
+
+
+def test_push_refuses_non_peft_and_pickles(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a PEFT adapter"):
+        reg.push("x", tmp_path / "empty")
+    pick = tmp_path / "pickled"
+    shutil.copytree(adapters[0], pick)
+    (pick / "adapter_model.safetensors").rename(pick / "adapter_model.bin")
+    with pytest.raises(UserError, match="pickled weights are refused"):
+        reg.push("x", pick, force=True)
+    junk = tmp_path / "junk"
+    shutil.copytree(adapters[0], junk)
+    (junk / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        reg.push("x", junk, force=True)
+
+
+@pytest.mark.parametrize("name", ["../x", "a@b@c", "A", "x/y", "", "base", ".hidden", "a..b"])
+def test_invalid_names_rejected(tmp_path, adapters, name):
+    with pytest.raises(UserError, match="invalid|reserved"):
+        Registry(tmp_path / "reg").push(name, adapters[0])
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_detects_corruption_and_extra_files(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    vi = reg.push("s", adapters[0])
+    w = vi.path / "adapter_model.safetensors"
+    os.chmod(w, 0o644)
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CorruptAdapter, match="sha256 mismatch"):
+        reg.verify("s", "v1")
+    vi2 = reg.push("s", adapters[1])
+    (vi2.path / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(CorruptAdapter, match="not in the manifest"):
+        reg.verify("s", "v2")
+
+
+def test_parse_model():
+    assert parse_model("base").is_base
+    r = parse_model("support")
+    assert (r.name, r.alias, r.version) == ("support", "prod", None)
+    assert parse_model("support@v3").version == "v3"
+    assert parse_model("support@canary").alias == "canary"
+    for bad in ["../x", "a@b@c", "", "Sup", "x@", "x@../y", "x@V3"]:
+        with pytest.raises(UserError):
+            parse_model(bad)
+
+
+def test_promote_split_rollback_walks_history(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    for a in adapters:
+        reg.push("s", a)
+    rt = RouteTable(reg)
+    assert rt.promote("s", "v1")["weights"] == {"v1": 100}
+    assert rt.promote("s", "2", alias="prod")["weights"] == {"v2": 100}
+    assert rt.split("s", "prod", parse_split(["v2=90", "v3=10"]))["weights"] == {"v2": 90, "v3": 10}
+    assert rt.promote("s", "v3", alias="canary")["weights"] == {"v3": 100}
+    assert rt.rollback("s")["weights"] == {"v2": 100}
+    assert rt.rollback("s")["weights"] == {"v1": 100}
+    with pytest.raises(UserError, match="no earlier route"):
+        rt.rollback("s")
+    assert rt.get("s", "canary")["weights"] == {"v3": 100}  # other aliases untouched
+    with pytest.raises(UserError, match="not in the registry"):
+        rt.promote("s", "v9")
+    with pytest.raises(UserError, match="invalid alias"):
+        rt.promote("s", "v1", alias="v2")
+    with pytest.raises(UserError, match="VERSION=WEIGHT"):
+        parse_split(["v1:50"])
+    with pytest.raises(UserError, match="positive"):
+        parse_split(["v1=0"])
+
+
+def test_promote_refuses_corrupt_version(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    reg.push("s", adapters[0])
+    vi = reg.push("s", adapters[1])
+    RouteTable(reg).promote("s", "v1")
+    os.chmod(vi.path / "adapter_config.json", 0o644)
+    (vi.path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CorruptAdapter):
+        RouteTable(reg).promote("s", "v2")
+    assert RouteTable(reg).get("s")["weights"] == {"v1": 100}
+
+
+def test_split_is_sticky_per_user_and_follows_weights():
+    w = {"v1": 90, "v2": 10}
+    picks = [pick_version(w, name="s", alias="prod", user=f"user{i}") for i in range(2000)]
+    share = picks.count("v2") / len(picks)
+    assert 0.07 < share < 0.13
+    assert all(pick_version(w, name="s", alias="prod", user=f"user{i}") == picks[i] for i in range(50))
+    assert pick_version({"v1": 0, "v2": 5}, name="s", alias="prod", user=None) == "v2"
+
+
+def test_watcher_follows_file_and_keeps_last_good_on_corrupt(tmp_path, adapters):
+    reg = Registry(tmp_path / "reg")
+    for a in adapters:
+        reg.push("s", a)
+    rt = RouteTable(reg)
+    rt.promote("s", "v1")
+    rejected = []
+    w = RouteWatcher(reg, poll_s=0.05, accept=lambda n, v: reg.verify(n, v),
+                     on_reject=lambda n, a, why: rejected.append((n, a, why)))
+    assert w.resolve("s", "prod", "u") == "v1"
+    rt.promote("s", "v2")
+    deadline = time.monotonic() + 1.0
+    while w.resolve("s", "prod", "u") != "v2" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert w.resolve("s", "prod", "u") == "v2"
+    # a hand-edit that routes to a corrupted version: the watcher keeps v2 and reports the rejection
+    v3 = reg.adapters_dir / "s" / "v3" / "adapter_model.safetensors"
+    os.chmod(v3, 0o644)
+    v3.write_bytes(v3.read_bytes()[:-1] + b"\x00")
+    data = read_routes(reg.routes_path)
+    data["routes"]["s"]["prod"]["weights"] = {"v3": 100}
+    from gemtune.utils import atomic_write_json
+    atomic_write_json(reg.routes_path, data)
+    time.sleep(0.1)
+    assert w.resolve("s", "prod", "u") == "v2"
+    assert rejected and rejected[-1][:2] == ("s", "prod") and "sha256" in rejected[-1][2]
+
+
+PUSH_LOOP = """
+import sys
+from gemtune.registry.store import Registry
+reg = Registry(sys.argv[1])
+print(" ".join(reg.push("s", sys.argv[2]).version for _ in range(int(sys.argv[3]))))
+"""
+
+
+def test_concurrent_pushes_from_processes_get_distinct_versions(tmp_path, adapters):
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "reg")
+    procs = [subprocess.Popen([sys.executable, "-c", PUSH_LOOP, root, str(adapters[i]), "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    versions = sorted((v for out, _ in outs for v in out.split()), key=lambda v: int(v[1:]))
+    assert versions == [f"v{i}" for i in range(1, 7)]
+    reg = Registry(root)
+    assert all(reg.verify("s", v) for v in reg.versions("s"))
+    pushes = [e for e in read_routes(reg.routes_path)["log"] if e["event"] == "push"]
+    assert len(pushes) == 6  # no lost update of routes.json under concurrent writers
+
+
+def test_inspect_adapter_reports_clean_adapter(adapters):
+    cfg, sidecar, problems, gate = inspect_adapter(adapters[0])
+    assert cfg["r"] == 8 and sidecar is None and problems == [] and gate == []
+
+
+def test_cli_push_list_promote_split_rollback(tmp_path, adapters):
+    from gemtune.cli import main
+
+    root = str(tmp_path / "reg")
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["registry", "--root", root, *args])
+        return e.value.code
+
+    def ok(*args):
+        main(["registry", "--root", root, *args])
+
+    ok("push", "s", str(adapters[0]))
+    ok("push", "s", str(adapters[1]))
+    ok("promote", "s", "v1")
+    ok("split", "s", "--alias", "prod", "v1=50", "v2=50")
+    ok("rollback", "s")
+    assert RouteTable(Registry(root)).get("s")["weights"] == {"v1": 100}
+    assert run("push", "../x", str(adapters[0])) == 2
+    assert run("promote", "s", "v7") == 2
+    assert run("split", "s", "v1=abc") == 2
+    ok("list", "--json")
