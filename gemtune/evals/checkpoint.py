@@ -1,0 +1,129 @@
+"""Eval at every checkpoint: the training stage calls the function built here; it never imports evals itself
+(the CLI wires the two together), so training stays usable without the eval stage.
+
+Each call evaluates one checkpoint (a PEFT adapter dir) against a baseline computed once per run, writes
+`ckpt/eval/{results.json,summary.json,report.html}`, prints (and posts) the one-line diff, and records the
+summary plus `"shippable"` (gate passed) in `ckpt/gemtune.json`, which the registry reads to refuse a checkpoint
+that failed the gate. `mark_best` then names the best gate-passing checkpoint of the run in `best.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from gemtune.errors import UserError
+from gemtune.evals.cache import OutputCache
+from gemtune.evals.compare import load_results
+from gemtune.evals.config import EvalConfig
+from gemtune.evals.engine import read_sidecar
+from gemtune.evals.pipeline import Evaluator, compare_and_report, history_point, is_results_file, resolve_adapter
+from gemtune.evals.suite import load_suite
+from gemtune.utils import atomic_write_json
+
+
+def collect_history(run_dir: Path) -> list[dict]:
+    """One point per checkpoint of the run that already has an eval summary (for the accuracy chart)."""
+    points = []
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []:
+        s = _read_summary(d)
+        if s is not None:
+            points.append(history_point(s))
+    return points
+
+
+def _read_summary(ckpt: Path) -> Optional[dict]:
+    p = ckpt / "eval" / "summary.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    except ValueError:
+        return None
+
+
+def update_sidecar(ckpt_dir: Path, summary: dict) -> dict:
+    """Merge the eval summary and the shippable flag into `gemtune.json`, keeping what training wrote there."""
+    side = read_sidecar(ckpt_dir)
+    side["eval"] = summary
+    side["shippable"] = bool(summary.get("shippable"))
+    atomic_write_json(ckpt_dir / "gemtune.json", side)
+    return side
+
+
+class CheckpointEvaluator:
+    """Callable `(ckpt_dir, step) -> summary`; loads the base and computes the baseline on first use only."""
+
+    def __init__(self, suite_path: str | Path, base: str | Path, *, baseline: str | Path = "base", gate: float = 0.02,
+                 webhook: Optional[str] = None, max_cases: Optional[int] = None, batch_size: int = 16,
+                 config: EvalConfig | None = None, no_cache: bool = False, echo: Callable[[str], None] = print,
+                 progress: Callable[[str], None] | None = None):
+        if baseline in (None, "none", ""):
+            raise UserError("the checkpoint gate needs a baseline: \"base\", a results.json or an adapter dir",
+                            field="baseline")
+        cfg = config or EvalConfig()
+        self.config = cfg.model_copy(update={"gate": gate, "batch_size": batch_size})
+        self.suite = load_suite(suite_path, self.config, max_cases=max_cases)
+        self.base, self.baseline, self.webhook = str(base), str(baseline), webhook
+        self.no_cache, self.echo, self.progress = no_cache, echo, progress
+        self._evaluator: Optional[Evaluator] = None
+        self._baseline_doc: Optional[dict] = None
+        if self.baseline != "base" and is_results_file(self.baseline):
+            self._baseline_doc = load_results(self.baseline)
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.base, config=self.config, cache=OutputCache(read=not self.no_cache),
+                                        progress=self.progress)
+        return self._evaluator
+
+    def baseline_results(self) -> dict:
+        """Computed once per run and reused for every checkpoint."""
+        if self._baseline_doc is None:
+            adapter = None if self.baseline == "base" else resolve_adapter(self.baseline)
+            self._baseline_doc = self.evaluator.run(self.suite, adapter, name="base" if adapter is None else None)
+        return self._baseline_doc
+
+    def __call__(self, ckpt_dir: str | Path, step: int) -> dict:
+        ckpt = Path(ckpt_dir)
+        adapter = resolve_adapter(str(ckpt))
+        baseline = self.baseline_results()
+        results = self.evaluator.run(self.suite, adapter, name=ckpt.name)
+        results["summary"]["step"] = int(step)
+        results["summary"]["checkpoint"] = str(ckpt)
+        outcome = compare_and_report(results, baseline, ckpt / "eval", config=self.config, webhook=self.webhook,
+                                     history=collect_history(ckpt.parent), echo=self.echo)
+        update_sidecar(ckpt, outcome.summary)
+        return outcome.summary
+
+
+def make_checkpoint_evaluator(suite_path: str | Path, base: str | Path, baseline: str | Path = "base",
+                              gate: float = 0.02, webhook: Optional[str] = None, max_cases: Optional[int] = None,
+                              batch_size: int = 16, **kw) -> Callable[[Path, int], dict]:
+    """The per-checkpoint eval for the training loop: `fn(ckpt_dir, step) -> summary`."""
+    return CheckpointEvaluator(suite_path, base, baseline=baseline, gate=gate, webhook=webhook, max_cases=max_cases,
+                               batch_size=batch_size, **kw)
+
+
+def mark_best(run_dir: str | Path) -> dict:
+    """Write `run_dir/best.json` naming the most accurate gate-passing checkpoint (ties: fewer regressions, then
+    the later step); `checkpoint` is null when none passed."""
+    run = Path(run_dir)
+    rows = []
+    for d in sorted(p for p in run.iterdir() if p.is_dir()):
+        s = _read_summary(d)
+        if s is None:
+            continue
+        cmp = s.get("compare") or {}
+        rows.append({"checkpoint": d.name, "path": str(d), "step": s.get("step"), "accuracy": s.get("accuracy"),
+                     "regression_rate": cmp.get("regression_rate"), "shippable": bool(s.get("shippable")),
+                     "line": s.get("line")})
+    passing = [r for r in rows if r["shippable"]]
+    best = max(passing, key=lambda r: (r["accuracy"] or 0.0, -(r["regression_rate"] or 0.0), r["step"] or 0),
+               default=None)
+    doc = {"checkpoint": best["checkpoint"] if best else None, "path": best["path"] if best else None,
+           "step": best["step"] if best else None, "accuracy": best["accuracy"] if best else None,
+           "reason": "most accurate gate-passing checkpoint" if best else "no checkpoint passed the gate",
+           "checkpoints": rows}
+    atomic_write_json(run / "best.json", doc)
+    return doc

@@ -1,0 +1,76 @@
+"""Suite-level eval options (`eval:` in gemtune.yaml): locked before the first training run, read by every run.
+
+Why a model of its own: the eval must be identical for every checkpoint of a project, so its knobs live in the
+project file, not in whoever typed the command; flags only override them for one run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gemtune.errors import UserError
+
+SCORER_NAMES = ("exact", "label", "contains", "regex", "json_schema", "latency")
+
+
+class EvalConfig(BaseModel):
+    """Options shared by every case of a suite; a case's own `scorers` win over `scorers` here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Generation budget per case.")
+    scorers: Optional[list] = Field(
+        None, description="Default scorers for cases without their own; None = `label` when a case has a label, "
+        "else `exact`.")
+    gate: float = Field(0.02, ge=0.0, le=1.0, description="Largest tolerated share of regressed cases.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Cases generated together.")
+    labels: Optional[list[str]] = Field(None, description="Known label set for the `label` scorer; None = the "
+                                        "distinct expected values of the label cases.")
+    seed: int = Field(0, description="Seed set before generation and for the bootstrap.")
+    dtype: str = Field("float32", description="Compute dtype for the base (float32 or bfloat16, never fp16).")
+    bootstrap: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples for the accuracy-delta CI.")
+    max_latency_ms: Optional[float] = Field(None, gt=0, description="Budget for the `latency` scorer.")
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_scorers(cls, v):
+        if v is None:
+            return v
+        for s in v:
+            name = s if isinstance(s, str) else (s.get("type") if isinstance(s, dict) else None)
+            if name not in SCORER_NAMES:
+                raise ValueError(f"unknown scorer {s!r}; expected one of {', '.join(SCORER_NAMES)}")
+        return v
+
+
+def load_eval_config(path: str | Path | None = None, **overrides) -> EvalConfig:
+    """The `eval:` section of a gemtune.yaml (absent file or section = defaults), then non-None overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("config file not found", file=str(p))
+        import yaml
+
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise UserError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(p),
+                            line=None if line is None else line + 1) from None
+        if not isinstance(doc, dict):
+            raise UserError("expected a mapping at the top level", file=str(p))
+        section = doc.get("eval") or {}
+        if not isinstance(section, dict):
+            raise UserError("expected a mapping", file=str(p), field="eval")
+        data.update(section)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EvalConfig(**data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise UserError(err["msg"], file=str(path) if path else None, field=f"eval.{loc}" if loc else "eval") from None

@@ -1,0 +1,46 @@
+"""Is a difference between two models on the same cases real? Paired tests on per-case pass/fail.
+
+- Exact McNemar: under "no difference", each discordant case (one passes, the other fails) is a fair coin, so the
+  count of regressions among the discordant cases is Binomial(b + c, 1/2); the two-sided p-value is
+  min(1, 2 · P(X ≤ min(b, c))). Exact, because eval suites are small and the chi-square approximation is poor there.
+- Bootstrap CI of the accuracy delta: resample cases (pairs stay together), percentile interval, seeded so the
+  same results give the same interval.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import binom
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for `b` regressions and `c` improvements."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2.0 * binom.cdf(min(b, c), n, 0.5)))
+
+
+def bootstrap_delta_ci(baseline: Sequence[bool], candidate: Sequence[bool], *, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of accuracy(candidate) − accuracy(baseline) over case resamples."""
+    base = np.asarray(baseline, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if base.shape != cand.shape or base.ndim != 1:
+        raise ValueError("baseline and candidate must be paired 1-D sequences")
+    if len(base) == 0:
+        return (0.0, 0.0)
+    # Per-case differences are -1, 0 or +1, so a resample's mean depends only on how many of each it drew:
+    # drawing those counts from a multinomial is the same bootstrap in O(n_boot) memory, whatever the suite size.
+    n = len(base)
+    diff = cand - base
+    probs = [(diff > 0).sum() / n, (diff < 0).sum() / n]
+    probs.append(max(0.0, 1.0 - probs[0] - probs[1]))
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, probs, size=n_boot)
+    deltas = (counts[:, 0] - counts[:, 1]) / n
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(deltas, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi))
