@@ -1,0 +1,114 @@
+"""CLI verbs of the training stage: `gemtune train` and `gemtune plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Dataset directory from `gemtune data build`."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, adapter, metrics)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="gemtune.yaml (its `train:` section)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="default | routing | style | structured | code"),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model name, directory or hub id."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this step (LR horizon unchanged)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Run the eval suite on every Nth step's checkpoint."),
+    eval_suite: Optional[Path] = typer.Option(None, "--eval-suite", help="Suite for --eval-every (default: DATA/eval.jsonl)."),
+    eval_max_cases: Optional[int] = typer.Option(None, "--eval-max-cases", help="Evaluate at most N cases per checkpoint."),
+    gate: float = typer.Option(0.02, "--gate", help="Max fraction of regressed cases for a checkpoint to ship."),
+    slack_webhook: Optional[str] = typer.Option(None, "--slack-webhook", envvar="SLACK_WEBHOOK_URL"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank override."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="4bit = QLoRA (bitsandbytes NF4)."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="mlflow | wandb | tensorboard (when installed)."),
+):
+    """Train a LoRA adapter on a dataset directory."""
+    from gemtune.train.config import load_train_config
+    from gemtune.train.trainer import train
+
+    cfg = load_train_config(config, {
+        "preset": preset, "base": base, "save_every": save_every, "eval_every": eval_every, "batch_size": batch_size,
+        "lr": lr, "lora.r": rank, "quant": quant, "packing": packing, "seed": seed, "report_to": report_to,
+    })
+    hook = None
+    if cfg.eval_every:
+        from gemtune.evals.checkpoint import make_checkpoint_evaluator
+
+        suite = eval_suite or (data / "eval.jsonl")
+        hook = make_checkpoint_evaluator(suite, cfg.base, baseline="base", gate=gate, webhook=slack_webhook,
+                                         max_cases=eval_max_cases)
+    res = train(data, out, cfg, max_steps=max_steps, resume=resume, on_checkpoint=hook, console=console)
+    if hook is not None:
+        from gemtune.evals.checkpoint import mark_best
+
+        mark_best(out)
+    t = Table(title=f"trained {res.steps} steps in {res.seconds:.0f}s")
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("adapter", str(res.adapter_dir))
+    t.add_row("final train loss", f"{res.losses[-1]:.4f}" if res.losses else "-")
+    if res.eval_losses:
+        s = max(res.eval_losses)
+        t.add_row("eval loss", f"{res.eval_losses[s]:.4f} (step {s})")
+    t.add_row("trainable", f"{res.trainable:,} ({100 * res.trainable / max(res.total_params, 1):.3f}%)")
+    t.add_row("throughput", f"{res.examples_per_s:.2f} examples/s, {res.tokens_per_s:,.0f} tokens/s")
+    console.print(t)
+
+
+def plan_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help="Base name, directory or hub id."),
+    params: Optional[str] = typer.Option(None, "--params", help="Size instead of a model: 9b, 27b, 270m…"),
+    method: str = typer.Option("lora", "--method", help="lora | qlora"),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    batch: int = typer.Option(1, "--batch"),
+    rank: int = typer.Option(16, "--rank"),
+    mlp: bool = typer.Option(False, "--mlp", help="LoRA on MLP projections too (structured/code presets)."),
+    grad_ckpt: bool = typer.Option(True, "--grad-ckpt/--no-grad-ckpt"),
+    supervised_frac: float = typer.Option(1.0, "--supervised-frac", help="Share of tokens that carry loss."),
+    train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens per epoch, for hours/epoch."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """GPU memory plan for a LoRA/QLoRA run, and the GPUs it fits on."""
+    from gemtune.errors import UserError
+    from gemtune.train.plan import plan, shape_from_config, shape_from_params
+
+    if bool(model) == bool(params):
+        raise UserError("give exactly one of --model or --params", field="model")
+    shape = shape_from_params(params) if params else shape_from_config(model)
+    p = plan(shape, method=method, seq_len=seq_len, batch=batch, rank=rank, grad_ckpt=grad_ckpt,
+             supervised_frac=supervised_frac, mlp=mlp, train_tokens=train_tokens)
+    if as_json:
+        print(json.dumps(p, indent=2))
+        return
+    console.print(f"[bold]{shape.params / 1e9:.2f}B params, {method}, seq {seq_len} x batch {batch}, rank {rank}[/bold]: "
+                  f"{p['total_gib']:.1f} GiB")
+    for k, v in p["breakdown"].items():
+        console.print(f"  {k[:-4]:<26} {v:8.2f} GiB")
+    t = Table(title="minimum GPUs")
+    t.add_column("GPU")
+    t.add_column("count", justify="right")
+    if train_tokens:
+        t.add_column("hours/epoch", justify="right")
+    for f in p["fits"]:
+        t.add_row(f["gpu"], str(f["count"]), *( [f"{f['hours_per_epoch']:.2f}"] if train_tokens else []))
+    for g in p["does_not_fit"]:
+        t.add_row(g, "does not fit on 8", *(["-"] if train_tokens else []))
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)
+    app.command("train")(train_cmd)

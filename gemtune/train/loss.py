@@ -1,0 +1,76 @@
+"""Loss from hidden states at supervised positions only.
+
+Gemma's lm_head maps to a 262,144-token vocabulary: on a routing example with a 60-token prompt and a 5-token
+answer, computing logits for every position spends most of the step on logits nobody uses. We run the transformer
+body, gather the hidden states whose next token is supervised, and only then apply lm_head — in chunks, each
+recomputed in backward (checkpointed) so at most one chunk of logits is alive at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gemtune.train.collate import IGNORE
+
+
+def _causal_lm(model):
+    """The transformers *ForCausalLM / *ForConditionalGeneration under PEFT wrappers."""
+    m = model
+    for attr in ("base_model", "model"):
+        if type(m).__name__.startswith("Peft") and hasattr(m, attr):
+            m = getattr(m, attr)
+    if type(m).__name__ == "LoraModel":
+        m = m.model
+    return m
+
+
+def _chunk_ce(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = F.linear(h, weight).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, t, reduction="sum")
+
+
+class SupervisedLM(nn.Module):
+    """Wraps a (PEFT) causal LM so forward returns (sum of token losses, supervised token count).
+
+    Being an nn.Module that accelerate can `prepare`, DDP/FSDP/DeepSpeed see a normal forward.
+    """
+
+    def __init__(self, model, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        lm = _causal_lm(model)
+        self._softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+
+    def forward(self, input_ids, labels, position_ids=None):
+        lm = _causal_lm(self.model)
+        out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state
+        targets = labels[:, 1:]
+        sel = targets != IGNORE
+        h = hidden[:, :-1][sel]
+        t = targets[sel]
+        n = t.numel()
+        if n == 0:
+            return hidden.sum() * 0.0, n
+        weight = lm.get_output_embeddings().weight
+        if n <= self.chunk:
+            return _chunk_ce(h, t, weight, self._softcap), n
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, self.chunk):
+            total = total + checkpoint(_chunk_ce, h[i:i + self.chunk], t[i:i + self.chunk], weight, self._softcap,
+                                       use_reentrant=False)
+        return total, n
+
+
+def reference_loss(model, batch) -> torch.Tensor:
+    """Mean token loss the standard way (full logits, HF shift) — used by tests to check SupervisedLM."""
+    lm = _causal_lm(model)
+    logits = lm(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
