@@ -1,0 +1,347 @@
+"""Generation backends behind one interface: the embedded engine, or a vLLM OpenAI server.
+
+The gateway (api.py) owns everything that makes serving safe — tenants, routes, A/B arms, rollback, metrics,
+sha256 verification — and hands a backend only (adapter key, prompt token ids, sampling params). Both backends:
+
+    await backend.start() / await backend.close()
+    await backend.ensure_loaded(key, path)      # idempotent; key is a registry ref "name@vN"
+    await backend.unload(key)
+    backend.loaded() -> list[str]
+    await backend.submit(Gen) -> stream         # async iterator of events with .text/.token_id/.finish_reason/
+                                                #   .prompt_tokens/.completion_tokens, and .cancel()
+    backend.queue_depth() / backend.running()
+
+and raise `Overloaded(retry_after)` when the bounded queue is full (HTTP 429), `UserError` for requests over the
+limits (HTTP 400), `NotLoaded` when an adapter was evicted between load and submit (the gateway reloads).
+
+The gateway always sends token ids it rendered itself with gemtune's Gemma templates, so the embedded engine and
+vLLM see byte-identical prompts and their greedy outputs can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemtune.errors import UserError
+
+
+class Overloaded(Exception):
+    """The bounded queue is full: answer 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class NotLoaded(Exception):
+    """The adapter was evicted or unloaded after ensure_loaded; the gateway loads it again."""
+
+
+class BackendError(Exception):
+    """The backend itself failed (vLLM unreachable, engine crashed): HTTP 502/503, never a silent hang."""
+
+
+@dataclass
+class Gen:
+    """One generation: the adapter key (None = base), prompt ids, and OpenAI sampling params."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Event:
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# --------------------------------------------------------------------------------------------------- embedded
+class EmbeddedBackend:
+    """The in-process engine (gemtune.serve.engine): mixed-adapter batches over one base."""
+
+    name = "embedded"
+
+    def __init__(self, base, *, dtype: str = "float32", max_batch: int = 32, max_loras: int = 8,
+                 max_lora_rank: int = 64, max_queue: int = 256, max_model_len: int = 2048, seed: int = 0):
+        from gemtune.serve.engine import Engine
+
+        self.engine = Engine(base, dtype=dtype, max_batch=max_batch, max_loras=max_loras,
+                             max_lora_rank=max_lora_rank, max_queue=max_queue, max_model_len=max_model_len,
+                             seed=seed)
+        self.tokenizer = self.engine.tokenizer
+        self.family = self.engine.family
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        self.base_name = str(base)
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+
+    async def ensure_loaded(self, key: str, path: str | Path) -> None:
+        from gemtune.serve.engine import QueueFull
+
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, key, str(path))
+        except QueueFull as e:
+            raise Overloaded(str(e), e.retry_after) from None
+
+    async def unload(self, key: str) -> None:
+        self.engine.unload_adapter(key)
+
+    def loaded(self) -> list[str]:
+        return self.engine.loaded_adapters()
+
+    async def submit(self, g: Gen):
+        from gemtune.serve.engine import AdapterError, GenRequest, QueueFull
+
+        req = GenRequest(prompt_ids=list(g.prompt_ids), adapter=g.adapter, max_tokens=g.max_tokens,
+                         temperature=g.temperature, top_p=g.top_p, seed=g.seed, stop_ids=g.stop_ids,
+                         ignore_eos=g.ignore_eos)
+        try:
+            return self.engine.submit(req)
+        except QueueFull as e:
+            raise Overloaded(str(e), e.retry_after) from None
+        except AdapterError as e:
+            if g.adapter is not None and g.adapter not in self.engine.loaded_adapters():
+                raise NotLoaded(str(e)) from None
+            raise
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def queue_depth(self) -> int:
+        return int(self.stats().get("queue_depth", 0))
+
+    def running(self) -> int:
+        return int(self.stats().get("running", 0))
+
+
+# ------------------------------------------------------------------------------------------------------- vLLM
+class VllmBackend:
+    """Forward generation to a vLLM OpenAI server; adapters are loaded there through /v1/load_lora_adapter.
+
+    vLLM must run with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`. The gateway keeps its own bounded
+    admission (vLLM queues without limit), so overload is still a 429 here rather than a growing latency.
+    """
+
+    name = "vllm"
+
+    def __init__(self, url: str, base, *, max_queue: int = 256, max_model_len: int | None = None,
+                 timeout_s: float = 600.0, max_lora_rank: int = 64):
+        import httpx
+
+        from gemtune.base.families import family_for
+        from gemtune.base.loader import load_tokenizer
+        from gemtune.base.provision import pull
+
+        self.url = url.rstrip("/")
+        base_dir = pull(str(base))
+        self.tokenizer = load_tokenizer(base_dir)
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+        self.family = family_for(cfg.get("model_type", ""))
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        self.base_name = str(base)
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                        limits=httpx.Limits(max_connections=max_queue + 16))
+        self._loaded: set[str] = set()
+        self._inflight = 0
+        self._running = 0
+        self.base_model_id: str | None = None
+        self._latency_ema = 1.0
+
+    async def start(self) -> None:
+        """Find vLLM's base model id and context length; fail fast with a clear message when it is not up."""
+        import httpx
+
+        try:
+            r = await self.client.get("/v1/models")
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            raise UserError(f"vLLM server at {self.url} is not reachable ({type(e).__name__}: {e}); start it with "
+                            "`gemtune serve --print-vllm-command`", field="vllm_url") from None
+        models = r.json().get("data", [])
+        bases = [m for m in models if not m.get("parent")]
+        if not bases:
+            raise UserError(f"vLLM at {self.url} lists no base model", field="vllm_url")
+        self.base_model_id = bases[0]["id"]
+        vmax = bases[0].get("max_model_len")
+        if vmax:
+            self.max_model_len = min(self.max_model_len or vmax, vmax)
+        self._loaded = {m["id"] for m in models if m.get("parent")}
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ensure_loaded(self, key: str, path: str | Path) -> None:
+        if key in self._loaded:
+            return
+        r = await self.client.post("/v1/load_lora_adapter", json={"lora_name": key, "lora_path": str(path)})
+        if r.status_code >= 400 and "already" not in r.text.lower():
+            if r.status_code in (404, 405):
+                raise BackendError("vLLM refuses runtime LoRA loading: start it with "
+                                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora")
+            raise UserError(f"vLLM refused adapter {key}: {r.text.strip()[:500]}", field="adapter")
+        self._loaded.add(key)
+
+    async def unload(self, key: str) -> None:
+        r = await self.client.post("/v1/unload_lora_adapter", json={"lora_name": key})
+        self._loaded.discard(key)
+        if r.status_code >= 400 and "not" not in r.text.lower():
+            raise BackendError(f"vLLM could not unload {key}: {r.text.strip()[:300]}")
+
+    def loaded(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def queue_depth(self) -> int:
+        return max(0, self._inflight - self._running)
+
+    def running(self) -> int:
+        return self._running
+
+    async def submit(self, g: Gen) -> "VllmStream":
+        n = len(g.prompt_ids)
+        if self.max_model_len and n + g.max_tokens > self.max_model_len:
+            raise UserError(f"prompt ({n} tokens) + max_tokens ({g.max_tokens}) exceeds max_model_len "
+                            f"{self.max_model_len}; max_tokens can be at most {max(0, self.max_model_len - n)}",
+                            field="max_tokens")
+        if self._inflight >= self.max_queue:
+            raise Overloaded(f"{self._inflight} requests in flight (max_queue {self.max_queue})",
+                             retry_after=self._latency_ema)
+        if g.adapter is not None and g.adapter not in self._loaded:
+            raise NotLoaded(f"adapter {g.adapter!r} is not loaded in vLLM")
+        body = {
+            "model": g.adapter or self.base_model_id, "prompt": list(g.prompt_ids), "max_tokens": g.max_tokens,
+            "temperature": g.temperature, "top_p": g.top_p, "stream": True,
+            "stream_options": {"include_usage": True}, "skip_special_tokens": True,
+            "ignore_eos": g.ignore_eos,
+        }
+        if g.seed is not None:
+            body["seed"] = g.seed
+        stop = g.stop_ids if g.stop_ids is not None else ([] if g.ignore_eos else None)
+        if stop is None:
+            from gemtune.base.templates import stop_token_ids
+
+            stop = stop_token_ids(self.tokenizer, self.family)
+        body["stop_token_ids"] = stop
+        self._inflight += 1
+        return VllmStream(self, body, n)
+
+    def _done(self, seconds: float) -> None:
+        self._inflight -= 1
+        self._latency_ema = 0.8 * self._latency_ema + 0.2 * seconds
+
+
+class VllmStream:
+    """Async iterator over one vLLM streamed completion, as gateway events; `cancel()` closes the connection
+    (vLLM aborts a request whose client went away)."""
+
+    def __init__(self, backend: VllmBackend, body: dict, prompt_tokens: int):
+        self.b, self.body, self.prompt_tokens = backend, body, prompt_tokens
+        self._gen = None
+        self._cancelled = False
+        self._finished = False
+        self._response = None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._response is not None:
+            asyncio.ensure_future(self._response.aclose())
+
+    def __aiter__(self):
+        if self._gen is None:
+            self._gen = self._events()
+        return self._gen
+
+    async def _events(self):
+        import time
+
+        import httpx
+
+        t0 = time.monotonic()
+        running = False
+        completion = 0
+        try:
+            async with self.b.client.stream("POST", "/v1/completions", json=self.body) as r:
+                self._response = r
+                if r.status_code >= 400:
+                    text = (await r.aread()).decode("utf-8", "replace")
+                    if r.status_code == 400:
+                        raise UserError(f"vLLM: {_vllm_message(text)}", field="request")
+                    raise BackendError(f"vLLM answered {r.status_code}: {text[:300]}")
+                self.b._running += 1
+                running = True
+                finish = None
+                async for line in r.aiter_lines():
+                    if self._cancelled:
+                        break
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise BackendError(f"vLLM stream error: {chunk['error']}")
+                    usage = chunk.get("usage")
+                    if usage:
+                        completion = usage.get("completion_tokens", completion)
+                    for ch in chunk.get("choices") or []:
+                        if ch.get("text"):
+                            yield Event(None, ch["text"], None, self.prompt_tokens, completion)
+                        if ch.get("finish_reason"):
+                            finish = ch["finish_reason"]
+                yield Event(None, "", "cancelled" if self._cancelled else (finish or "stop"), self.prompt_tokens,
+                            completion)
+        except httpx.HTTPError as e:
+            if self._cancelled:
+                yield Event(None, "", "cancelled", self.prompt_tokens, completion)
+                return
+            raise BackendError(f"vLLM connection failed: {type(e).__name__}: {e}") from None
+        finally:
+            if running:
+                self.b._running -= 1
+            self.b._done(time.monotonic() - t0)
+
+
+def _vllm_message(text: str) -> str:
+    try:
+        j = json.loads(text)
+        return (j.get("error") or {}).get("message") or j.get("message") or text
+    except (ValueError, AttributeError):
+        return text[:500]
+
+
+def vllm_command(registry, base_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8001,
+                 dtype: str = "float32", max_loras: int = 8, max_model_len: int = 2048,
+                 gpu_memory_utilization: float | None = None) -> str:
+    """The `vllm serve` line that can load every adapter in the registry (max rank over all versions)."""
+    ranks = [row["rank"] for row in registry.list() if isinstance(row.get("rank"), int)]
+    max_rank = max(ranks) if ranks else 16
+    n = len({row["ref"] for row in registry.list()}) or max_loras
+    parts = [
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", "vllm", "serve", str(base_dir),
+        "--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+        "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(max_loras, max(1, n))),
+        "--max-cpu-loras", str(max(n, max_loras)),
+    ]
+    if gpu_memory_utilization is not None:
+        parts += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+    return " ".join(parts)

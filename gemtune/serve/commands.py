@@ -1,0 +1,133 @@
+"""`gemtune serve` and `gemtune merge`: thin wrappers over api.py, backends.py and merge.py."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemtune.errors import UserError
+
+console = Console()
+err = Console(stderr=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str = "embedded",
+                  vllm_url: str | None = None, base: str | None = None, dtype: str = "float32",
+                  max_batch: int = 32, max_loras: int = 8, max_lora_rank: int = 64, max_queue: int = 256,
+                  max_model_len: int = 2048, poll_s: float = 0.2):
+    """Registry + tenants + backend → Gateway (usable from Python: tests and benchmarks call this too)."""
+    from gemtune.base.provision import DEFAULT_MODEL, pull
+    from gemtune.registry.store import Registry
+    from gemtune.serve.api import Gateway
+    from gemtune.serve.auth import load_tenants
+    from gemtune.serve.backends import EmbeddedBackend, VllmBackend
+
+    reg = Registry(registry_dir, create=True)
+    ten = load_tenants(tenants) if tenants else None
+    base_dir = pull(base or DEFAULT_MODEL)
+    if engine == "embedded":
+        backend = EmbeddedBackend(base_dir, dtype=dtype, max_batch=max_batch, max_loras=max_loras,
+                                  max_lora_rank=max_lora_rank, max_queue=max_queue, max_model_len=max_model_len)
+    elif engine == "vllm":
+        if not vllm_url:
+            raise UserError("--engine vllm needs --vllm-url (print the vLLM command with --print-vllm-command)",
+                            field="vllm_url")
+        backend = VllmBackend(vllm_url, base_dir, max_queue=max_queue, max_model_len=max_model_len,
+                              max_lora_rank=max_lora_rank)
+    else:
+        raise UserError(f"unknown engine {engine!r}; expected embedded or vllm", field="engine")
+    return Gateway(reg, backend, ten, poll_s=poll_s)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        registry: str = typer.Option(..., "--registry", help="Registry directory (adapters + routes.json)."),
+        tenants: Optional[str] = typer.Option(None, "--tenants", help="tenants.yaml: admin_key and per-tenant "
+                                              "api_key + allowed adapters. Without it: loopback only, no auth."),
+        host: str = typer.Option("127.0.0.1", "--host"),
+        port: int = typer.Option(8000, "--port"),
+        engine: str = typer.Option("embedded", "--engine", help="embedded (in-process) or vllm (forward)."),
+        vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="vLLM OpenAI server, e.g. "
+                                               "http://127.0.0.1:8001"),
+        base: Optional[str] = typer.Option(None, "--base", help="Base model name or dir (default: embedded "
+                                           "Gemma 3 270M)."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (embedded engine)."),
+        max_batch: int = typer.Option(32, "--max-batch"),
+        max_loras: int = typer.Option(8, "--max-loras", help="Adapters resident at once (LRU)."),
+        max_lora_rank: int = typer.Option(64, "--max-lora-rank"),
+        max_queue: int = typer.Option(256, "--max-queue", help="Waiting requests before answering 429."),
+        max_model_len: int = typer.Option(2048, "--max-model-len"),
+        print_vllm_command: bool = typer.Option(False, "--print-vllm-command",
+                                                help="Print the `vllm serve` line for this registry and exit."),
+        vllm_port: int = typer.Option(8001, "--vllm-port", help="Port used in --print-vllm-command."),
+    ):
+        """Serve the registry's adapters over an OpenAI-compatible API (routes, A/B, tenants, metrics)."""
+        from gemtune.base.provision import DEFAULT_MODEL, pull
+        from gemtune.registry.store import Registry
+
+        if print_vllm_command:
+            from gemtune.serve.backends import vllm_command
+
+            print(vllm_command(Registry(registry, create=True), pull(base or DEFAULT_MODEL), port=vllm_port,
+                               dtype=dtype, max_loras=max_loras, max_model_len=max_model_len))
+            return
+        if tenants is None and not is_loopback(host):
+            raise UserError(f"refusing to listen on {host} without --tenants: anyone could call the admin API; "
+                            "pass --tenants FILE, or use --host 127.0.0.1", field="host")
+        if tenants is None:
+            err.print("[yellow]no --tenants: authentication is off, so the server listens on "
+                      f"{host} (loopback) only[/yellow]", highlight=False)
+        import uvicorn
+
+        from gemtune.serve.api import create_app
+
+        gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
+                           max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                           max_queue=max_queue, max_model_len=max_model_len)
+        err.print(f"gemtune serving {registry} with the {engine} engine on http://{host}:{port}", highlight=False)
+        uvicorn.run(create_app(gw), host=host, port=port, log_level="info", backlog=2048)
+
+    @app.command("merge")
+    def merge(
+        adapter: str = typer.Option(..., "--adapter", help="PEFT adapter directory."),
+        out: str = typer.Option(..., "--out", help="Directory for the merged safetensors model."),
+        base: Optional[str] = typer.Option(None, "--base", help="Base (default: the adapter's own base)."),
+        prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL of sample prompts for the parity "
+                                              "check (messages or prompt)."),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    ):
+        """Merge an adapter into its base (fp32) and print a greedy parity check: merged vs unmerged."""
+        from gemtune.serve.merge import _ParityFailed, merge_adapter
+
+        try:
+            report = merge_adapter(adapter, out, base=base, prompts=prompts, max_new_tokens=max_new_tokens,
+                                   progress=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+        except _ParityFailed as e:
+            _print_parity(e.report)
+            raise
+        _print_parity(report)
+        print(report["out"])
+
+
+def _print_parity(report: dict) -> None:
+    t = Table("prompt", "tokens", "equal", "unmerged", "merged", title="greedy parity, fp32: merged vs unmerged")
+    for r in report["prompts"]:
+        t.add_row(r["prompt"], str(r["tokens"]), "yes" if r["equal"] else "[red]NO[/red]", r["unmerged"][:60],
+                  r["merged"][:60])
+    console.print(t)
+    console.print(f"parity: {'[green]holds[/green]' if report['parity'] else '[red]fails[/red]'}; "
+                  f"max |Δlogit| on prompts {report['max_abs_logit_diff']:.3g}", highlight=False)
