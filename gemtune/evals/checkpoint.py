@@ -17,7 +17,7 @@ from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache
 from gemtune.evals.compare import load_results
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.engine import read_sidecar
+from gemtune.evals.adapters import read_sidecar
 from gemtune.evals.pipeline import Evaluator, compare_and_report, history_point, is_results_file, resolve_adapter
 from gemtune.evals.suite import load_suite
 from gemtune.utils import atomic_write_json
@@ -53,15 +53,17 @@ def update_sidecar(ckpt_dir: Path, summary: dict) -> dict:
 class CheckpointEvaluator:
     """Callable `(ckpt_dir, step) -> summary`; loads the base and computes the baseline on first use only."""
 
-    def __init__(self, suite_path: str | Path, base: str | Path, *, baseline: str | Path = "base", gate: float = 0.02,
-                 webhook: Optional[str] = None, max_cases: Optional[int] = None, batch_size: int = 16,
+    def __init__(self, suite_path: str | Path, base: str | Path, *, baseline: str | Path = "base",
+                 gate: Optional[float] = 0.02, webhook: Optional[str] = None, max_cases: Optional[int] = None,
+                 batch_size: Optional[int] = None,
                  config: EvalConfig | None = None, no_cache: bool = False, echo: Callable[[str], None] = print,
                  progress: Callable[[str], None] | None = None):
         if baseline in (None, "none", ""):
             raise UserError("the checkpoint gate needs a baseline: \"base\", a results.json or an adapter dir",
                             field="baseline")
         cfg = config or EvalConfig()
-        self.config = cfg.model_copy(update={"gate": gate, "batch_size": batch_size})
+        self.config = cfg.model_copy(update={k: v for k, v in (("gate", gate), ("batch_size", batch_size))
+                                             if v is not None})
         self.suite = load_suite(suite_path, self.config, max_cases=max_cases)
         self.base, self.baseline, self.webhook = str(base), str(baseline), webhook
         self.no_cache, self.echo, self.progress = no_cache, echo, progress
@@ -98,8 +100,8 @@ class CheckpointEvaluator:
 
 
 def make_checkpoint_evaluator(suite_path: str | Path, base: str | Path, baseline: str | Path = "base",
-                              gate: float = 0.02, webhook: Optional[str] = None, max_cases: Optional[int] = None,
-                              batch_size: int = 16, **kw) -> Callable[[Path, int], dict]:
+                              gate: Optional[float] = 0.02, webhook: Optional[str] = None,
+                              max_cases: Optional[int] = None, batch_size: Optional[int] = None, **kw) -> Callable[[Path, int], dict]:
     """The per-checkpoint eval for the training loop: `fn(ckpt_dir, step) -> summary`."""
     return CheckpointEvaluator(suite_path, base, baseline=baseline, gate=gate, webhook=webhook, max_cases=max_cases,
                                batch_size=batch_size, **kw)

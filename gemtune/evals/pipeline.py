@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from gemtune.base.families import family_of
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
 from gemtune.evals.compare import compare, load_results
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.engine import adapter_base, attached_adapter, check_adapter_dir, make_generator
+from gemtune.evals.adapters import adapter_base, check_adapter_dir
 from gemtune.evals.gate import GateResult
 from gemtune.evals.notify import notify, summary_line
 from gemtune.evals.report import render_report
@@ -32,6 +31,7 @@ class Evaluator:
 
     def __init__(self, base: str | Path = DEFAULT_MODEL, *, config: EvalConfig | None = None,
                  cache: OutputCache | None = None, progress: Callable[[str], None] | None = None):
+        from gemtune.base.families import family_of
         from gemtune.base.loader import load_base
 
         self.config = config or EvalConfig()
@@ -45,6 +45,8 @@ class Evaluator:
 
     @contextlib.contextmanager
     def model_under_test(self, adapter: Optional[Path], name: Optional[str] = None) -> Iterator[ModelUnderTest]:
+        from gemtune.evals.engine import attached_adapter, make_generator
+
         cfg = self.config
         if adapter is None:
             gen = make_generator(self.model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -91,7 +93,7 @@ def with_comparison(results: dict, comparison: Optional[dict], gate: Optional[Ga
     if comparison:
         summary["compare"] = {k: v for k, v in comparison.items() if k != "outcomes"}
         summary["gate"] = gate.to_json() if gate else None
-        summary["shippable"] = bool(gate.passed) if gate else None
+        summary["shippable"] = summary["gate_passed"] = bool(gate.passed) if gate else None
         for row in results["cases"]:
             row["outcome"] = comparison["outcomes"].get(str(row["id"]))
     if judge_stats:

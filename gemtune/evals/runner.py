@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from gemtune.base.families import Family
 from gemtune.base.templates import render_prompt
 from gemtune.evals.cache import OutputCache
-from gemtune.evals.engine import Generator
 from gemtune.evals.scorers import ScoreContext, score_one
 from gemtune.evals.suite import Case, Suite
+
+if TYPE_CHECKING:
+    from gemtune.evals.engine import Generator
 
 RESULTS_VERSION = 1
 
@@ -29,7 +31,7 @@ class ModelUnderTest:
     """What is being evaluated: a generator plus what identifies its weights for the cache and the report."""
 
     name: str  # shown in lines and reports: "base", "checkpoint-400", an adapter dir name
-    generator: Generator
+    generator: "Generator"
     tokenizer: object
     family: Family
     base: str  # base name or directory

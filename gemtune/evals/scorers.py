@@ -106,13 +106,12 @@ def _check_schema(schema: Any, file, line) -> None:
 
 # ---------------------------------------------------------------- label normalisation
 
-_LABEL_SEP = re.compile(r"[\s\-_/]+")
-_LABEL_TRIM = " \t\r\n\"'`*.,;:!?()[]{}<>"
+_LABEL_SEP = re.compile(r"[\W_]+")
 
 
 def normalize_label(text: str) -> str:
-    """`"Card Arrival."` → `card_arrival`: case, surrounding punctuation and separators never decide a label."""
-    return _LABEL_SEP.sub("_", text.strip().strip(_LABEL_TRIM).lower()).strip("_")
+    """`"Card Arrival."` → `card_arrival`: case, punctuation and separators never decide a label."""
+    return _LABEL_SEP.sub("_", text.strip().lower()).strip("_")
 
 
 def first_line(text: str) -> str:

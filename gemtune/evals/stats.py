@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import binom
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -20,7 +20,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     n = b + c
     if n == 0:
         return 1.0
-    return float(min(1.0, 2.0 * binom.cdf(min(b, c), n, 0.5)))
+    # Exact integer arithmetic: sum of C(n, k) for k <= min(b, c), over 2^n; no float underflow at large n.
+    term, tail = 1, 1
+    for k in range(min(b, c)):
+        term = term * (n - k) // (k + 1)
+        tail += term
+    return min(1.0, float(Fraction(2 * tail, 2 ** n)))
 
 
 def bootstrap_delta_ci(baseline: Sequence[bool], candidate: Sequence[bool], *, n_boot: int = 2000, seed: int = 0,

@@ -1,0 +1,96 @@
+"""Suites: dataset eval.jsonl records and hand-written cases load the same way; every bad line names itself."""
+
+import json
+
+import pytest
+
+from gemtune.errors import UserError
+from gemtune.evals.config import EvalConfig, load_eval_config
+from gemtune.evals.suite import load_suite
+
+
+def write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_dataset_eval_jsonl_last_assistant_turn_is_expected(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write(d / "eval.jsonl", [
+        {"id": "a", "task": "route", "label": "refund", "messages": [
+            {"role": "system", "content": "Route tickets."}, {"role": "user", "content": "money back please"},
+            {"role": "assistant", "content": "refund"}]},
+        {"id": "b", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ])
+    suite = load_suite(d)  # a dataset directory is accepted
+    a, b = suite.cases
+    assert a.messages == [{"role": "system", "content": "Route tickets."}, {"role": "user", "content": "money back please"}]
+    assert a.expected == "refund" and a.label == "refund" and [s.type for s in a.scorers] == ["label"]
+    assert b.expected == "hello" and [s.type for s in b.scorers] == ["exact"]
+    assert suite.labels is None  # one label case: no set to infer
+    assert a.prompt_text() == "money back please"
+
+
+def test_case_format_prompt_scorers_tags_and_inferred_label_set(tmp_path):
+    p = write(tmp_path / "suite.jsonl", [
+        {"id": "1", "prompt": "route: card late", "expected": "card_arrival", "scorers": ["label"], "tags": ["cards"]},
+        {"id": "2", "prompt": "route: refund", "expected": "Refund", "scorers": ["label", "contains"]},
+        {"id": "3", "prompt": "json please", "expected": "", "scorers": [{"type": "json_schema", "schema": {"type": "object"}}]},
+    ])
+    suite = load_suite(p)
+    assert [c.id for c in suite.cases] == ["1", "2", "3"]
+    assert suite.cases[0].messages == [{"role": "user", "content": "route: card late"}]
+    assert suite.cases[0].tags == ["cards"]
+    assert suite.labels == frozenset({"card_arrival", "refund"})
+    assert load_suite(p).sha256 == suite.sha256
+    # config-level defaults: known label set and default scorers
+    suite = load_suite(p, EvalConfig(labels=["Card Arrival", "refund", "lost card"]))
+    assert suite.labels == frozenset({"card_arrival", "refund", "lost_card"})
+    assert len(load_suite(p, max_cases=2).cases) == 2
+
+
+@pytest.mark.parametrize("line,field,msg", [
+    ('{"id": "a", "prompt": "x"}', "expected", "missing"),
+    ('{"id": "a", "messages": [{"role": "user", "content": "x"}]}', "expected", "needs `expected`"),
+    ('{"id": "a", "messages": [{"role": "bot", "content": "x"}], "expected": "y"}', "messages", "role"),
+    ('{"id": "a", "expected": "y"}', "messages", "needs `messages` or `prompt`"),
+    ('{"id": "a", "prompt": "x", "expected": "y", "scorers": ["bleu"]}', "scorers", "unknown scorer"),
+    ('{"id": "a", "prompt": "x", "expected": "y", "tags": [1]}', "tags", "list of strings"),
+    ('{"id": "c0", "prompt": "x", "expected": "y"}', "id", "duplicate id 'c0' (first on line 1)"),
+    ('{"id": "a", "prompt": "x", "expected": {"k": 1}, "scorers": ["exact"]}', "expected", "must be a string"),
+])
+def test_bad_lines_name_file_line_and_field(tmp_path, line, field, msg):
+    p = write(tmp_path / "s.jsonl", [{"id": "c0", "prompt": "ok", "expected": "ok"}, line])
+    with pytest.raises(UserError) as e:
+        load_suite(p)
+    assert str(e.value).startswith(f'{p}:2: field "{field}"'), str(e.value)
+    assert msg in str(e.value)
+
+
+def test_not_json_and_empty_and_missing(tmp_path):
+    p = write(tmp_path / "s.jsonl", ["{nope"])
+    with pytest.raises(UserError, match=r"s.jsonl:1: not valid JSON"):
+        load_suite(p)
+    with pytest.raises(UserError, match="suite has no cases"):
+        load_suite(write(tmp_path / "e.jsonl", [""]))
+    with pytest.raises(UserError, match="suite file not found"):
+        load_suite(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="no eval.jsonl"):
+        load_suite(tmp_path)
+
+
+def test_eval_section_of_gemtune_yaml(tmp_path):
+    y = tmp_path / "gemtune.yaml"
+    y.write_text("train:\n  lr: 0.001\neval:\n  max_new_tokens: 8\n  gate: 0.05\n  labels: [a, b]\n")
+    cfg = load_eval_config(y, batch_size=4, gate=None)
+    assert (cfg.max_new_tokens, cfg.gate, cfg.labels, cfg.batch_size) == (8, 0.05, ["a", "b"], 4)
+    y.write_text("eval:\n  gate: 2\n")
+    with pytest.raises(UserError, match=r'gemtune.yaml: field "eval.gate"'):
+        load_eval_config(y)
+    y.write_text("eval:\n  scorers: [bleu]\n")
+    with pytest.raises(UserError, match="unknown scorer"):
+        load_eval_config(y)
+    y.write_text("eval: [1\n")
+    with pytest.raises(UserError, match=r"gemtune.yaml:\d+: not valid YAML"):
+        load_eval_config(y)
