@@ -1,0 +1,684 @@
+"""The embedded serving engine: one base model, many LoRA adapters, mixed in every batch.
+
+Interface (the API and the benchmarks code against exactly this):
+
+```python
+class QueueFull(Exception): retry_after: float        # submit() with max_queue requests waiting; also load_adapter()
+                                                      # when every adapter slot is pinned by in-flight requests
+class AdapterError(UserError)                         # bad/incompatible adapter dir, or an adapter key not loaded
+@dataclass class GenRequest: prompt_ids: list[int]; adapter: str | None; max_tokens: int; temperature: float = 0.0
+    top_p: float = 1.0; seed: int | None = None; stop_ids: list[int] | None = None  (None: the family's stop tokens)
+    ignore_eos: bool = False                          # True: only explicit stop_ids stop generation (benchmarks)
+@dataclass class TokenEvent: token_id: int | None; text: str (incremental detokenised text);
+    finish_reason: "stop" | "length" | "cancelled" | None; prompt_tokens: int; completion_tokens: int
+class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=64, max_queue=256,
+             max_model_len=2048, seed=0)
+    .tokenizer .family .model_name
+    .start() / .shutdown()                            # the background scheduler thread
+    .load_adapter(key, path)                          # PEFT dir; hot; LRU-evicts beyond max_loras (never one in use)
+    .unload_adapter(key)                              # in-flight requests for it finish first, new ones are refused
+    .loaded_adapters() -> list[str]
+    .submit(GenRequest) -> Handle                     # thread-safe; UserError for bad limits, QueueFull when full
+    .generate(prompts, adapters, max_tokens, **kw) -> list[str]     # synchronous batch helper (starts the engine)
+    .stats() -> dict                                  # queue depth, running, tokens, per-adapter counts (/metrics)
+Handle: `async for ev in handle` (from any asyncio loop, in any thread), `for ev in handle` (blocking),
+        .cancel() (client disconnect: frees the batch slot at the next step), .result() -> (text, token_ids, reason)
+```
+
+Event semantics: one event per generated token (`token_id`, its text delta); the last event has `finish_reason`.
+A stop token ends generation without being emitted (final event: token_id None, text = any held-back text) and
+is not part of `token_ids`/`text`, but it is counted in `completion_tokens` (it was computed, as vLLM counts it).
+The concatenated `text` of all events equals `tokenizer.decode(token_ids, skip_special_tokens=True)`.
+
+How it works: a scheduler thread repeatedly (1) admits waiting requests into free batch rows, (2) builds one
+flat step out of every running row's next token plus prefill chunks of newly admitted prompts (continuous
+batching: requests join and leave between steps), (3) runs one forward for all of them — one base GEMM per linear
+layer with per-row LoRA deltas for whichever adapter each row uses (`lora_batch`), attention over our own
+preallocated KV cache (`kv_cache`), the LM head only on rows that need a next token (`engine_model`), then
+(4) picks tokens (greedy, or sampled with the request's own generator so a seeded request does not depend on its
+batch-mates) and streams events. Greedy outputs equal PEFT's greedy outputs for the same adapter alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemtune.errors import UserError
+from gemtune.serve.lora_batch import AdapterError, LoadedAdapter, LoRAPack, read_adapter
+
+__all__ = ["AdapterError", "Engine", "GenRequest", "Handle", "QueueFull", "TokenEvent"]
+
+
+class QueueFull(Exception):
+    """Too much work queued: answer 429 with Retry-After = `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# ------------------------------------------------------------------------------------------------ detokenising
+class Detokenizer:
+    """Incremental text for a growing id list; holds back text while a multi-byte character is incomplete.
+
+    Decodes a short window (as vLLM does) rather than the whole sequence each step; the final flush compares with
+    the full decode so the concatenated deltas always equal `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids already turned into emitted text
+        self.emitted = ""
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            delta = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.emitted += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        full = self._decode(self.ids)
+        if full.startswith(self.emitted):
+            delta = full[len(self.emitted):]
+        else:  # cannot happen with consistent tokenizers; keep the stream's own text
+            delta = ""
+        self.emitted += delta
+        return delta
+
+
+# ------------------------------------------------------------------------------------------------------- handle
+class Handle:
+    """A submitted request: iterate its TokenEvents (async or blocking), cancel it, or wait for the result."""
+
+    def __init__(self, engine: "Engine", seq: "_Seq"):
+        self._engine = engine
+        self._seq = seq
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._events: list[TokenEvent] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._cursor = 0  # async iteration position
+        self.finish_reason: str | None = None
+
+    # -- producer side (scheduler thread)
+    def _push(self, ev: TokenEvent) -> None:
+        with self._lock:
+            self._events.append(ev)
+            if ev.finish_reason is not None:
+                self._done = True
+                self.finish_reason = ev.finish_reason
+            self._wake()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._lock:
+            self._error, self._done = err, True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    # -- consumer side
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop generating (client went away): the row is freed before the next step, a queued request at once."""
+        self._engine._cancel(self._seq)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        while True:
+            with self._lock:
+                if self._cursor < len(self._events):
+                    self._cursor += 1
+                    return self._events[self._cursor - 1]
+                if self._error is not None:
+                    raise RuntimeError(f"generation failed: {self._error}") from self._error
+                if self._done:
+                    raise StopAsyncIteration
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                self._waiters.append((loop, fut))
+            await fut
+
+    def __iter__(self):
+        i = 0
+        while True:
+            with self._lock:
+                while i >= len(self._events) and not self._done:
+                    self._cond.wait()
+                if i < len(self._events):
+                    ev = self._events[i]
+                    i += 1
+                elif self._error is not None:
+                    raise RuntimeError(f"generation failed: {self._error}") from self._error
+                else:
+                    return
+            yield ev
+
+    def result(self, timeout: float | None = None) -> tuple[str, list[int], str]:
+        """Block until finished: (text, token_ids, finish_reason)."""
+        with self._lock:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError("generation did not finish in time")
+            if self._error is not None:
+                raise RuntimeError(f"generation failed: {self._error}") from self._error
+            text = "".join(e.text for e in self._events)
+            ids = [e.token_id for e in self._events if e.token_id is not None]
+            return text, ids, self.finish_reason
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --------------------------------------------------------------------------------------------------- sequences
+class _Seq:
+    """Scheduler-side state of one request."""
+
+    __slots__ = ("req", "handle", "adapter_key", "uid", "prompt", "out", "n_cached", "stop", "gen", "detok",
+                 "cancelled", "finished", "completion", "submitted")
+
+    def __init__(self, req: GenRequest, uid: str | None, stop: set[int], gen: torch.Generator | None, detok):
+        self.req = req
+        self.adapter_key = req.adapter
+        self.uid = uid  # the loaded adapter instance (survives an unload/replace while in flight)
+        self.prompt = list(req.prompt_ids)
+        self.out: list[int] = []
+        self.n_cached = 0  # positions written to the KV cache
+        self.stop = stop
+        self.gen = gen
+        self.detok = detok
+        self.cancelled = False
+        self.finished = False
+        self.completion = 0
+        self.submitted = time.monotonic()
+        self.handle: Handle | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_cached < len(self.prompt)
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+class Engine:
+    """One base model; adapters hot-loaded into an LRU; a scheduler thread doing continuous mixed-adapter batching."""
+
+    def __init__(self, base: str | Path, *, dtype: str = "float32", max_batch: int = 32, max_loras: int = 8,
+                 max_lora_rank: int = 64, max_queue: int = 256, max_model_len: int = 2048, seed: int = 0,
+                 prefill_chunk: int = 256, prefill_budget: int = 1024):
+        from gemtune.base.families import family_of
+        from gemtune.base.loader import load_base
+        from gemtune.base.templates import stop_token_ids
+        from gemtune.serve.engine_model import ModelRunner
+
+        for name, val in (("max_batch", max_batch), ("max_loras", max_loras), ("max_lora_rank", max_lora_rank),
+                          ("max_queue", max_queue), ("max_model_len", max_model_len)):
+            if not isinstance(val, int) or val < 1:
+                raise UserError(f"{name} must be a positive integer, got {val!r}", field=name)
+        model, tok = load_base(base, dtype=dtype)
+        self.tokenizer = tok
+        self.family = family_of(model)
+        self.model_name = getattr(model.config, "_name_or_path", None) or Path(str(base)).name
+        self.model_name = Path(str(self.model_name)).name or str(base)
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and max_model_len > limit:
+            raise UserError(f"max_model_len {max_model_len} exceeds the model's {limit} positions", field="max_model_len")
+        self.max_batch, self.max_loras, self.max_lora_rank = max_batch, max_loras, max_lora_rank
+        self.max_queue, self.max_model_len = max_queue, max_model_len
+        self.prefill_budget = max(prefill_budget, 1)
+        self.runner = ModelRunner(model, max_batch=max_batch, max_model_len=max_model_len, prefill_chunk=prefill_chunk)
+        self.vocab_size = self.runner.lm_head.out_features
+        self.default_stop = set(stop_token_ids(tok, self.family))
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        # state shared with the scheduler thread, guarded by _cv's lock
+        self._cv = threading.Condition(threading.Lock())
+        self._waiting: deque[_Seq] = deque()
+        self._rows: list[_Seq] = []  # running rows; [0, _n_decode) decoding, the rest prefilling
+        self._n_decode = 0
+        self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # key -> adapter, LRU order
+        self._uid: dict[str, str] = {}  # key -> uid of its live instance
+        self._instances: dict[str, LoadedAdapter] = {}  # uid -> adapter (live and draining)
+        self._refs: dict[str, int] = {}  # uid -> queued + running requests
+        self._pack: LoRAPack = LoRAPack.build([], self.runner.linears, self.runner.dtype)
+        self._uids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._stats = {"requests": 0, "finished": {"stop": 0, "length": 0, "cancelled": 0, "error": 0},
+                       "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "forward_seconds": 0.0}
+        self._per_adapter: dict[str, dict[str, int]] = {}
+        self._rate = 0.0  # finished requests per second (EMA), for Retry-After
+        self._last_finish = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return self
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="gemtune-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the scheduler; requests still queued or running finish as cancelled."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._cv:
+            seqs = list(self._waiting) + list(self._rows)
+            self._waiting.clear()
+            self._rows, self._n_decode = [], 0
+            self._thread = None
+        for s in seqs:
+            self._finish(s, "cancelled")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -------------------------------------------------------------------------------------------- adapters
+    def load_adapter(self, key: str, path: str | Path) -> None:
+        """Load (or replace) adapter `key` from a PEFT directory without pausing generation.
+
+        Loading the same key from the same path again only marks it recently used. Beyond `max_loras` the least
+        recently used adapter with no queued or running request is evicted; when every one is busy: QueueFull.
+        """
+        if not isinstance(key, str) or not key:
+            raise AdapterError("adapter key must be a non-empty string", field="adapter")
+        path = Path(path)
+        with self._cv:
+            cur = self._adapters.get(key)
+            if cur is not None and cur.path == str(path):
+                self._adapters.move_to_end(key)
+                return
+        ad = read_adapter(key, path, self.runner.linears, self.max_lora_rank, self.runner.dtype)
+        with self._cv:
+            if key not in self._adapters and len(self._adapters) >= self.max_loras:
+                victim = next((k for k in self._adapters if self._refs.get(self._uid[k], 0) == 0), None)
+                if victim is None:
+                    raise QueueFull(f"all {self.max_loras} adapter slots are serving requests; retry shortly",
+                                    retry_after=self._retry_after())
+                self._drop_key(victim)
+            if key in self._adapters:
+                self._drop_key(key)
+            uid = f"{key}#{next(self._uids)}"
+            ad.key = uid
+            self._adapters[key] = ad
+            self._uid[key] = uid
+            self._instances[uid] = ad
+            self._refs.setdefault(uid, 0)
+            self._rebuild_pack()
+
+    def unload_adapter(self, key: str) -> None:
+        """Forget `key`: new requests for it are refused at once; requests already admitted finish normally."""
+        with self._cv:
+            if key not in self._adapters:
+                raise AdapterError(f"adapter {key!r} is not loaded", field="adapter")
+            self._drop_key(key)
+            self._rebuild_pack()
+
+    def loaded_adapters(self) -> list[str]:
+        with self._cv:
+            return list(self._adapters)
+
+    def _drop_key(self, key: str) -> None:
+        """Remove a key from the table; its instance stays in the pack while requests still use it (lock held)."""
+        del self._adapters[key]
+        uid = self._uid.pop(key)
+        if self._refs.get(uid, 0) == 0:
+            self._instances.pop(uid, None)
+            self._refs.pop(uid, None)
+
+    def _rebuild_pack(self) -> None:
+        self._pack = LoRAPack.build(list(self._instances.values()), self.runner.linears, self.runner.dtype)
+
+    def _release(self, seq: _Seq) -> None:
+        """A request left the engine: unpin its adapter instance, dropping a drained one (lock held)."""
+        if seq.uid is None:
+            return
+        self._refs[seq.uid] -= 1
+        if self._refs[seq.uid] == 0 and seq.uid not in self._uid.values():
+            self._instances.pop(seq.uid, None)
+            self._refs.pop(seq.uid, None)
+            self._rebuild_pack()
+        seq.uid = None
+
+    # ---------------------------------------------------------------------------------------------- submit
+    def _validate(self, req: GenRequest) -> None:
+        n = len(req.prompt_ids) if isinstance(req.prompt_ids, (list, tuple)) else -1
+        if n < 1:
+            raise UserError("prompt must hold at least one token", field="prompt")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise UserError(f"max_tokens must be a positive integer, got {req.max_tokens!r}", field="max_tokens")
+        if n >= self.max_model_len:
+            raise UserError(f"prompt is {n} tokens; the limit is {self.max_model_len - 1} (max_model_len "
+                            f"{self.max_model_len} minus at least one generated token)", field="prompt")
+        if n + req.max_tokens > self.max_model_len:
+            raise UserError(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds max_model_len "
+                            f"{self.max_model_len}; max_tokens can be at most {self.max_model_len - n}",
+                            field="max_tokens")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in req.prompt_ids):
+            raise UserError(f"prompt token ids must be integers in [0, {self.vocab_size})", field="prompt")
+        if not (req.temperature >= 0):
+            raise UserError(f"temperature must be >= 0, got {req.temperature!r}", field="temperature")
+        if not (0 < req.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {req.top_p!r}", field="top_p")
+        if req.stop_ids is not None and any(not isinstance(t, int) for t in req.stop_ids):
+            raise UserError("stop_ids must be token ids", field="stop")
+
+    def submit(self, req: GenRequest) -> Handle:
+        """Queue a request; thread-safe. Raises UserError (limits), AdapterError (unknown adapter), QueueFull."""
+        self._validate(req)
+        stop = set(req.stop_ids) if req.stop_ids is not None else (set() if req.ignore_eos else set(self.default_stop))
+        from gemtune.serve.engine_sampling import needs_generator
+
+        with self._cv:
+            if self._stop or self._thread is None:
+                raise RuntimeError("engine is not running; call start() first")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})",
+                                retry_after=self._retry_after())
+            uid = None
+            if req.adapter is not None:
+                if req.adapter not in self._adapters:
+                    raise AdapterError(f"adapter {req.adapter!r} is not loaded", field="adapter")
+                self._adapters.move_to_end(req.adapter)
+                uid = self._uid[req.adapter]
+                self._refs[uid] += 1
+            gen = None
+            if needs_generator(req):
+                seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+                gen = torch.Generator().manual_seed(seed)
+            seq = _Seq(req, uid, stop, gen, Detokenizer(self.tokenizer))
+            seq.handle = Handle(self, seq)
+            self._waiting.append(seq)
+            self._stats["requests"] += 1
+            self._cv.notify_all()
+        return seq.handle
+
+    def _cancel(self, seq: _Seq) -> None:
+        with self._cv:
+            if seq.finished:
+                return
+            seq.cancelled = True
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                queued = True
+            else:
+                queued = False
+        if queued:
+            self._finish(seq, "cancelled")
+
+    def _retry_after(self) -> float:
+        """Seconds until the queue has probably drained by one batch, from the recent completion rate."""
+        rate = self._rate
+        if rate <= 0:
+            return 1.0
+        return float(min(30.0, max(0.5, len(self._waiting) / rate)))
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def generate(self, prompts: list[list[int]], adapters: list[str | None], max_tokens: int, **kw) -> list[str]:
+        """Generate for a batch of prompts (one adapter key or None each); blocks; starts the engine if needed."""
+        if len(adapters) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(adapters)} adapters", field="adapters")
+        self.start()
+        handles: list[Handle] = []
+        for p, a in zip(prompts, adapters):
+            while True:
+                try:
+                    handles.append(self.submit(GenRequest(prompt_ids=list(p), adapter=a, max_tokens=max_tokens, **kw)))
+                    break
+                except QueueFull:
+                    pending = next(h for h in handles if not h.done)
+                    pending.result()
+        return [h.result()[0] for h in handles]
+
+    def stats(self) -> dict:
+        with self._cv:
+            out = {
+                "queue_depth": len(self._waiting),
+                "running": len(self._rows),
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+                "loaded_adapters": list(self._adapters),
+                "max_loras": self.max_loras,
+                "requests_total": self._stats["requests"],
+                "requests_finished": dict(self._stats["finished"]),
+                "prompt_tokens_total": self._stats["prompt_tokens"],
+                "generated_tokens_total": self._stats["generated_tokens"],
+                "steps_total": self._stats["steps"],
+                "forward_seconds_total": round(self._stats["forward_seconds"], 6),
+                "kv_cache_bytes": self.runner.cache.nbytes(),
+                "per_adapter": {k: dict(v) for k, v in self._per_adapter.items()},
+            }
+        return out
+
+    # ------------------------------------------------------------------------------------------- scheduler
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                self._admit()
+                pack = self._pack
+            try:
+                with torch.inference_mode():
+                    self._step(pack)
+            except Exception as e:  # a bug must not hang clients: fail the running requests, keep serving
+                self._fail_running(e)
+
+    def _admit(self) -> None:
+        """Move queued requests into free rows (lock held). New rows start prefilling at the end of the batch."""
+        while self._waiting and len(self._rows) < self.max_batch:
+            self._rows.append(self._waiting.popleft())
+
+    def _fail_running(self, err: Exception) -> None:
+        import traceback
+
+        traceback.print_exc()
+        with self._cv:
+            rows, self._rows, self._n_decode = self._rows, [], 0
+        for s in rows:
+            with self._cv:
+                s.finished = True
+                self._release(s)
+                self._stats["finished"]["error"] += 1
+            s.handle._fail(err)
+
+    def _step(self, pack: LoRAPack) -> None:
+        from gemtune.serve.engine_model import Step
+        from gemtune.serve.engine_sampling import choose_tokens
+
+        self._drop_cancelled()
+        rows, D = self._rows, self._n_decode
+        if not rows:
+            return
+        ids, pos, trow, keys = [], [], [], []
+        for r in range(D):
+            s = rows[r]
+            ids.append(s.out[-1])
+            pos.append(s.n_cached)
+            trow.append(r)
+            keys.append(s.uid)
+        pre_rows, pre_start, pre_len, chunks = [], [], [], []
+        budget = self.prefill_budget
+        for r in range(D, len(rows)):
+            s = rows[r]
+            c = min(len(s.prompt) - s.n_cached, self.runner.prefill_chunk, budget)
+            if c <= 0:
+                break
+            budget -= c
+            chunk = s.prompt[s.n_cached:s.n_cached + c]
+            ids += chunk
+            pos += range(s.n_cached, s.n_cached + c)
+            trow += [r] * c
+            keys += [s.uid] * c
+            pre_rows.append(r)
+            pre_start.append(s.n_cached)
+            pre_len.append(c)
+            chunks.append(c)
+        # rows whose next token we need: every decode row, and prefill rows whose prompt ends in this chunk
+        logit_rows, logit_idx = list(range(D)), list(range(D))
+        off = D
+        for r, st, c in zip(pre_rows, pre_start, pre_len):
+            if st + c == len(rows[r].prompt):
+                logit_rows.append(r)
+                logit_idx.append(off + c - 1)
+            off += c
+        L = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        step = Step(ids=L(ids), pos=L(pos), rows=L(trow), n_decode=D,
+                    decode_len=L([rows[r].n_cached + 1 for r in range(D)]), pre_rows=L(pre_rows),
+                    pre_start=L(pre_start), pre_len=L(pre_len), logit_idx=L(logit_idx), adapter_keys=keys)
+        t0 = time.perf_counter()
+        hidden = self.runner.forward(step, pack)
+        seqs = [rows[r] for r in logit_rows]
+        tokens = choose_tokens(self.runner, hidden, seqs)
+        dt = time.perf_counter() - t0
+        for r in range(D):
+            rows[r].n_cached += 1
+        for r, c in zip(pre_rows, pre_len):
+            rows[r].n_cached += c
+        self._after_step(logit_rows, tokens, dt, sum(pre_len))
+
+    def _after_step(self, logit_rows: list[int], tokens: list[int], dt: float, prompt_tokens: int) -> None:
+        rows = self._rows
+        events: list[tuple[_Seq, TokenEvent]] = []
+        finished: dict[int, tuple[_Seq, str, int | None, str]] = {}  # id(seq) -> (seq, reason, last token, text)
+        for r, tok in zip(logit_rows, tokens):
+            s = rows[r]
+            s.completion += 1
+            if tok in s.stop:
+                finished[id(s)] = (s, "stop", None, "")
+                continue
+            s.out.append(tok)
+            text = s.detok.add(tok)
+            if len(s.out) >= s.req.max_tokens:
+                finished[id(s)] = (s, "length", tok, text)
+                continue
+            events.append((s, TokenEvent(tok, text, None, len(s.prompt), s.completion)))
+        # prefills that just produced their first token join the decode region [0, D)
+        for r in sorted(r for r in logit_rows if r >= self._n_decode):
+            self._swap(r, self._n_decode)
+            self._n_decode += 1
+        for s, ev in events:
+            s.handle._push(ev)
+        with self._cv:
+            self._stats["steps"] += 1
+            self._stats["forward_seconds"] += dt
+            self._stats["prompt_tokens"] += prompt_tokens
+            self._stats["generated_tokens"] += len(tokens)
+            for s, *_ in finished.values():
+                s.finished = True
+        for r in range(len(rows) - 1, -1, -1):
+            hit = finished.get(id(rows[r]))
+            if hit is not None:
+                self._remove_row(r)
+                self._finish(hit[0], hit[1], last_token=hit[2], text=hit[3])
+
+    def _drop_cancelled(self) -> None:
+        for r in range(len(self._rows) - 1, -1, -1):
+            s = self._rows[r]
+            if s.cancelled:
+                self._remove_row(r)
+                self._finish(s, "cancelled")
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        rows = self._rows
+        self.runner.cache.swap_rows(a, b, rows[a].n_cached, rows[b].n_cached)
+        rows[a], rows[b] = rows[b], rows[a]
+
+    def _move(self, src: int, dst: int) -> None:
+        rows = self._rows
+        self.runner.cache.move_row(src, dst, rows[src].n_cached)
+        rows[dst] = rows[src]
+
+    def _remove_row(self, r: int) -> None:
+        """Take row r out, keeping rows compact with decode rows first (one or two row copies in the cache)."""
+        rows = self._rows
+        last = len(rows) - 1
+        if r < self._n_decode:
+            d_last = self._n_decode - 1
+            self._move(d_last, r)
+            if last != d_last:
+                self._move(last, d_last)
+            self._n_decode -= 1
+        else:
+            self._move(last, r)
+        with self._cv:
+            rows.pop()
+
+    def _finish(self, s: _Seq, reason: str, last_token: int | None = None, text: str = "") -> None:
+        """Emit the final event and account for the request (scheduler thread or a cancelling caller)."""
+        text += s.detok.flush()
+        with self._cv:
+            s.finished = True
+            self._release(s)
+            self._stats["finished"][reason] += 1
+            pa = self._per_adapter.setdefault(s.adapter_key or "base",
+                                              {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0})
+            pa["requests"] += 1
+            pa["generated_tokens"] += s.completion
+            pa["prompt_tokens"] += len(s.prompt)
+            now = time.monotonic()
+            gap = max(now - self._last_finish, 1e-3)
+            self._rate = 0.9 * self._rate + 0.1 * (1.0 / gap) if self._rate else 1.0 / gap
+            self._last_finish = now
+        s.handle._push(TokenEvent(last_token, text, reason, len(s.prompt), s.completion))

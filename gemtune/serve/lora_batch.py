@@ -1,0 +1,279 @@
+"""Per-row LoRA deltas for mixed-adapter batches (S-LoRA / Punica style, shaped for CPU GEMMs).
+
+Every rank column of every loaded adapter is packed side by side: for each adapted linear layer the pack holds
+`A` = [R, in] (all adapters' `lora_A` rows stacked) and `BT` = [R, out] (their `lora_B` transposed, with the
+LoRA scaling folded in). A token that uses adapter `s` needs only the columns of `s`, so a forward computes
+
+    y = x W^T + ((x A^T) * mask) BT          mask[t, c] = 1 if column c belongs to token t's adapter
+
+— one batched base GEMM plus two thin GEMMs (inner size R = sum of loaded ranks) and one elementwise mask, with
+no per-adapter Python loop and no gathered per-row weight copies. For r16 x 8 adapters the LoRA part is ~5% of
+the base GEMM work, so mixing 8 adapters in one batch costs about the same as serving one.
+
+Packs are immutable snapshots: loading or evicting an adapter builds a new pack and swaps one reference, so the
+scheduler never sees a half-written adapter and hot loading needs no pause of the running batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gemtune.errors import UserError
+
+
+class AdapterError(UserError):
+    """An adapter directory that cannot be served: not PEFT LoRA, DoRA, `modules_to_save`, rank above the limit,
+    or weights for modules the base does not have."""
+
+
+# ----------------------------------------------------------------------------------------------------- adapters
+@dataclass
+class LoadedAdapter:
+    """One adapter's tensors, keyed by the base module name (`model.layers.0.self_attn.q_proj`)."""
+
+    key: str
+    path: str
+    rank: int  # the widest rank over its modules (its column width in a pack)
+    A: dict[str, torch.Tensor]  # [r, in]
+    BT: dict[str, torch.Tensor]  # [r, out], scaling folded in
+    config: dict = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.A)
+
+
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA adapters are not supported by the serving engine (nor by vLLM); train plain LoRA",
+    "modules_to_save": "adapters with modules_to_save cannot be served per request (they replace base weights); "
+    "retrain without modules_to_save",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+    "layer_replication": "layer_replication adapters are not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "trainable_token_indices": "trainable_token_indices adapters change embeddings and cannot be served per request",
+    "lora_bias": "adapters with a LoRA bias (lora_bias) are not supported",
+}
+
+
+def read_adapter_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not a directory; expected a PEFT adapter directory", file=str(path))
+    if not cfg_path.is_file():
+        raise AdapterError("no adapter_config.json; expected a PEFT adapter directory", file=str(path))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise AdapterError(f"not valid JSON: {e}", file=str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise AdapterError("expected a JSON object", file=str(cfg_path))
+    return cfg
+
+
+def check_adapter_config(cfg: dict, cfg_file: str, max_rank: int) -> None:
+    """Refuse what the engine cannot serve exactly, naming the field."""
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise AdapterError(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be served", file=cfg_file,
+                           field="peft_type")
+    for flag, why in _UNSUPPORTED_FLAGS.items():
+        if cfg.get(flag):
+            raise AdapterError(why, file=cfg_file, field=flag)
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"bias={cfg.get('bias')!r}; only bias='none' adapters are supported", file=cfg_file, field="bias")
+    ranks = [cfg.get("r", 8), *(cfg.get("rank_pattern") or {}).values()]
+    for r in ranks:
+        if not isinstance(r, int) or r < 1:
+            raise AdapterError(f"rank {r!r} is not a positive integer", file=cfg_file, field="r")
+        if r > max_rank:
+            raise AdapterError(f"rank {r} exceeds the engine's max_lora_rank {max_rank}", file=cfg_file, field="r")
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern: a key matches a module whose name ends with it (after a dot), as in PEFT."""
+    import re
+
+    for key, val in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return val
+    return default
+
+
+def _module_of(key: str) -> tuple[str, str] | None:
+    """`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> (`model.layers.0.self_attn.q_proj`, `A`)."""
+    for part, tag in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+        if key.endswith(part):
+            name = key[: -len(part)]
+            if name.startswith("base_model.model."):
+                name = name[len("base_model.model."):]
+            return name, tag
+    return None
+
+
+def read_adapter(key: str, path: str | Path, modules: dict[str, nn.Module], max_rank: int,
+                 dtype: torch.dtype) -> LoadedAdapter:
+    """Read and validate a PEFT LoRA directory against the engine's adaptable modules (name -> linear)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    cfg_file = str(path / "adapter_config.json")
+    check_adapter_config(cfg, cfg_file, max_rank)
+    wfile = path / "adapter_model.safetensors"
+    if not wfile.is_file():
+        raise AdapterError("no adapter_model.safetensors (gemtune serves safetensors adapters only)", file=str(path))
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"cannot read safetensors: {e}", file=str(wfile)) from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        parsed = _module_of(k)
+        if parsed is None:
+            raise AdapterError(f"unexpected tensor {k!r}: only lora_A/lora_B weights can be served "
+                               "(embeddings, biases or saved modules are not supported)", file=str(wfile))
+        pairs.setdefault(parsed[0], {})[parsed[1]] = t
+    if not pairs:
+        raise AdapterError("the adapter holds no LoRA weights", file=str(wfile))
+    missing = sorted(n for n in pairs if n not in modules)
+    if missing:
+        raise AdapterError(f"targets modules the base model does not have (or that the engine cannot adapt): "
+                           f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; was it trained on another base?",
+                           file=str(wfile), field="target_modules")
+    alpha = cfg.get("lora_alpha", 8)
+    A, BT, width = {}, {}, 0
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{name} has lora_{'A' if 'A' in ab else 'B'} but not its pair", file=str(wfile))
+        a, b = ab["A"], ab["B"]
+        lin = modules[name]
+        r = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != lin.in_features or b.shape != (lin.out_features, r):
+            raise AdapterError(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base layer "
+                               f"({lin.in_features} -> {lin.out_features}); was it trained on another base?",
+                               file=str(wfile))
+        if r > max_rank:
+            raise AdapterError(f"{name}: rank {r} exceeds the engine's max_lora_rank {max_rank}", file=str(wfile), field="r")
+        a_cfg = _pattern_value(cfg.get("alpha_pattern"), name, alpha)
+        scaling = a_cfg / math.sqrt(r) if cfg.get("use_rslora") else a_cfg / r
+        A[name] = a.to(dtype).contiguous()
+        BT[name] = (b.to(torch.float32).t() * scaling).to(dtype).contiguous()
+        width = max(width, r)
+    return LoadedAdapter(key=key, path=str(path), rank=width, A=A, BT=BT, config=cfg)
+
+
+# ------------------------------------------------------------------------------------------------------- packs
+@dataclass(frozen=True)
+class LoRAPack:
+    """Immutable column layout of the loaded adapters: key -> (first column, width), plus per-module matrices."""
+
+    spans: dict[str, tuple[int, int]]
+    A: dict[str, torch.Tensor]  # module -> [R, in]
+    BT: dict[str, torch.Tensor]  # module -> [R, out]
+    width: int
+
+    @staticmethod
+    def build(adapters: list[LoadedAdapter], modules: dict[str, nn.Module], dtype: torch.dtype) -> "LoRAPack":
+        spans, offset = {}, 0
+        for ad in adapters:
+            spans[ad.key] = (offset, ad.rank)
+            offset += ad.rank
+        A, BT = {}, {}
+        names = sorted({n for ad in adapters for n in ad.A})
+        for name in names:
+            lin = modules[name]
+            a = torch.zeros(offset, lin.in_features, dtype=dtype)
+            bt = torch.zeros(offset, lin.out_features, dtype=dtype)
+            for ad in adapters:
+                if name in ad.A:
+                    lo, r = spans[ad.key][0], ad.A[name].shape[0]
+                    a[lo:lo + r] = ad.A[name]
+                    bt[lo:lo + r] = ad.BT[name]
+            A[name], BT[name] = a, bt
+        return LoRAPack(spans=spans, A=A, BT=BT, width=offset)
+
+
+EMPTY_PACK = LoRAPack(spans={}, A={}, BT={}, width=0)
+
+
+class LoRAContext:
+    """What the adapted linears need for the current forward: the pack, the column range in use and the mask.
+
+    Set by the engine before a forward and cleared after; only the scheduler thread runs forwards.
+    """
+
+    def __init__(self):
+        self.pack: LoRAPack = EMPTY_PACK
+        self.lo = 0
+        self.hi = 0
+        self.mask: torch.Tensor | None = None  # [N, hi - lo]
+
+    def set(self, pack: LoRAPack, token_keys: list[str | None], dtype: torch.dtype) -> None:
+        """Per-token adapter keys -> mask over the smallest column range covering the adapters in this batch."""
+        used = {k for k in token_keys if k is not None}
+        if not used:
+            self.clear()
+            return
+        spans = [pack.spans[k] for k in used]
+        lo = min(s for s, _ in spans)
+        hi = max(s + w for s, w in spans)
+        starts = torch.tensor([pack.spans[k][0] - lo if k is not None else 0 for k in token_keys])
+        widths = torch.tensor([pack.spans[k][1] if k is not None else 0 for k in token_keys])
+        cols = torch.arange(hi - lo)
+        self.mask = ((cols[None, :] >= starts[:, None]) & (cols[None, :] < (starts + widths)[:, None])).to(dtype)
+        self.pack, self.lo, self.hi = pack, lo, hi
+
+    def clear(self) -> None:
+        self.pack, self.mask, self.lo, self.hi = EMPTY_PACK, None, 0, 0
+
+
+class MultiLoRALinear(nn.Module):
+    """A base linear layer plus the per-token LoRA delta of whichever adapter each token uses."""
+
+    def __init__(self, base: nn.Linear, name: str, ctx: LoRAContext):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.name = name
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        ctx = self.ctx
+        if ctx.mask is None:
+            return out
+        a = ctx.pack.A.get(self.name)
+        if a is None:
+            return out
+        shape = out.shape
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, shape[-1])
+        h = F.linear(x2, a[ctx.lo:ctx.hi]) * ctx.mask
+        out2.addmm_(h, ctx.pack.BT[self.name][ctx.lo:ctx.hi])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.in_features} -> {self.out_features}"
+
+
+def wrap_linears(layers: nn.ModuleList, prefix: str, ctx: LoRAContext) -> dict[str, MultiLoRALinear]:
+    """Replace every nn.Linear inside the decoder layers with a MultiLoRALinear (in place); return name -> module.
+
+    Names are the base model's module names (`model.layers.3.mlp.up_proj`), the names PEFT uses in adapter files.
+    """
+    out: dict[str, MultiLoRALinear] = {}
+    for lname, parent in list(layers.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                full = ".".join(p for p in (prefix, lname, cname) if p)
+                wrapped = MultiLoRALinear(child, full, ctx)
+                setattr(parent, cname, wrapped)
+                out[full] = wrapped
+    return out

@@ -1,0 +1,273 @@
+"""The embedded engine: mixed-adapter batches equal PEFT's greedy output per adapter, sampling, limits, LRU, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemtune.base.tiny import char_id
+from gemtune.errors import UserError
+from gemtune.serve.engine import AdapterError, Engine, GenRequest, QueueFull
+
+TARGETS = {
+    0: ("q_proj", "k_proj", "v_proj", "o_proj"),
+    1: ("q_proj", "v_proj"),
+    2: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def make_adapter(base: Path, out: Path, seed: int, r: int = 8, targets=TARGETS[0], scale: float = 3.0, **extra) -> Path:
+    """A PEFT LoRA adapter with random, clearly non-zero A and B (so each adapter changes the output)."""
+    from peft import LoraConfig, get_peft_model
+
+    from gemtune.base.loader import load_base
+
+    model, _ = load_base(base)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **extra)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(scale)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def prompt(text: str, family: str = "gemma3") -> list[int]:
+    """A chat-shaped prompt in the tiny char-level vocabulary."""
+    return [2, 105] + [char_id(c) for c in text] + [106, char_id("\n"), 105]
+
+
+def peft_greedy(base: Path, adapter: Path | None, ids: list[int], n: int) -> list[int]:
+    """Reference: PEFT (or the plain base) alone, Hugging Face generate, greedy, no early stop."""
+    from peft import PeftModel
+
+    from gemtune.base.loader import load_base
+
+    model, _ = load_base(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma4"])
+def family_setup(request, tmp_path_factory):
+    base = request.getfixturevalue(f"tiny_{request.param}")
+    d = tmp_path_factory.mktemp(f"adapters-{request.param}")
+    ads = {f"a{i}": make_adapter(base, d / f"a{i}", seed=i, r=4 * (i + 1), targets=TARGETS[i]) for i in range(3)}
+    return request.param, base, ads
+
+
+PROMPTS = ["hello there", "abc", "the quick brown fox jumps over the lazy dog, twice over", "x"]
+
+
+def test_mixed_adapter_batch_equals_peft_greedy(family_setup):
+    """Rows for three adapters and the base share every step (max_batch 3 < 16 requests: rows join and leave),
+    prompts span several prefill chunks and exceed the sliding window (16): each row equals PEFT alone."""
+    family, base, ads = family_setup
+    n = 24
+    combos = [(p, a) for p in PROMPTS for a in (None, "a0", "a1", "a2")]
+    with Engine(base, max_batch=3, max_model_len=128, prefill_chunk=8, prefill_budget=12) as eng:
+        for k, path in ads.items():
+            eng.load_adapter(k, path)
+        handles = [eng.submit(GenRequest(prompt(p), a, n, ignore_eos=True)) for p, a in combos]
+        got = [h.result(timeout=120) for h in handles]
+        stats = eng.stats()
+    refs = {}
+    for (p, a), (text, ids, reason) in zip(combos, got):
+        ref = peft_greedy(base, ads.get(a), prompt(p), n)
+        refs[(p, a)] = ref
+        assert ids == ref, f"{family} adapter={a} prompt={p!r}"
+        assert reason == "length" and len(ids) == n
+    for p in PROMPTS:  # the adapters really differ from each other and from the base
+        outs = {tuple(refs[(p, a)]) for a in (None, "a0", "a1", "a2")}
+        assert len(outs) == 4, p
+    assert stats["generated_tokens_total"] == n * len(combos)
+    assert stats["per_adapter"]["a1"]["requests"] == len(PROMPTS)
+    assert stats["requests_finished"]["length"] == len(combos)
+
+
+def test_generate_helper_and_text(tiny_gemma3, tmp_path):
+    ad = make_adapter(tiny_gemma3, tmp_path / "ad", seed=5)
+    with Engine(tiny_gemma3, max_batch=4, max_model_len=128) as eng:
+        eng.load_adapter("x", ad)
+        texts = eng.generate([prompt("hi"), prompt("hi")], [None, "x"], 12, ignore_eos=True)
+        h = eng.submit(GenRequest(prompt("hi"), "x", 12, ignore_eos=True))
+        text, ids, _ = h.result()
+    assert texts[1] == text == eng.tokenizer.decode(ids, skip_special_tokens=True)
+    assert texts[0] != texts[1]
+
+
+def test_stop_ids_and_default_stop(tiny_gemma3):
+    with Engine(tiny_gemma3, max_batch=2, max_model_len=128) as eng:
+        _, ids, _ = eng.submit(GenRequest(prompt("stop me"), None, 20, ignore_eos=True)).result()
+        stop_at = next(i for i in range(1, 20) if ids[i] not in ids[:i])  # first fresh token after position 0
+        text, got, reason = eng.submit(GenRequest(prompt("stop me"), None, 20, stop_ids=[ids[stop_at]])).result()
+        assert reason == "stop" and got == ids[:stop_at]
+        assert text == eng.tokenizer.decode(ids[:stop_at], skip_special_tokens=True)
+        events = list(eng.submit(GenRequest(prompt("stop me"), None, 20, stop_ids=[ids[stop_at]])))
+        assert events[-1].finish_reason == "stop" and events[-1].token_id is None
+        assert events[-1].completion_tokens == stop_at + 1  # the stop token was computed and is counted
+        assert all(e.finish_reason is None for e in events[:-1])
+        # the family's end-of-turn stops by default; ignore_eos generates through it
+        eot = eng.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        assert eot in eng.default_stop
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_gemma3, tmp_path):
+    ad = make_adapter(tiny_gemma3, tmp_path / "ad", seed=7)
+    req = dict(prompt_ids=prompt("sample"), adapter="s", max_tokens=20, temperature=1.3, top_p=0.9, seed=1234,
+               ignore_eos=True)
+    with Engine(tiny_gemma3, max_batch=8, max_model_len=128) as eng:
+        eng.load_adapter("s", ad)
+        alone = eng.submit(GenRequest(**req)).result()[1]
+        others = [eng.submit(GenRequest(prompt(f"noise {i}"), None if i % 2 else "s", 20, temperature=1.0,
+                                        ignore_eos=True)) for i in range(5)]
+        crowded = eng.submit(GenRequest(**req)).result()[1]
+        for h in others:
+            h.result()
+        other_seed = eng.submit(GenRequest(**{**req, "seed": 99})).result()[1]
+        greedy = eng.submit(GenRequest(**{**req, "temperature": 0.0})).result()[1]
+    assert alone == crowded
+    assert alone != other_seed
+    assert alone != greedy
+
+
+def test_limits_are_user_errors(tiny_gemma3):
+    with Engine(tiny_gemma3, max_batch=2, max_model_len=64) as eng:
+        with pytest.raises(UserError, match="limit is 63"):
+            eng.submit(GenRequest(list(range(300, 364)), None, 1))
+        with pytest.raises(UserError, match="max_tokens can be at most 54"):
+            eng.submit(GenRequest(list(range(300, 310)), None, 55))
+        with pytest.raises(UserError, match="max_tokens"):
+            eng.submit(GenRequest([300], None, 0))
+        with pytest.raises(UserError, match="top_p"):
+            eng.submit(GenRequest([300], None, 4, top_p=0))
+        with pytest.raises(UserError, match="token ids"):
+            eng.submit(GenRequest([10**9], None, 4))
+        with pytest.raises(AdapterError, match="not loaded"):
+            eng.submit(GenRequest([300], "nope", 4))
+
+
+def test_queue_full_and_cancel_frees_the_slot(tiny_gemma3):
+    with Engine(tiny_gemma3, max_batch=1, max_queue=2, max_model_len=512) as eng:
+        long = eng.submit(GenRequest(prompt("long"), None, 400, ignore_eos=True))
+        next(iter(long))  # running: it holds the only row
+        queued = [eng.submit(GenRequest(prompt(f"q{i}"), None, 4, ignore_eos=True)) for i in range(2)]
+        with pytest.raises(QueueFull) as exc:
+            eng.submit(GenRequest(prompt("one too many"), None, 4))
+        assert exc.value.retry_after > 0
+        queued[0].cancel()  # a queued request leaves the queue at once
+        assert queued[0].result(timeout=5)[2] == "cancelled"
+        extra = eng.submit(GenRequest(prompt("fits now"), None, 4, ignore_eos=True))
+        long.cancel()  # the running one frees its row at the next step
+        text, ids, reason = long.result(timeout=30)
+        assert reason == "cancelled" and len(ids) < 400
+        assert queued[1].result(timeout=30)[2] == "length"
+        assert extra.result(timeout=30)[2] == "length"
+        st = eng.stats()
+        assert st["requests_finished"]["cancelled"] == 2 and st["running"] == 0 and st["queue_depth"] == 0
+
+
+def test_async_stream_from_another_loop(tiny_gemma3):
+    with Engine(tiny_gemma3, max_batch=2, max_model_len=128) as eng:
+        ref_text, ref_ids, _ = eng.submit(GenRequest(prompt("stream"), None, 16, ignore_eos=True)).result()
+
+        async def consume():
+            h = eng.submit(GenRequest(prompt("stream"), None, 16, ignore_eos=True))
+            return [ev async for ev in h]
+
+        events = asyncio.run(consume())
+    assert "".join(e.text for e in events) == ref_text
+    assert [e.token_id for e in events] == ref_ids
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 16
+    assert all(e.prompt_tokens == len(prompt("stream")) for e in events)
+
+
+def test_adapter_validation(tiny_gemma3, tiny_gemma4, tmp_path):
+    with Engine(tiny_gemma3, max_batch=1, max_model_len=64, max_lora_rank=8) as eng:
+        cases = {
+            "dora": (make_adapter(tiny_gemma3, tmp_path / "dora", 1, use_dora=True), "use_dora"),
+            "mts": (make_adapter(tiny_gemma3, tmp_path / "mts", 1, modules_to_save=["lm_head"]), "modules_to_save"),
+            "big": (make_adapter(tiny_gemma3, tmp_path / "big", 1, r=16), "max_lora_rank 8"),
+            "other-base": (make_adapter(tiny_gemma4, tmp_path / "g4", 1, targets=("per_layer_input_gate",)), "another base"),
+        }
+        ia3 = make_adapter(tiny_gemma3, tmp_path / "ia3", 1)
+        cfg = json.loads((ia3 / "adapter_config.json").read_text())
+        (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+        cases["ia3"] = (ia3, "only LORA")
+        (tmp_path / "empty").mkdir()
+        cases["empty"] = (tmp_path / "empty", "adapter_config.json")
+        for key, (path, msg) in cases.items():
+            with pytest.raises(AdapterError, match=msg):
+                eng.load_adapter(key, path)
+        assert eng.loaded_adapters() == []
+
+
+def test_lru_eviction_hot_load_and_unload_in_flight(tiny_gemma3, tmp_path):
+    ads = [make_adapter(tiny_gemma3, tmp_path / f"a{i}", seed=10 + i, r=4) for i in range(3)]
+    with Engine(tiny_gemma3, max_batch=2, max_loras=2, max_model_len=256) as eng:
+        eng.load_adapter("a0", ads[0])
+        eng.load_adapter("a1", ads[1])
+        ref0 = eng.submit(GenRequest(prompt("lru"), "a0", 8, ignore_eos=True)).result()[1]  # a0 most recent now
+        eng.load_adapter("a2", ads[2])  # evicts a1, the least recently used
+        assert eng.loaded_adapters() == ["a0", "a2"]
+        with pytest.raises(AdapterError, match="not loaded"):
+            eng.submit(GenRequest(prompt("lru"), "a1", 4))
+        # a request in flight pins its adapter: eviction takes the idle one, unload waits for it to finish
+        gate = threading.Event()
+        busy = eng.submit(GenRequest(prompt("lru"), "a0", 200, ignore_eos=True))
+        for ev in busy:
+            gate.set()
+            break
+        eng.load_adapter("a1", ads[1])  # must evict a2 (idle), not a0 (busy)
+        assert sorted(eng.loaded_adapters()) == ["a0", "a1"]
+        eng.unload_adapter("a0")  # refused for new requests, the running one continues with a0's weights
+        with pytest.raises(AdapterError):
+            eng.submit(GenRequest(prompt("lru"), "a0", 4))
+        text, ids, reason = busy.result(timeout=60)
+        assert reason == "length" and ids[:8] == ref0
+        # both slots busy -> loading a third answers QueueFull instead of evicting a running adapter
+        h1 = eng.submit(GenRequest(prompt("x"), "a1", 200, ignore_eos=True))
+        next(iter(h1))
+        eng.load_adapter("a0", ads[0])
+        h0 = eng.submit(GenRequest(prompt("y"), "a0", 200, ignore_eos=True))
+        next(iter(h0))
+        with pytest.raises(QueueFull):
+            eng.load_adapter("a2", ads[2])
+        h0.cancel(), h1.cancel()
+        assert h0.result(timeout=30)[2] == h1.result(timeout=30)[2] == "cancelled"
+        eng.load_adapter("a2", ads[2])
+        assert len(eng.loaded_adapters()) == 2
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_mixed_batch_equals_peft(real_base, tmp_path):
+    """Three r16 adapters and the base, mixed in one batch on the real 270M: each equals PEFT alone (greedy)."""
+    from gemtune.base.loader import load_tokenizer
+    from gemtune.base.families import GEMMA3_TEXT
+    from gemtune.base.templates import render_prompt
+
+    tok = load_tokenizer(real_base)
+    # PEFT's non-zero init is strong on a real model; scaled down the adapters still change the output, not to noise
+    ads = {f"r{i}": make_adapter(real_base, tmp_path / f"r{i}", seed=20 + i, r=16, scale=0.5) for i in range(3)}
+    questions = ["What is the capital of France?", "Name a colour of the sky.", "Say hello in Spanish."]
+    prompts = [render_prompt([{"role": "user", "content": q}], tok, GEMMA3_TEXT).input_ids for q in questions]
+    combos = [(p, a) for p in prompts for a in (None, "r0", "r1", "r2")][:8]
+    n = 12
+    with Engine(real_base, max_batch=8, max_model_len=256) as eng:
+        for k, path in ads.items():
+            eng.load_adapter(k, path)
+        got = [h.result(timeout=300)[1] for h in [eng.submit(GenRequest(p, a, n, ignore_eos=True)) for p, a in combos]]
+    for (p, a), ids in zip(combos, got):
+        assert ids == peft_greedy(real_base, ads.get(a), p, n), a
