@@ -25,7 +25,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .muted{co
 .pass{color:#0a7d32} .fail{color:#b3261e} .verdict{font-weight:700;padding:2px 8px;border-radius:6px}
 .verdict.pass{background:#e4f5e9} .verdict.fail{background:#fbe7e6}
 table{border-collapse:collapse;width:100%;margin:6px 0} th,td{border:1px solid #e0e4e8;padding:5px 7px;vertical-align:top;text-align:left}
-th{background:#f4f6f8;font-weight:600} td.out{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;max-width:38em}
+th{background:#f4f6f8;font-weight:600} td.out{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;max-width:38em}
 tr.regression td:first-child{border-left:4px solid #b3261e} tr.improvement td:first-child{border-left:4px solid #0a7d32}
 del{background:#fbd3d0;text-decoration:line-through} ins{background:#cdeed6;text-decoration:none}
 .tag{display:inline-block;background:#eef1f4;border-radius:4px;padding:0 5px;margin:1px;font-size:12px}

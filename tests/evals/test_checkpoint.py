@@ -1,0 +1,121 @@
+"""Eval at every checkpoint: files per checkpoint, baseline once, shippable in gemtune.json, best.json, and a
+real training run with eval_every."""
+
+import json
+import shutil
+
+import pytest
+
+from gemtune.evals.checkpoint import make_checkpoint_evaluator, mark_best
+from gemtune.evals.config import EvalConfig
+from gemtune.evals.pipeline import Evaluator
+from gemtune.evals.suite import load_suite
+
+
+def exact_suite_from_base(base, path, tmp, suite_writer, n=8):
+    """A suite the base gets 100 % right (expected = the base's own greedy output), so any changed answer regresses."""
+    raw = suite_writer(tmp / "raw.jsonl", n=n)
+    cfg = EvalConfig(max_new_tokens=8, batch_size=4)
+    res = Evaluator(base, config=cfg).run(load_suite(raw, cfg))
+    rows = [{"id": c["id"], "prompt": json.loads(line)["prompt"], "expected": c["output"], "scorers": ["exact"]}
+            for c, line in zip(res["cases"], raw.read_text().splitlines())]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_checkpoint_hook_gates_records_and_marks_best(tiny_gemma3, tmp_path, suite_writer, adapter_maker,
+                                                      http_recorder):
+    suite = exact_suite_from_base(tiny_gemma3, tmp_path / "suite.jsonl", tmp_path, suite_writer)
+    run = tmp_path / "run"
+    good = adapter_maker(tiny_gemma3, run / "checkpoint-2", std=0.0)  # B = 0: answers exactly like the base
+    bad = adapter_maker(tiny_gemma3, run / "checkpoint-4", std=0.5)
+    for ck, step in ((good, 2), (bad, 4)):
+        (ck / "gemtune.json").write_text(json.dumps({"base_model": str(tiny_gemma3), "step": step, "config": {"r": 4}}))
+    hook = http_recorder()
+    printed = []
+    fn = make_checkpoint_evaluator(suite, str(tiny_gemma3), baseline="base", gate=0.02, webhook=hook.url,
+                                   batch_size=4, config=EvalConfig(max_new_tokens=8), echo=printed.append)
+    s2 = fn(good, 2)
+    baseline_doc = fn.baseline_results()
+    s4 = fn(bad, 4)
+    assert fn.baseline_results() is baseline_doc  # computed once, reused for every checkpoint
+    assert baseline_doc["summary"]["accuracy"] == 1.0
+
+    assert s2["shippable"] is True and s2["compare"]["regressions"] == [] and s2["step"] == 2
+    assert s4["shippable"] is False and s4["compare"]["regression_rate"] > 0.02 and s4["step"] == 4
+    for ck, s in ((good, s2), (bad, s4)):
+        assert sorted(p.name for p in (ck / "eval").iterdir()) == ["report.html", "results.json", "summary.json"]
+        side = json.loads((ck / "gemtune.json").read_text())
+        assert side["step"] == s["step"] and side["config"] == {"r": 4}  # training's keys survive
+        assert side["shippable"] is s["shippable"] and side["eval"]["line"] == s["line"]
+    assert printed == [s2["line"], s4["line"]] and s4["line"].startswith("checkpoint-4 acc ") and s4["line"].endswith("FAIL")
+    assert [p["body"]["text"] for p in hook.posts] == printed
+    # the second checkpoint's report charts both
+    assert "Accuracy per checkpoint" in (bad / "eval" / "report.html").read_text()
+    assert "Accuracy per checkpoint" not in (good / "eval" / "report.html").read_text()
+
+    best = mark_best(run)
+    assert best["checkpoint"] == "checkpoint-2" and json.loads((run / "best.json").read_text()) == best
+    assert [c["shippable"] for c in best["checkpoints"]] == [True, False]
+
+    # the registry refuses the checkpoint that failed the gate (its contract with gemtune.json)
+    from gemtune.registry.store import gate_problems
+
+    assert gate_problems(json.loads((bad / "gemtune.json").read_text()))
+    assert not gate_problems(json.loads((good / "gemtune.json").read_text()))
+
+
+def test_mark_best_with_no_passing_checkpoint(tmp_path):
+    ck = tmp_path / "checkpoint-1" / "eval"
+    ck.mkdir(parents=True)
+    (ck / "summary.json").write_text(json.dumps({"accuracy": 0.9, "shippable": False, "step": 1}))
+    assert mark_best(tmp_path)["checkpoint"] is None
+
+
+def test_baseline_from_saved_results(tiny_gemma3, adapter3, tmp_path, suite_writer):
+    suite = suite_writer(tmp_path / "s.jsonl", n=4)
+    cases = [{"id": f"c{i}", "output": "", "pass": False} for i in range(4)]
+    (tmp_path / "base.json").write_text(json.dumps({"meta": {"name": "prod-v3"}, "cases": cases}))
+    ck = tmp_path / "run" / "checkpoint-1"
+    shutil.copytree(adapter3, ck)
+    fn = make_checkpoint_evaluator(suite, str(tiny_gemma3), baseline=str(tmp_path / "base.json"),
+                                   config=EvalConfig(max_new_tokens=4), echo=lambda s: None)
+    s = fn(ck, 1)
+    assert s["compare"]["baseline"] == "prod-v3" and s["shippable"] is True  # nothing the baseline passed regressed
+
+
+def _route_dataset(d):
+    queues = ["billing", "refund", "login", "shipping"]
+    rows = [{"id": f"r{i}", "label": queues[i % 4], "messages": [
+        {"role": "user", "content": f"Route: my {queues[i % 4]} issue {i}"},
+        {"role": "assistant", "content": queues[i % 4]}]} for i in range(24)]
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+    return d
+
+
+def test_training_run_with_eval_every_writes_one_summary_per_checkpoint(tiny_gemma3, tmp_path):
+    trainer = pytest.importorskip("gemtune.train.trainer", reason="training stage not built")
+    from gemtune.train.config import TrainConfig
+
+    data = _route_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    lines = []
+    hook = make_checkpoint_evaluator(data / "eval.jsonl", str(tiny_gemma3), baseline="base", gate=0.02,
+                                     config=EvalConfig(max_new_tokens=6), echo=lines.append)
+    cfg = TrainConfig(base=str(tiny_gemma3), batch_size=4, lr=1e-3, seed=7, eval_every=2)
+    trainer.train(data, run, cfg, max_steps=4, on_checkpoint=hook, progress=False)
+    summaries = sorted(run.glob("checkpoint-*/eval/summary.json"))
+    assert [p.parent.parent.name for p in summaries] == ["checkpoint-2", "checkpoint-4"]
+    for p in summaries:
+        s = json.loads(p.read_text())
+        side = json.loads((p.parent.parent / "gemtune.json").read_text())
+        assert s["n"] == 8 and side["eval"]["line"] == s["line"] and isinstance(side["shippable"], bool)
+        assert s["name"] == p.parent.parent.name and s["step"] == int(s["name"].split("-")[1])
+    assert len(lines) == 2 and all(" vs base) " in ln for ln in lines)
+    best = mark_best(run)
+    assert best["checkpoint"] in (None, "checkpoint-2", "checkpoint-4") and len(best["checkpoints"]) == 2
+    # the final adapter carries the last checkpoint's verdict
+    final = json.loads((run / "adapter" / "gemtune.json").read_text())
+    assert "shippable" in final and final["eval"]["step"] == 4

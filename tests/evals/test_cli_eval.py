@@ -1,0 +1,68 @@
+"""`gemtune eval` end to end on a tiny model: exit 0 pass, 1 gate failed, 2 input error."""
+
+import json
+import subprocess
+import sys
+
+from gemtune.evals.suite import load_suite
+
+
+def baseline_results(suite, passed: bool, path):
+    cases = [{"id": c.id, "output": "", "pass": passed} for c in load_suite(suite).cases]
+    path.write_text(json.dumps({"meta": {"name": "prod"}, "cases": cases}))
+    return path
+
+
+def test_eval_cli_pass_and_fail(adapter3, tmp_path, cli, suite_writer, http_recorder, capsys):
+    suite = suite_writer(tmp_path / "s.jsonl", n=6, scorers=[{"type": "exact"}])  # expected "x": never produced
+    hook = http_recorder()
+    args = ["eval", "--adapter", str(adapter3), "--suite", str(suite), "--max-new-tokens", "4",
+            "--slack-webhook", hook.url]
+    # the baseline got nothing right: nothing can regress
+    rc = cli(args + ["--out", str(tmp_path / "ok"), "--baseline", str(baseline_results(suite, False, tmp_path / "b0.json"))])
+    assert rc == 0
+    s = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert s["shippable"] is True and s["compare"]["baseline"] == "prod"
+    # the baseline got everything right and the candidate nothing: 100 % regressions, exit 1, files still written
+    rc = cli(args + ["--out", str(tmp_path / "bad"), "--baseline", str(baseline_results(suite, True, tmp_path / "b1.json"))])
+    assert rc == 1
+    s = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert s["shippable"] is False and s["compare"]["regression_rate"] == 1.0
+    assert "6/6 cases regressed" in " ".join(capsys.readouterr().err.split())
+    assert len(hook.posts) == 2 and hook.posts[1]["body"]["text"].endswith("FAIL")
+
+
+def test_eval_cli_base_and_config(tiny_gemma3, tmp_path, cli, suite_writer):
+    suite = suite_writer(tmp_path / "s.jsonl", n=3)
+    y = tmp_path / "gemtune.yaml"
+    y.write_text("eval:\n  max_new_tokens: 3\n  batch_size: 2\n")
+    assert cli(["eval", "--adapter", "base", "--base", str(tiny_gemma3), "--suite", str(suite),
+                "--out", str(tmp_path / "o"), "--config", str(y)]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["meta"]["generation"]["max_new_tokens"] == 3 and res["meta"]["generation"]["batch_size"] == 2
+    assert "compare" not in res["summary"] and all(c["new_tokens"] <= 3 for c in res["cases"])
+
+
+def test_eval_cli_input_errors_exit_2(adapter3, tmp_path, cli, capsys):
+    def err():  # rich wraps long lines on stderr
+        return " ".join(capsys.readouterr().err.split())
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x", "expected": "y"}\n{"id": "b", "prompt": "x"}\n')
+    assert cli(["eval", "--adapter", str(adapter3), "--suite", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f'{bad}:2: field "expected": missing' in err()
+    assert not (tmp_path / "o").exists()  # nothing generated or written for a bad suite
+    assert cli(["eval", "--adapter", str(tmp_path / "nope"), "--suite", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "adapter directory not found" in err()
+    assert cli(["eval", "--suite", str(bad)]) == 2
+    assert "missing --adapter, --out" in err()
+
+
+def test_real_entry_point_exit_code(adapter3, tmp_path, suite_writer):
+    suite = suite_writer(tmp_path / "s.jsonl", n=2, scorers=["exact"])
+    b = baseline_results(suite, True, tmp_path / "b.json")
+    r = subprocess.run([sys.executable, "-m", "gemtune.cli", "eval", "--adapter", str(adapter3), "--suite", str(suite),
+                        "--out", str(tmp_path / "o"), "--baseline", str(b), "--max-new-tokens", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stdout.strip().endswith("FAIL")
