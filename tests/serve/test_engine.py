@@ -21,13 +21,18 @@ TARGETS = {
 }
 
 
-def make_adapter(base: Path, out: Path, seed: int, r: int = 8, targets=TARGETS[0], scale: float = 3.0, **extra) -> Path:
-    """A PEFT LoRA adapter with random, clearly non-zero A and B (so each adapter changes the output)."""
+def make_adapter(base: Path, out: Path, seed: int, r: int = 8, targets=TARGETS[0], scale: float = 3.0, *,
+                 model=None, **extra) -> Path:
+    """A PEFT LoRA adapter with random, clearly non-zero A and B (so each adapter changes the output).
+
+    Pass `model` (a loaded base) to make several adapters from one load; it is returned to its plain state.
+    """
     from peft import LoraConfig, get_peft_model
 
     from gemtune.base.loader import load_base
 
-    model, _ = load_base(base)
+    if model is None:
+        model, _ = load_base(base)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **extra)
     peft_model = get_peft_model(model, cfg)
@@ -36,6 +41,7 @@ def make_adapter(base: Path, out: Path, seed: int, r: int = 8, targets=TARGETS[0
             if "lora_" in name:
                 p.mul_(scale)
     peft_model.save_pretrained(out)
+    peft_model.unload()
     return out
 
 
@@ -44,20 +50,40 @@ def prompt(text: str, family: str = "gemma3") -> list[int]:
     return [2, 105] + [char_id(c) for c in text] + [106, char_id("\n"), 105]
 
 
-def peft_greedy(base: Path, adapter: Path | None, ids: list[int], n: int) -> list[int]:
-    """Reference: PEFT (or the plain base) alone, Hugging Face generate, greedy, no early stop."""
-    from peft import PeftModel
+class PeftReference:
+    """Reference outputs: PEFT with one adapter active at a time (or the plain base), Hugging Face generate,
+    greedy, no early stop — what each request must equal however the engine batches it."""
 
-    from gemtune.base.loader import load_base
+    def __init__(self, base: Path, adapters: dict[str, Path], model=None):
+        from peft import PeftModel
 
-    model, _ = load_base(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        from gemtune.base.loader import load_base
+
+        if model is None:
+            model, _ = load_base(base)
+        self.model = None
+        for key, path in adapters.items():
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(model, path, adapter_name=key)
+            else:
+                self.model.load_adapter(path, adapter_name=key)
+        self.model = self.model if self.model is not None else model
+
+    @torch.inference_mode()
+    def greedy(self, adapter: str | None, ids: list[int], n: int) -> list[int]:
+        import contextlib
+
+        x = torch.tensor([ids])
+        ctx = contextlib.nullcontext()
+        if hasattr(self.model, "set_adapter"):
+            if adapter is None:
+                ctx = self.model.disable_adapter()
+            else:
+                self.model.set_adapter(adapter)
+        with ctx:
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module", params=["gemma3", "gemma4"])
@@ -83,9 +109,9 @@ def test_mixed_adapter_batch_equals_peft_greedy(family_setup):
         handles = [eng.submit(GenRequest(prompt(p), a, n, ignore_eos=True)) for p, a in combos]
         got = [h.result(timeout=120) for h in handles]
         stats = eng.stats()
-    refs = {}
+    refs, peft = {}, PeftReference(base, ads)
     for (p, a), (text, ids, reason) in zip(combos, got):
-        ref = peft_greedy(base, ads.get(a), prompt(p), n)
+        ref = peft.greedy(a, prompt(p), n)
         refs[(p, a)] = ref
         assert ids == ref, f"{family} adapter={a} prompt={p!r}"
         assert reason == "length" and len(ids) == n
@@ -253,21 +279,25 @@ def test_lru_eviction_hot_load_and_unload_in_flight(tiny_gemma3, tmp_path):
 
 @pytest.mark.slow
 def test_real_gemma3_270m_mixed_batch_equals_peft(real_base, tmp_path):
-    """Three r16 adapters and the base, mixed in one batch on the real 270M: each equals PEFT alone (greedy)."""
-    from gemtune.base.loader import load_tokenizer
+    """Three r16 q/k/v/o adapters and the base, mixed in one batch on the real 270M: each equals PEFT alone."""
     from gemtune.base.families import GEMMA3_TEXT
+    from gemtune.base.loader import load_base
     from gemtune.base.templates import render_prompt
 
-    tok = load_tokenizer(real_base)
+    model, tok = load_base(real_base)
     # PEFT's non-zero init is strong on a real model; scaled down the adapters still change the output, not to noise
-    ads = {f"r{i}": make_adapter(real_base, tmp_path / f"r{i}", seed=20 + i, r=16, scale=0.5) for i in range(3)}
-    questions = ["What is the capital of France?", "Name a colour of the sky.", "Say hello in Spanish."]
+    ads = {f"r{i}": make_adapter(real_base, tmp_path / f"r{i}", seed=20 + i, r=16, scale=0.5, model=model)
+           for i in range(3)}
+    questions = ["What is the capital of France?", "Say hello in Spanish.", "Route this ticket: my card was declined."]
     prompts = [render_prompt([{"role": "user", "content": q}], tok, GEMMA3_TEXT).input_ids for q in questions]
-    combos = [(p, a) for p in prompts for a in (None, "r0", "r1", "r2")][:8]
-    n = 12
+    combos = [(prompts[0], a) for a in (None, "r0", "r1", "r2")] + [(prompts[1], "r1"), (prompts[2], "r2")]
+    n = 8
+    peft = PeftReference(real_base, ads, model=model)
+    refs = [peft.greedy(a, p, n) for p, a in combos]
+    del peft, model
+    assert len({tuple(r) for r in refs[:4]}) == 4  # the adapters really change the output
     with Engine(real_base, max_batch=8, max_model_len=256) as eng:
         for k, path in ads.items():
             eng.load_adapter(k, path)
         got = [h.result(timeout=300)[1] for h in [eng.submit(GenRequest(p, a, n, ignore_eos=True)) for p, a in combos]]
-    for (p, a), ids in zip(combos, got):
-        assert ids == peft_greedy(real_base, ads.get(a), p, n), a
+    assert got == refs
