@@ -1,0 +1,134 @@
+"""`gemtune data build` and `gemtune data report`: parse flags, call the pipeline, print with rich."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemtune.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+STAGE_LABELS = {"read": "reading + sanitising + PII", "generic": "generic rows", "tokens": "counting tokens",
+                "dedup": "dedup + decontaminate", "write": "writing"}
+
+
+class RichProgress:
+    """Adapter from the pipeline's (stage, done, total) callback to rich progress bars, one per stage."""
+
+    def __init__(self, progress):
+        self.p = progress
+        self.tasks: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.totals: dict[str, Optional[int]] = {}
+
+    def __call__(self, stage: str, done: int, total: Optional[int]) -> None:
+        if stage not in self.tasks:
+            for s, tid in self.tasks.items():  # a new stage means the earlier ones are finished
+                if self.totals[s] is None:
+                    n = max(self.done[s], 1)
+                    self.p.update(tid, total=n, completed=n)
+            self.tasks[stage] = self.p.add_task(STAGE_LABELS.get(stage, stage), total=total)
+        self.done[stage], self.totals[stage] = done, total
+        self.p.update(self.tasks[stage], completed=done, total=total)
+
+
+def summary_table(report: dict, out: str) -> Table:
+    c = report["counts"]
+    t = Table(title=f"dataset {out}", show_header=True, header_style="bold")
+    t.add_column("rows")
+    t.add_column("count", justify="right")
+    for k in ("input_rows", "quarantined", "exact_duplicates", "near_duplicates", "decontaminated", "balanced_out",
+              "eval", "generic_added", "train", "canaries"):
+        if k in c:
+            t.add_row(k.replace("_", " "), f"{c[k]:,}")
+    pii = {k: v for k, v in report.get("pii", {}).items() if v}
+    t.add_row("PII redacted", ", ".join(f"{k} {v}" for k, v in pii.items()) or "none")
+    tok = report.get("tokens", {}).get("all", {})
+    if tok.get("count"):
+        t.add_row("tokens p50 / p99 / max", f"{tok['p50']} / {tok['p99']} / {tok['max']}")
+    if "timings_s" in report:
+        t.add_row("time", f"{report['timings_s'].get('total', 0):.1f} s")
+    return t
+
+
+def _print_summary(report: dict, out: str) -> None:
+    console.print(summary_table(report, out))
+    q = report["quarantine"]
+    if q["total"]:
+        first = q["first"][0]
+        console.print(f"[yellow]{q['total']} row(s) quarantined[/yellow] — see {Path(out) / q['file']} "
+                      f"(first: {first['file']}:{first['line']}: {first['reason']})", highlight=False, soft_wrap=True)
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+    lock = report.get("split", {})
+    console.print(("eval kept identical to " + str(lock["lock_file"])) if lock.get("locked")
+                  else f"eval frozen in {Path(out) / 'eval.lock.json'}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Curate raw examples into a training dataset (PII, dedup, frozen eval).",
+                           no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("build")
+    def build_cmd(
+        inputs: list[str] = typer.Argument(..., help="JSONL, CSV or Parquet files (or directories of them)."),
+        out: str = typer.Option(..., "--out", help="Dataset directory to write."),
+        config: Optional[str] = typer.Option(None, "--config", help="gemtune.yaml (its `data:` section); default ./gemtune.yaml if present."),
+        base: Optional[str] = typer.Option(None, "--base", help="Base whose tokenizer counts tokens (default gemma-3-270m)."),
+        eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help="Share of rows frozen for eval (0.10–0.15, default 0.12)."),
+        eval_lock: Optional[str] = typer.Option(None, "--eval-lock", help="Keep exactly the eval set of this eval.lock.json."),
+        refreeze: bool = typer.Option(False, "--refreeze", help="Draw a new eval set even though OUT holds a lock."),
+        generic: Optional[list[str]] = typer.Option(None, "--generic", help="Generic instruction file(s) to mix into train."),
+        generic_fraction: Optional[float] = typer.Option(None, "--generic-fraction", help="Generic share of the final train set (0.05–0.10, default 0.07)."),
+        instruction: Optional[str] = typer.Option(None, "--instruction", help="Instruction for rows that have none."),
+        map_: Optional[list[str]] = typer.Option(None, "--map", help="FIELD=COLUMN, e.g. --map input=text --map output=category."),
+        task: Optional[str] = typer.Option(None, "--task", help="Task name for rows without one."),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest full example in tokens (default 2048)."),
+        balance_multiple: Optional[float] = typer.Option(None, "--balance-multiple", help="Cap task/label groups at this multiple of the median (default 3)."),
+        pii_engine: Optional[str] = typer.Option(None, "--pii-engine", help="builtin, or presidio for names/locations."),
+        canaries: Optional[int] = typer.Option(None, "--canaries", help="Plant N secret canaries in train for the privacy probe."),
+        canary_file: Optional[str] = typer.Option(None, "--canary-file", help="Where to record canaries (default OUT.canaries.json, outside OUT)."),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ):
+        """Build a dataset directory: sanitise, redact PII, dedup, freeze eval, balance, mix, report."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from gemtune.data.config import load_data_config, parse_map_flags
+        from gemtune.data.pipeline import build
+
+        overrides = {
+            "base": base, "eval_fraction": eval_fraction, "eval_lock": eval_lock, "refreeze": refreeze or None,
+            "generic": list(generic) if generic else None, "generic_fraction": generic_fraction,
+            "instruction": instruction, "columns": parse_map_flags(map_) if map_ else None, "task": task,
+            "max_tokens": max_tokens, "balance_multiple": balance_multiple, "pii_engine": pii_engine,
+            "canaries": canaries, "canary_file": canary_file, "seed": seed,
+        }
+        cfg = load_data_config(config, overrides)
+        if quiet:
+            report = build(inputs, out, cfg)
+        else:
+            with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err_console, transient=False) as p:
+                report = build(inputs, out, cfg, progress=RichProgress(p))
+        _print_summary(report, out)
+
+    @data_app.command("report")
+    def report_cmd(directory: str = typer.Argument(..., help="A dataset directory written by `data build`.")):
+        """Print the summary of an existing build."""
+        p = Path(directory) / "report.json"
+        if not p.is_file():
+            raise UserError("no report.json: not a dataset directory built by `gemtune data build`", file=str(directory))
+        try:
+            report = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"unreadable report: {e}", file=str(p)) from None
+        _print_summary(report, directory)

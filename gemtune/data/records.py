@@ -1,0 +1,97 @@
+"""The normalised record written to train.jsonl / eval.jsonl, and reading a built dataset directory back.
+
+A record is `{"id", "task", "messages", "provenance", "sha256"[, "label"]}`. `sha256` covers the content that
+training and evaluation see (task, messages, label) in a canonical JSON form, so a frozen eval set can be checked
+row by row no matter how the rows were spelled in the input. Provenance is metadata and is not hashed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from gemtune.errors import UserError
+from gemtune.utils import sha256_file, sha256_text
+
+DATASET_FILES = ("train.jsonl", "eval.jsonl", "eval.lock.json", "quarantine.jsonl", "report.json", "dataset.json")
+PROVENANCE_FIELDS = ("source", "reviewer", "review_status", "license", "collected_at")
+
+
+def content_sha256(task: str, messages: list[dict], label: Optional[str]) -> str:
+    """Hash of what the model sees; key order and whitespace of the input never change it."""
+    body = {"task": task, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if label is not None:
+        body["label"] = label
+    return sha256_text(json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+
+
+def make_record(rid: str, task: str, messages: list[dict], provenance: dict, label: Optional[str]) -> dict:
+    rec: dict[str, Any] = {
+        "id": rid,
+        "task": task,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "provenance": provenance,
+        "sha256": content_sha256(task, messages, label),
+    }
+    if label is not None:
+        rec["label"] = label
+    return rec
+
+
+def _read_records(path: Path) -> list[dict]:
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    with f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON ({e.msg}); was this file edited by hand?", file=str(path), line=i) from None
+            for k in ("id", "task", "messages", "sha256"):
+                if k not in rec:
+                    raise UserError("record misses a required key", file=str(path), line=i, field=k)
+            rows.append(rec)
+    return rows
+
+
+def load_dataset_dir(d: str | Path) -> tuple[list[dict], list[dict], dict]:
+    """(train records, eval records, dataset.json) of a `gemtune data build` output directory.
+
+    Refuses a directory that is not a finished build (missing files) with a message that says which file.
+    """
+    d = Path(d)
+    if not d.is_dir():
+        raise UserError("dataset directory not found; build one with `gemtune data build`", file=str(d))
+    for name in ("train.jsonl", "eval.jsonl", "dataset.json"):
+        if not (d / name).is_file():
+            raise UserError(f"not a gemtune dataset directory: {name} is missing", file=str(d))
+    try:
+        meta = json.loads((d / "dataset.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"unreadable dataset.json: {e}", file=str(d / "dataset.json")) from None
+    return _read_records(d / "train.jsonl"), _read_records(d / "eval.jsonl"), meta
+
+
+def tokenizer_sha256(base_dir: str | Path) -> Optional[str]:
+    """sha256 of the base's tokenizer.json: the identity of the vocabulary the token counts were made with."""
+    p = Path(base_dir) / "tokenizer.json"
+    return sha256_file(p) if p.is_file() else None
+
+
+def check_tokenizer(meta: dict, base_dir: str | Path, *, dataset: str | Path = "dataset") -> None:
+    """Refuse to train on a dataset whose lengths were counted with another tokenizer (exit 2 with both hashes)."""
+    want = meta.get("tokenizer_sha256")
+    have = tokenizer_sha256(base_dir)
+    if want and have and want != have:
+        raise UserError(
+            f"this dataset was built for the tokenizer of {meta.get('base', {}).get('name')!r} "
+            f"(tokenizer.json sha256 {want[:12]}…) but the base at {base_dir} has {have[:12]}…; "
+            "rebuild it with `gemtune data build --base ...`",
+            file=str(Path(dataset) / "dataset.json"), field="tokenizer_sha256",
+        )

@@ -1,0 +1,280 @@
+"""Turning a raw input row into a clean conversation, or into a quarantine reason.
+
+Everything that can be wrong with one row is decided here, per row, so a bad row costs the user one quarantine
+line (file, line, reason, raw text) and never the build: wrong types, empty fields, broken `messages`
+(roles, alternation, last turn not the assistant's), unpaired surrogates from broken encodings, unknown `split`.
+
+Gemma control tokens typed into content (`<start_of_turn>`, `<end_of_turn>`, `<|turn>`, `<bos>` …) would be
+tokenised as the real special tokens and let a row forge turns; they are neutralised by swapping their angle or
+square brackets for look-alike characters (‹ › ［ ］), which keeps the text readable and can never match a
+special token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gemtune.data.config import DataConfig
+from gemtune.data.readers import RawRow
+from gemtune.data.records import PROVENANCE_FIELDS
+
+ROLES = ("system", "user", "assistant")
+SPLITS = {"train": "train", "eval": "eval", "test": "eval", "validation": "eval", "valid": "eval"}
+
+# Control tokens of Gemma 3 and Gemma 4 chat templates and vocabularies; the base tokenizer adds its own.
+GEMMA_CONTROL_TOKENS = (
+    "<bos>", "<eos>", "<pad>", "<unk>", "<mask>", "[multimodal]",
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>",
+    "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
+    "<|channel>", "<channel|>", "<|think|>",
+)
+_TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,48}>|\[[^\[\]\s]{1,48}\]")
+_UNUSED = re.compile(r"<unused\d+>")
+_LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "［", "]": "］"})
+
+
+class ControlTokens:
+    """Finds special-token strings in text: the Gemma list plus every special token of the given tokenizer."""
+
+    def __init__(self, tokenizer: Any = None):
+        specials = set(GEMMA_CONTROL_TOKENS)
+        if tokenizer is not None:
+            for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+                if getattr(tok, "special", False):
+                    specials.add(str(tok.content))
+            specials.update(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+        # Only bracketed tokens can be matched by shape; anything else would need a slower scan and Gemma has none.
+        self.specials = frozenset(s for s in specials if _TOKEN_SHAPE.fullmatch(s))
+        self.others = tuple(sorted(s for s in specials if not _TOKEN_SHAPE.fullmatch(s) and len(s) > 1))
+
+    def is_special(self, s: str) -> bool:
+        return s in self.specials or bool(_UNUSED.fullmatch(s))
+
+    def neutralise(self, text: str) -> tuple[str, int]:
+        """(text with every control token made inert, how many were found)."""
+        n = 0
+        if "<" in text or "[" in text:
+            def swap(m: re.Match) -> str:
+                nonlocal n
+                s = m.group()
+                if self.is_special(s):
+                    n += 1
+                    return s.translate(_LOOKALIKE)
+                return s
+
+            text = _TOKEN_SHAPE.sub(swap, text)
+        for s in self.others:
+            if s in text:
+                n += text.count(s)
+                text = text.replace(s, s.translate(_LOOKALIKE) if any(c in s for c in "<>[]") else s[0] + "\u2060" + s[1:])
+        return text, n
+
+
+@dataclass(slots=True)
+class Example:
+    """A row that passed sanitising; PII redaction, ids and hashes come next in the pipeline."""
+
+    file: str
+    line: int
+    id: Optional[str]
+    task: str
+    label: Optional[str]
+    messages: list[dict]
+    provenance: dict
+    split: Optional[str]
+    key_text: str
+    raw: str
+    control_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] == "assistant")
+
+
+class Reject(Exception):
+    """A row that cannot be used; `reason` goes to quarantine.jsonl."""
+
+    def __init__(self, reason: str, field: Optional[str] = None):
+        super().__init__(reason)
+        self.reason = f'field "{field}": {reason}' if field else reason
+        self.field = field
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _text(data: dict, name: str, *, required: bool = False) -> Optional[str]:
+    """A string field: None/absent allowed unless required; numbers, lists and dicts are wrong types."""
+    v = data.get(name)
+    if v is None:
+        if required:
+            raise Reject("missing", name)
+        return None
+    if not isinstance(v, str):
+        raise Reject(f"must be a string, got {type(v).__name__}", name)
+    if _has_surrogate(v):
+        raise Reject("invalid UTF-8 (unpaired surrogate)", name)
+    if required and not v.strip():
+        raise Reject("is empty", name)
+    return v
+
+
+def _scalar_str(data: dict, name: str) -> Optional[str]:
+    """id / label: strings or integers, stored as strings."""
+    v = data.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise Reject(f"must be a string or an integer, got {type(v).__name__}", name)
+    s = str(v).strip()
+    if _has_surrogate(s):
+        raise Reject("invalid UTF-8 (unpaired surrogate)", name)
+    return s or None
+
+
+def apply_columns(data: dict, columns: dict[str, str]) -> dict:
+    """Rename input columns onto gemtune fields; one column may feed several fields (output and label)."""
+    if not columns:
+        return data
+    out = dict(data)
+    for target, source in columns.items():
+        if source in data:
+            out[target] = data[source]
+    return out
+
+
+def _parse_messages(v: Any) -> list:
+    if isinstance(v, str):  # CSV and Parquet carry messages as a JSON string
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise Reject(f"not valid JSON ({e.msg})", "messages") from None
+    if not isinstance(v, list) or not v:
+        raise Reject("must be a non-empty list of {role, content} turns", "messages")
+    msgs = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise Reject(f"turn {i} is a {type(m).__name__}, expected an object", "messages")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise Reject(f"turn {i} has role {role!r}; expected one of {', '.join(ROLES)}", "messages")
+        if not isinstance(content, str):
+            raise Reject(f"turn {i} content must be a string, got {type(content).__name__}", "messages")
+        if _has_surrogate(content):
+            raise Reject(f"turn {i} content is not valid UTF-8 (unpaired surrogate)", "messages")
+        if not content.strip():
+            raise Reject(f"turn {i} ({role}) is empty", "messages")
+        msgs.append({"role": role, "content": content})
+    roles = [m["role"] for m in msgs]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body:
+        raise Reject("has only a system turn", "messages")
+    for i, r in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if r != want:
+            raise Reject("turns must alternate user/assistant after an optional system turn", "messages")
+    if body[-1] != "assistant":
+        raise Reject("the last turn must be the assistant's", "messages")
+    return msgs
+
+
+def _provenance(data: dict, file: str, defaults: dict[str, str]) -> dict:
+    prov: dict[str, str] = {"source": Path(file).name, **defaults}
+    given = data.get("provenance")
+    if isinstance(given, str) and given.strip():
+        try:
+            given = json.loads(given)
+        except json.JSONDecodeError:
+            raise Reject("must be an object (or a JSON object string)", "provenance") from None
+    if given is not None and given != "":
+        if not isinstance(given, dict):
+            raise Reject(f"must be an object, got {type(given).__name__}", "provenance")
+        for k, v in given.items():
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise Reject(f"value of {k!r} must be a string, got {type(v).__name__}", "provenance")
+            prov[str(k)] = str(v)
+    for k in PROVENANCE_FIELDS:
+        v = data.get(k)
+        if v is None or v == "":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise Reject(f"must be a string, got {type(v).__name__}", k)
+        prov[k] = str(v)
+    for k, v in prov.items():
+        if _has_surrogate(v):
+            raise Reject("invalid UTF-8 (unpaired surrogate)", f"provenance.{k}")
+    return prov
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact: Callable[[str], str] = _identity,
+                 task_default: Optional[str] = None) -> Example:
+    """A usable, PII-redacted Example, or `Reject` with the reason. Never raises anything else for a data problem.
+
+    Each text field is neutralised and redacted on its own before the conversation is assembled, so the dedup key
+    (the input, or the user turns) is exactly the redacted text the model will see.
+    """
+    if row.error is not None or row.data is None:
+        raise Reject(row.error or "unreadable row")
+    data = apply_columns(row.data, cfg.columns)
+    rid = _scalar_str(data, "id")
+    label = _scalar_str(data, "label")
+    task = _text(data, "task")
+    task = task.strip() if task and task.strip() else (task_default or cfg.task)
+    split = _text(data, "split")
+    if split is not None and split.strip():
+        s = SPLITS.get(split.strip().lower())
+        if s is None:
+            raise Reject(f"unknown split {split!r}; expected train or eval", "split")
+        split = s
+    else:
+        split = None
+    n_ctrl = 0
+
+    def clean(text: str) -> str:
+        nonlocal n_ctrl
+        text, n = control.neutralise(text)
+        n_ctrl += n
+        return redact(text)
+
+    if data.get("messages") is not None and data.get("messages") != "":
+        messages = _parse_messages(data["messages"])
+        for m in messages:
+            m["content"] = clean(m["content"])
+        key = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    else:
+        output = _text(data, "output", required=True)
+        instruction = _text(data, "instruction")
+        inp = _text(data, "input")
+        system = _text(data, "system")
+        if instruction and instruction.strip():
+            instruction = clean(instruction.strip())
+        else:
+            instruction = cfg.instruction.strip() if cfg.instruction else None  # the user's own text: no scan needed
+        inp = clean(inp.strip()) if inp and inp.strip() else None
+        if not instruction and not inp:
+            raise Reject("row has neither an instruction nor an input (set `instruction` in the config for "
+                         "instruction-less data)", "input")
+        user = f"{instruction}\n\n{inp}" if instruction and inp else (inp or instruction)
+        messages = [{"role": "system", "content": clean(system.strip())}] if system and system.strip() else []
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": clean(output.strip())}]
+        key = inp if inp else instruction
+    prov = {k: redact(v) for k, v in _provenance(data, row.file, cfg.provenance).items()}
+    return Example(file=row.file, line=row.line, id=rid, task=task, label=label, messages=messages, provenance=prov,
+                   split=split, key_text=key, raw=row.raw, control_tokens=n_ctrl)
