@@ -134,8 +134,6 @@ class Gateway:
         self.routes = RouteTable(registry)
         self.watcher = RouteWatcher(registry, poll_s=poll_s, accept=self._accept_version, on_reject=self._rejected)
         self._load_locks: dict[str, asyncio.Lock] = {}
-        self._verified: set[str] = set()
-        self._verify_lock = threading.Lock()
         self._last_generation = self.watcher.generation
 
     # -- routes
@@ -202,28 +200,23 @@ class Gateway:
     def _not_found(model: str) -> HTTPError:
         return HTTPError(404, f"model {model!r} does not exist or you do not have access to it", param="model")
 
-    def _verify_once(self, key: str) -> None:
-        """sha256-verify a version before its first load (and again after any failure)."""
-        if key in self._verified:
-            return
+    def _verify(self, key: str) -> None:
+        """sha256-verify a version's files before every load into the backend (an evicted adapter that is loaded
+        again is verified again: the bytes on disk may have changed since)."""
         name, version = key.split("@")
         self.registry.verify(name, version)
-        with self._verify_lock:
-            self._verified.add(key)
 
-    async def ensure_loaded(self, res: Resolved, *, reverify: bool = False) -> None:
+    async def ensure_loaded(self, res: Resolved, *, reload: bool = False) -> None:
         if res.key is None:
             return
-        if res.key in self.backend.loaded() and not reverify:
+        if res.key in self.backend.loaded() and not reload:
             return
         lock = self._load_locks.setdefault(res.key, asyncio.Lock())
         async with lock:
-            if res.key in self.backend.loaded() and not reverify:
+            if res.key in self.backend.loaded() and not reload:
                 return
-            if reverify:
-                self._verified.discard(res.key)
             try:
-                await asyncio.to_thread(self._verify_once, res.key)
+                await asyncio.to_thread(self._verify, res.key)
             except CorruptAdapter as e:
                 self.metrics.adapter_loads.inc("corrupt")
                 raise HTTPError(409, f"adapter {res.ref} refused: {e}", param="model") from None
@@ -624,7 +617,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         res = Resolved(key, key, gateway.registry.adapters_dir / ref.name / version, None)
         t0 = time.monotonic()
         try:
-            await gateway.ensure_loaded(res, reverify=True)
+            await gateway.ensure_loaded(res, reload=True)
         except Overloaded as e:
             raise HTTPError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         return {"status": "loaded", "model": key, "version": version,

@@ -241,8 +241,35 @@ class VllmBackend:
 
             stop = stop_token_ids(self.tokenizer, self.family)
         body["stop_token_ids"] = stop
+        return await self._open(body, n, g.adapter)
+
+    async def _open(self, body: dict, prompt_tokens: int, adapter: str | None) -> "VllmStream":
+        """Send the request and read vLLM's status before returning, so refusals surface at admission:
+        404 for an adapter vLLM forgot (it restarted) → NotLoaded (the gateway loads it again), 400 → UserError."""
+        import time
+
+        import httpx
+
         self._inflight += 1
-        return VllmStream(self, body, n)
+        t0 = time.monotonic()
+        try:
+            resp = await self.client.send(self.client.build_request("POST", "/v1/completions", json=body),
+                                          stream=True)
+        except httpx.HTTPError as e:
+            self._done(time.monotonic() - t0)
+            raise BackendError(f"vLLM at {self.url} is not reachable: {type(e).__name__}: {e}") from None
+        if resp.status_code >= 400:
+            text = (await resp.aread()).decode("utf-8", "replace")
+            await resp.aclose()
+            self._done(time.monotonic() - t0)
+            msg = _vllm_message(text)
+            if adapter is not None and resp.status_code == 404:
+                self._loaded.discard(adapter)
+                raise NotLoaded(msg)
+            if resp.status_code in (400, 422):
+                raise UserError(f"vLLM: {msg}", field="request")
+            raise BackendError(f"vLLM answered {resp.status_code}: {msg[:300]}")
+        return VllmStream(self, resp, prompt_tokens, t0)
 
     def _done(self, seconds: float) -> None:
         self._inflight -= 1
@@ -250,20 +277,26 @@ class VllmBackend:
 
 
 class VllmStream:
-    """Async iterator over one vLLM streamed completion, as gateway events; `cancel()` closes the connection
-    (vLLM aborts a request whose client went away)."""
+    """Async iterator over one open vLLM streamed completion, as gateway events; `cancel()` closes the connection
+    (vLLM aborts a request whose client went away) and frees the gateway's admission slot."""
 
-    def __init__(self, backend: VllmBackend, body: dict, prompt_tokens: int):
-        self.b, self.body, self.prompt_tokens = backend, body, prompt_tokens
+    def __init__(self, backend: VllmBackend, response, prompt_tokens: int, t0: float):
+        self.b, self.resp, self.prompt_tokens, self.t0 = backend, response, prompt_tokens, t0
         self._gen = None
         self._cancelled = False
-        self._finished = False
-        self._response = None
+        self._closed = False
+
+    def _close(self) -> None:
+        import time
+
+        if not self._closed:
+            self._closed = True
+            self.b._done(time.monotonic() - self.t0)
+            asyncio.ensure_future(self.resp.aclose())
 
     def cancel(self) -> None:
         self._cancelled = True
-        if self._response is not None:
-            asyncio.ensure_future(self._response.aclose())
+        self._close()
 
     def __aiter__(self):
         if self._gen is None:
@@ -271,54 +304,41 @@ class VllmStream:
         return self._gen
 
     async def _events(self):
-        import time
-
         import httpx
 
-        t0 = time.monotonic()
-        running = False
         completion = 0
+        self.b._running += 1
         try:
-            async with self.b.client.stream("POST", "/v1/completions", json=self.body) as r:
-                self._response = r
-                if r.status_code >= 400:
-                    text = (await r.aread()).decode("utf-8", "replace")
-                    if r.status_code == 400:
-                        raise UserError(f"vLLM: {_vllm_message(text)}", field="request")
-                    raise BackendError(f"vLLM answered {r.status_code}: {text[:300]}")
-                self.b._running += 1
-                running = True
-                finish = None
-                async for line in r.aiter_lines():
-                    if self._cancelled:
-                        break
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = json.loads(payload)
-                    if "error" in chunk:
-                        raise BackendError(f"vLLM stream error: {chunk['error']}")
-                    usage = chunk.get("usage")
-                    if usage:
-                        completion = usage.get("completion_tokens", completion)
-                    for ch in chunk.get("choices") or []:
-                        if ch.get("text"):
-                            yield Event(None, ch["text"], None, self.prompt_tokens, completion)
-                        if ch.get("finish_reason"):
-                            finish = ch["finish_reason"]
-                yield Event(None, "", "cancelled" if self._cancelled else (finish or "stop"), self.prompt_tokens,
-                            completion)
+            finish = None
+            async for line in self.resp.aiter_lines():
+                if self._cancelled:
+                    break
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise BackendError(f"vLLM stream error: {chunk['error']}")
+                usage = chunk.get("usage")
+                if usage:
+                    completion = usage.get("completion_tokens", completion)
+                for ch in chunk.get("choices") or []:
+                    if ch.get("text"):
+                        yield Event(None, ch["text"], None, self.prompt_tokens, completion)
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
+            yield Event(None, "", "cancelled" if self._cancelled else (finish or "stop"), self.prompt_tokens,
+                        completion)
         except httpx.HTTPError as e:
             if self._cancelled:
                 yield Event(None, "", "cancelled", self.prompt_tokens, completion)
                 return
             raise BackendError(f"vLLM connection failed: {type(e).__name__}: {e}") from None
         finally:
-            if running:
-                self.b._running -= 1
-            self.b._done(time.monotonic() - t0)
+            self.b._running -= 1
+            self._close()
 
 
 def _vllm_message(text: str) -> str:
