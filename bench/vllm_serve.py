@@ -137,7 +137,8 @@ def main() -> None:
     results: dict = {"workload": {"requests": args.requests, "max_tokens": args.max_tokens, "adapters": args.adapters,
                                   "rank": 16, "targets": "q,k,v,o", "dtype": args.dtype,
                                   "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1)},
-                     "vllm_startup_s": round(startup, 1)}
+                     "vllm_startup_s": round(startup, 1),
+                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         import httpx
 
@@ -167,6 +168,7 @@ def main() -> None:
     finally:
         vllm.stop()
 
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     ours = gemtune_numbers()
     results["gemtune_serve_json"] = ours
     _print_table(results, ours, args)
@@ -207,6 +209,8 @@ def _print_table(results: dict, ours: dict, args) -> None:
         print(f"{'gemtune ' + k:55s} {v:8.1f} {v / ref if ref else float('nan'):12.2f}x")
     if not ours:
         print("(no bench/results/serve.json yet: run bench/serve.py for gemtune's embedded numbers)")
+    print(f"load average (1/5/15 min) at start {results['load_average_at_start']}, at end "
+          f"{results['load_average_at_end']} on {os.cpu_count()} cores: other processes share the CPU")
     if "vllm_adapter_load_ms" in results:
         print(f"vLLM runtime adapter load: {results['vllm_adapter_load_ms']}")
 
