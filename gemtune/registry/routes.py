@@ -136,9 +136,10 @@ def _now() -> str:
 class RouteTable:
     """Reads and changes `routes.json` for one registry (used by the CLI and the server's admin API)."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, verify: Callable[[str, str], object] | None = None):
         self.registry = registry
         self.path = registry.routes_path
+        self.verify = verify or registry.verify
 
     def read(self) -> dict:
         return read_routes(self.path)
@@ -151,7 +152,7 @@ class RouteTable:
         validate_name(name)
         validate_alias(alias)
         version = normalize_version(version)
-        self.registry.verify(name, version)
+        self.verify(name, version)
         return self._change(name, alias, {version: 100}, "promote")
 
     def split(self, name: str, alias: str, weights: dict) -> dict:
@@ -160,7 +161,7 @@ class RouteTable:
         validate_alias(alias)
         weights = validate_weights(weights)
         for v in weights:
-            self.registry.verify(name, v)
+            self.verify(name, v)
         return self._change(name, alias, weights, "split")
 
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict:

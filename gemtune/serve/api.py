@@ -38,6 +38,7 @@ from gemtune.serve.metrics import Metrics
 
 log = logging.getLogger("gemtune.serve")
 DEFAULT_MAX_TOKENS = 256
+RECHECK_AFTER_S = 2.0  # an admin route change's own sha256 check stands in for the watcher's this long
 
 
 class HTTPError(Exception):
@@ -126,19 +127,30 @@ class Resolved:
 class Gateway:
     """Everything between HTTP and the backend: tenants, routes, loading with verification, metrics."""
 
-    def __init__(self, registry: Registry, backend, tenants: Tenants | None = None, *, poll_s: float = 0.2):
+    def __init__(self, registry: Registry, backend, tenants: Tenants | None = None, *, poll_s: float = 0.1):
         self.registry = registry
         self.backend = backend
         self.tenants = tenants
         self.metrics = Metrics(queue_depth=backend.queue_depth, loaded=backend.loaded, running=backend.running)
-        self.routes = RouteTable(registry)
+        self._recently_verified: dict[tuple[str, str], float] = {}
+        self.routes = RouteTable(registry, verify=self._verify_for_route)
         self.watcher = RouteWatcher(registry, poll_s=poll_s, accept=self._accept_version, on_reject=self._rejected)
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._last_generation = self.watcher.generation
 
     # -- routes
+    def _verify_for_route(self, name: str, version: str):
+        """Admin route changes verify the version, then the watcher would hash it again a millisecond later;
+        remembering the first check for a moment keeps an admin alias flip to one sha256 pass."""
+        out = self.registry.verify(name, version)
+        self._recently_verified[(name, version)] = time.monotonic()
+        return out
+
     def _accept_version(self, name: str, version: str) -> None:
         """Routes may only point at versions whose files still match their manifest."""
+        t = self._recently_verified.pop((name, version), None)
+        if t is not None and time.monotonic() - t < RECHECK_AFTER_S:
+            return
         self.registry.verify(name, version)
 
     def _rejected(self, name: str, alias: str, why: str) -> None:

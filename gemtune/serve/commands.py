@@ -27,7 +27,7 @@ def is_loopback(host: str) -> bool:
 def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str = "embedded",
                   vllm_url: str | None = None, base: str | None = None, dtype: str = "float32",
                   max_batch: int = 32, max_loras: int = 8, max_lora_rank: int = 64, max_queue: int = 256,
-                  max_model_len: int = 2048, poll_s: float = 0.2):
+                  max_model_len: int = 2048, poll_s: float = 0.1):
     """Registry + tenants + backend → Gateway (usable from Python: tests and benchmarks call this too)."""
     from gemtune.base.provision import DEFAULT_MODEL, pull
     from gemtune.registry.store import Registry
