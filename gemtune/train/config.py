@@ -44,13 +44,16 @@ class TrainConfig(BaseModel):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     max_len: int = Field(1024, ge=16)
     packing: bool = False
+    micro_batch_tokens: Optional[int] = Field(
+        1024, ge=16, description="split each device batch into micro-batches of at most this many padded tokens; "
+        "bounds activation memory without changing the math (the loss is a global token sum)")
     seed: int = 42
     save_every: Optional[int] = Field(None, ge=1)
     save_total_limit: Optional[int] = Field(None, ge=1)
     eval_every: Optional[int] = Field(None, ge=1, description="run the eval hook every N steps (at a checkpoint)")
     eval_loss_every: Optional[int] = Field(None, ge=1)
     early_stopping_patience: Optional[int] = Field(None, ge=1)
-    loss_chunk: int = Field(1024, ge=16, description="supervised positions per lm_head chunk")
+    loss_chunk: int = Field(256, ge=16, description="supervised positions per lm_head chunk")
     dtype: Literal["float32", "bfloat16"] = "float32"
     quant: Optional[Literal["4bit"]] = None
     gradient_checkpointing: bool = False

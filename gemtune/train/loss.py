@@ -2,8 +2,9 @@
 
 Gemma's lm_head maps to a 262,144-token vocabulary: on a routing example with a 60-token prompt and a 5-token
 answer, computing logits for every position spends most of the step on logits nobody uses. We run the transformer
-body, gather the hidden states whose next token is supervised, and only then apply lm_head — in chunks, each
-recomputed in backward (checkpointed) so at most one chunk of logits is alive at a time.
+body, gather the hidden states whose next token is supervised, and only then apply lm_head — in chunks, with the
+input gradient computed in the forward pass (fused linear + cross-entropy) so at most one chunk of logits is
+alive at a time and none is kept for backward.
 """
 
 from __future__ import annotations
@@ -27,7 +28,47 @@ def _causal_lm(model):
     return m
 
 
+class _FusedLinearCE(torch.autograd.Function):
+    """Cross-entropy of `h @ W.T` whose input gradient is computed in the forward pass.
+
+    The logits of a chunk live only inside forward; backward is a scale of the saved [n, hidden] gradient. The
+    input gradient `(softmax - onehot) @ W` is accumulated over vocabulary blocks: one GEMM with K = 262,144 makes
+    the BLAS pack (and keep) a copy of the whole 671 MB lm_head, block-wise GEMMs only pack a block.
+    Only for a frozen W (LoRA never trains the tied embeddings).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, vblock):
+        with torch.no_grad():
+            logits = F.linear(h, weight).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+            g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            g[torch.arange(len(targets)), targets] -= 1.0
+            if softcap:
+                g.mul_(1.0 - capped * capped)
+            g = g.to(weight.dtype)
+            grad_h = torch.zeros_like(h)
+            for i in range(0, weight.shape[0], vblock):
+                grad_h.addmm_(g[:, i:i + vblock], weight[i:i + vblock])
+        ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out, None, None, None, None
+
+
+VOCAB_BLOCK = 16384
+
+
 def _chunk_ce(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if not weight.requires_grad:
+        return _FusedLinearCE.apply(h, weight, t, softcap, VOCAB_BLOCK)
     logits = F.linear(h, weight).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -63,8 +104,11 @@ class SupervisedLM(nn.Module):
             return _chunk_ce(h, t, weight, self._softcap), n
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, n, self.chunk):
-            total = total + checkpoint(_chunk_ce, h[i:i + self.chunk], t[i:i + self.chunk], weight, self._softcap,
-                                       use_reentrant=False)
+            if weight.requires_grad:  # plain autograd path: recompute the chunk's logits in backward
+                total = total + checkpoint(_chunk_ce, h[i:i + self.chunk], t[i:i + self.chunk], weight,
+                                           self._softcap, use_reentrant=False)
+            else:  # fused path keeps no logits at all
+                total = total + _chunk_ce(h[i:i + self.chunk], t[i:i + self.chunk], weight, self._softcap)
         return total, n
 
 

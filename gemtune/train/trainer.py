@@ -276,6 +276,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
         say(f"[yellow]warning:[/yellow] {skipped} training example(s) skipped: answer longer than max_len={cfg.max_len}")
     if not train_ex:
         raise UserError(f"no training example fits max_len={cfg.max_len}", file=str(Path(data_dir) / "train.jsonl"))
+    pad_id = tok.pad_token_id
+    del tok  # the 262k-entry tokenizer is ~300 MB we no longer need: give it back before activations need room
+    _release_memory()
 
     world = acc.num_processes
     G = cfg.batch_size * cfg.grad_accum * world
@@ -353,8 +356,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
                 for mb in micro]
         n_global = sum(train_ex[i].n_supervised for i in idx)
         loss_sum_local = 0.0
+        if not cfg.packing and cfg.micro_batch_tokens:
+            mine = [piece for mb in mine for piece in split_by_tokens(mb, cfg.micro_batch_tokens)]
         for mb in mine:
-            batch = pack(mb, tok.pad_token_id, cfg.max_len) if cfg.packing else collate(mb, tok.pad_token_id)
+            batch = pack(mb, pad_id, cfg.max_len) if cfg.packing else collate(mb, pad_id)
             with acc.no_sync(wrapper) if mb is not mine[-1] and world > 1 else _null():
                 loss_sum, _ = wrapper(batch["input_ids"], batch["labels"], batch["position_ids"])
                 # DDP averages gradients over processes; scale so the result is sum(token losses) / global count
@@ -377,7 +382,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
                "examples_per_s": round(examples_done * world / elapsed, 3), "time": round(time.time() - t_start, 2)}
         result.losses.append(loss)
         if cfg.eval_loss_every and eval_ex and step % cfg.eval_loss_every == 0:
-            rec["eval_loss"] = eval_loss(wrapper, eval_ex, tok.pad_token_id, cfg.batch_size, acc)
+            rec["eval_loss"] = eval_loss(wrapper, eval_ex, pad_id, cfg.batch_size, acc)
             result.eval_losses[step] = rec["eval_loss"]
             model.train()
         history.append(rec)
@@ -409,7 +414,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
 
     result.steps = step
     if main:
-        final_eval = eval_loss(wrapper, eval_ex, tok.pad_token_id, cfg.batch_size, acc) if eval_ex else None
+        final_eval = eval_loss(wrapper, eval_ex, pad_id, cfg.batch_size, acc) if eval_ex else None
         side = sidecar(cfg, base_path, meta, lora_cfg, step=step, trainable=trainable, total=total,
                        extra={"final_train_loss": result.losses[-1] if result.losses else None,
                               "final_eval_loss": final_eval})
@@ -445,6 +450,31 @@ def eval_loss(wrapper, examples: list[Example], pad_id: int, batch_size: int, ac
         total += float(s)
         n += c
     return total / max(n, 1)
+
+
+def split_by_tokens(examples: list[Example], budget: int) -> list[list[Example]]:
+    """Sort by length and cut into micro-batches whose padded size (rows x longest) stays within `budget` tokens.
+    Sorting first also removes most padding; the step's loss is a sum over tokens, so order does not matter."""
+    out, cur = [], []
+    for e in sorted(examples, key=lambda e: len(e.input_ids)):
+        if cur and (len(cur) + 1) * len(e.input_ids) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(e)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _release_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 class _null:
