@@ -729,8 +729,8 @@ class ServerThread:
                 port = s.getsockname()[1]
         self.host, self.port = host, port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5, limit_concurrency=None,
-                                                    backlog=2048))
+                                                    timeout_graceful_shutdown=5, backlog=2048,
+                                                    timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, name="gemtune-uvicorn", daemon=True)
 
     @property

@@ -201,7 +201,8 @@ async def _route_changes(admin, reg, extra_src, t_start, stop_at, timeline, expe
 
 def test_load_routes_flip_under_120_concurrent_clients(server):
     async def main():
-        limits = httpx.Limits(max_connections=CLIENTS + 20, max_keepalive_connections=CLIENTS + 20)
+        limits = httpx.Limits(max_connections=CLIENTS + 20, max_keepalive_connections=CLIENTS + 20,
+                              keepalive_expiry=2.0)  # well under the server's keep-alive: no reuse race
         async with httpx.AsyncClient(base_url=server["url"], timeout=60, limits=limits) as client, \
                 httpx.AsyncClient(base_url=server["url"], timeout=60) as admin:
             refs = [f"{n}@{v}" for n in NAMES for v in ("v1", "v2")]
