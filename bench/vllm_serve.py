@@ -58,10 +58,8 @@ async def run_batch(url: str, models: list[str], prompts: list[list[int]], max_t
     import httpx
 
     async def one(client, model, ids):
-        if path == "/v1/completions":
-            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        else:  # the gateway's own completions endpoint takes token ids as well
-            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        # vLLM's and the gateway's /v1/completions both take token ids: identical prompts everywhere
+        body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
         r = await client.post(path, json=body)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]

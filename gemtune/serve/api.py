@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from gemtune.errors import UserError
 from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable, RouteWatcher, parse_model, validate_weights

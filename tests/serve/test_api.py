@@ -13,7 +13,6 @@ import re
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest

@@ -43,7 +43,7 @@ def vllm_setup(real_base, tmp_path_factory):
     proc = VllmProcess(VLLM_PY, real_base, log_path=d / "vllm.log", registry=reg, port=_free_port(),
                        dtype="float32", max_model_len=1024, max_loras=2, gpu_memory_utilization=0.4)
     proc.start()
-    yield {"reg": reg, "root": d / "registry", "vllm": proc, "base": real_base}
+    yield {"reg": reg, "root": d / "registry", "vllm": proc, "base": real_base, "srcs": srcs}
     proc.stop()
 
 
@@ -84,5 +84,22 @@ def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
         assert {"alpha@v1", "beta@v1"} <= listed
         metrics = c.get("/metrics").text
         assert 'gemtune_adapter_requests_total{adapter="alpha@v1"} 3' in metrics
-    for m in models:
-        assert got[m] == want[m], (m, got[m], want[m])
+        for m in models:
+            assert got[m] == want[m], (m, got[m], want[m])
+
+        # routes work the same over vLLM: a new version (beta's weights) is pushed, hot-loaded into vLLM on first
+        # use, promoted, and rolled back
+        def ask(model):
+            r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": 16, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": PROMPTS[0]}]})
+            assert r.status_code == 200, r.text
+            return r.json()["model"], r.json()["choices"][0]["message"]["content"]
+
+        v2 = reg.push("alpha", vllm_setup["srcs"][1]).version
+        assert c.post("/admin/routes/promote", json={"name": "alpha", "version": v2}).status_code == 200
+        assert ask("alpha") == (f"alpha@{v2}", want["beta"][0])
+        assert c.post("/admin/routes/rollback", json={"name": "alpha"}).json()["weights"] == {"v1": 100}
+        assert ask("alpha") == ("alpha@v1", want["alpha"][0])
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": f"alpha@{v2}"}).status_code == 200
+        listed = {m["id"] for m in httpx.get(vllm_setup["vllm"].url + "/v1/models").json()["data"]}
+        assert f"alpha@{v2}" not in listed
