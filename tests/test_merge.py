@@ -76,3 +76,21 @@ def test_merge_refuses_bad_inputs(tiny_gemma3, tmp_path):
     with pytest.raises(UserError, match="bad.jsonl:1"):
         load_prompts(bad)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_merge_parity_on_real_gemma3_270m(real_base, tmp_path):
+    """fp32 greedy parity on the real model (tied embeddings, 262k vocab); the merged dir is plain safetensors."""
+    from safetensors import safe_open
+
+    adapter = make_random_adapter(real_base, tmp_path / "a", seed=3, r=16, scale=0.5)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "My card payment was declined."}) + "\n")
+    report = merge_adapter(adapter, tmp_path / "merged", prompts=prompts, max_new_tokens=10)
+    assert report["parity"] is True and report["base"] == str(real_base)
+    assert report["max_abs_logit_diff"] < 1e-2 and report["prompts"][0]["tokens"] > 0
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text"
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as st:
+        keys = list(st.keys())
+    assert any(k.endswith("q_proj.weight") for k in keys) and not any("lora" in k for k in keys)
