@@ -167,6 +167,16 @@ class VllmBackend:
         self.base_model_id: str | None = None
         self._latency_ema = 1.0
 
+    def check(self) -> None:
+        """Synchronous reachability check for the CLI, so a wrong --vllm-url is a clear exit 2 before serving."""
+        import httpx
+
+        try:
+            httpx.get(self.url + "/v1/models", timeout=10).raise_for_status()
+        except httpx.HTTPError as e:
+            raise UserError(f"vLLM server at {self.url} is not reachable ({type(e).__name__}: {e}); start it with "
+                            "the line `gemtune serve --print-vllm-command` prints", field="vllm_url") from None
+
     async def start(self) -> None:
         """Find vLLM's base model id and context length; fail fast with a clear message when it is not up."""
         import httpx

@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
                            max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
                            max_queue=max_queue, max_model_len=max_model_len)
+        if engine == "vllm":
+            gw.backend.check()
         err.print(f"gemtune serving {registry} with the {engine} engine on http://{host}:{port}", highlight=False)
         # keep-alive longer than clients' pools (httpx: 5 s) so a reused idle connection is never closed under them
         uvicorn.run(create_app(gw), host=host, port=port, log_level="info", backlog=2048, timeout_keep_alive=30)

@@ -357,6 +357,17 @@ def test_open_mode_without_tenants_refuses_public_bind(tmp_path):
     assert _cli("serve", "--registry", str(tmp_path / "r"), "--host", "0.0.0.0") == 2
 
 
+def test_vllm_engine_with_unreachable_url_exits_2(tmp_path, tiny_gemma3):
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port.getsockname()[1]}"
+    port.close()  # nothing listens there
+    assert _cli("serve", "--registry", str(tmp_path / "r"), "--base", str(tiny_gemma3), "--engine", "vllm",
+                "--vllm-url", url) == 2
+    assert _cli("serve", "--registry", str(tmp_path / "r"), "--base", str(tiny_gemma3), "--engine", "vllm") == 2
+    assert _cli("serve", "--registry", str(tmp_path / "r"), "--base", str(tiny_gemma3), "--engine", "tgi") == 2
+
+
 def test_print_vllm_command(setup, tiny_gemma3, capsys):
     assert _cli("serve", "--registry", str(setup["root"]), "--base", str(tiny_gemma3), "--print-vllm-command") == 0
     out = capsys.readouterr().out
