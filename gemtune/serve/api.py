@@ -524,7 +524,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 if await request.is_disconnected():
                     handle.cancel()
                     return
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.1)
 
         task, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
         try:

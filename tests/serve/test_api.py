@@ -327,6 +327,18 @@ def test_client_disconnect_cancels_the_request(setup):
     assert gw.backend.stats()["requests_finished"].get("cancelled", 0) > before
 
 
+def test_client_disconnect_cancels_a_non_streamed_request(setup):
+    gw = setup["gw"]
+    before = gw.backend.stats()["requests_finished"].get("cancelled", 0)
+    with httpx.Client(base_url=setup["url"], timeout=httpx.Timeout(60, read=0.05)) as c2:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            _chat(c2, ACME, "acme-support@v1", max_tokens=200, ignore_eos=True)
+    deadline = time.monotonic() + 10
+    while gw.backend.stats()["requests_finished"].get("cancelled", 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.backend.stats()["requests_finished"].get("cancelled", 0) > before
+
+
 def test_overload_answers_429_with_retry_after(tiny_gemma3, tmp_path, setup):
     from gemtune.serve.api import ServerThread, create_app
     from gemtune.serve.commands import build_gateway
