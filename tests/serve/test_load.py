@@ -1,6 +1,7 @@
 """Load test (slow, bounded, loopback only): `gemtune serve` in a subprocess, 120 concurrent clients for 30 s over
 4 adapters while routes are promoted, split and rolled back (admin API and the registry files, as the CLI writes
-them) and a new version is hot-loaded and promoted.
+them) and a new version is hot-loaded and promoted. The engine has 6 adapter slots for 9 versions, so LRU eviction
+and on-demand reloading (with sha256 verification) run under load too.
 
 Checked for every response: no 5xx; overload is answered 429 with Retry-After (max_queue is deliberately small);
 the version named in the response was routed for that alias at some moment between admission and answer (plus the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -60,7 +62,7 @@ def server(tiny_gemma3, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gemtune.cli", "serve", "--registry", str(d / "registry"), "--tenants",
          str(d / "tenants.yaml"), "--host", "127.0.0.1", "--port", str(port), "--base", str(tiny_gemma3),
-         "--max-batch", "16", "--max-queue", "24", "--max-model-len", "256", "--max-loras", "16"],
+         "--max-batch", "16", "--max-queue", "24", "--max-model-len", "256", "--max-loras", "6"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -245,3 +247,6 @@ def test_load_routes_flip_under_120_concurrent_clients(server):
     assert {f"{n}@v1" for n in NAMES} <= served and any(m.endswith("@v2") for m in served)
     assert notes["hot_loaded"] in served
     assert "gemtune_rejected_total" in metrics and 'reason="queue_full"' in metrics
+    loads = re.search(r'^gemtune_adapter_loads_total\{result="ok"\} (\d+)', metrics, re.M)
+    print(f"adapter loads into the engine (incl. reloads after LRU eviction): {loads and loads.group(1)}")
+    assert loads and int(loads.group(1)) >= len(expected)
