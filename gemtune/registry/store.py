@@ -101,6 +101,11 @@ def check_adapter_config(cfg: dict, where: str) -> list[str]:
     for key in ("layers_to_transform", "layers_pattern"):
         if cfg.get(key):
             problems.append(f"{key} is set: layer subsets are not servable by vLLM")
+    if cfg.get("lora_bias"):
+        problems.append("lora_bias is true: a bias on lora_B is not servable by vLLM")
+    for key in ("target_parameters", "trainable_token_indices"):
+        if cfg.get(key):
+            problems.append(f"{key} is set: only LoRA on linear modules is servable")
     if not cfg.get("target_modules"):
         problems.append("target_modules is empty")
     return problems

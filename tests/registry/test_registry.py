@@ -56,6 +56,9 @@ def test_push_creates_immutable_versions_with_manifest(tmp_path, adapters):
     ({"alpha_pattern": {"q_proj": 4}}, "per-layer ranks"),
     ({"r": 12}, "rank r=12"),
     ({"peft_type": "IA3"}, "plain LoRA"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"use_rslora": True}, "rsLoRA"),
+    ({"trainable_token_indices": [5]}, "trainable_token_indices"),
 ])
 def test_push_refuses_vllm_incompatible_unless_forced(tmp_path, adapters, changes, needle):
     bad = _edit_config(adapters[0], tmp_path / "bad", **changes)
