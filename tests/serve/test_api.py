@@ -385,3 +385,22 @@ def test_print_vllm_command(setup, tiny_gemma3, capsys):
     out = capsys.readouterr().out
     assert "vllm serve" in out and "--enable-lora" in out and "--max-lora-rank 8" in out
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1" in out
+
+
+def test_gemma4_base_serves_through_the_gateway(tiny_gemma4, tmp_path):
+    """The gateway renders prompts with the base's own family template (Gemma 4 turns here)."""
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+
+    src = make_random_adapters(tiny_gemma4, [tmp_path / "a"], r=8, scale=4.0, seeds=[7])[0]
+    reg = Registry(tmp_path / "reg")
+    reg.push("g4", src)
+    RouteTable(reg).promote("g4", "v1")
+    gw = build_gateway(str(tmp_path / "reg"), base=str(tiny_gemma4), max_model_len=256)
+    assert gw.backend.family.name == "gemma4"
+    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        a = c.post("/v1/chat/completions", json={"model": "g4", "messages": MSG, "max_tokens": 8, "temperature": 0})
+        b = c.post("/v1/chat/completions", json={"model": "base", "messages": MSG, "max_tokens": 8, "temperature": 0})
+    assert a.status_code == b.status_code == 200
+    assert a.json()["model"] == "g4@v1" and a.json()["usage"]["completion_tokens"] >= 1
+    assert a.json()["choices"][0]["message"]["content"] != b.json()["choices"][0]["message"]["content"]
