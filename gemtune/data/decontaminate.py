@@ -9,21 +9,16 @@ task, and the generic mix.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Sequence
 
 from gemtune.data.dedup import NearDup
 
 
-def register_eval(nd: NearDup, eval_rows: Iterable[int]) -> None:
-    for i in eval_rows:
-        nd.add_eval(i)
+def register_eval(nd: NearDup, eval_rows: Sequence[int]) -> None:
+    if len(eval_rows):
+        nd.add_eval(list(eval_rows))
 
 
-def decontaminate(nd: NearDup, rows: Iterable[int]) -> dict[int, tuple[int, float]]:
+def decontaminate(nd: NearDup, rows: Sequence[int]) -> dict[int, tuple[int, float]]:
     """{row: (eval row it duplicates, jaccard)} for the given rows; eval rows must be registered first."""
-    hits = {}
-    for i in rows:
-        m = nd.match_eval(i)
-        if m is not None:
-            hits[i] = m
-    return hits
+    return nd.match_eval_many(list(rows))

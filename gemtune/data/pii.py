@@ -62,6 +62,7 @@ _ID_CONTEXT = re.compile(
     r"fedex|ups|usps|dhl)\.?\s*(?:number|num|no\.?|id|code|#)?\s*[:#=]?\s*#?\s*$"
 )
 _QUICK = re.compile(r"[@:]|\d")
+_DIGIT = re.compile(r"\d")
 
 # IBAN length per country (SWIFT IBAN registry).
 IBAN_LENGTHS = {
@@ -252,7 +253,7 @@ def find_structured(text: str, region: str = "US") -> list[PiiMatch]:
         return []
     out: list[PiiMatch] = []
     _emails(text, out)
-    if any(c.isdigit() for c in text):
+    if _DIGIT.search(text):
         _ibans(text, out)
         _cards(text, out)
         _ssns(text, out)

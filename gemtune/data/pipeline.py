@@ -103,8 +103,9 @@ def _read(run: _Run, files: Sequence[Path], control: ControlTokens, *, generic: 
     return total, per_file
 
 
-def _token_limit(run: _Run, counter: TokenCounter) -> list[int]:
-    """Count every example's rendered length; quarantine those over max_tokens. Returns kept lengths."""
+def _token_limit(run: _Run, counter: TokenCounter) -> tuple[list[Optional[int]], list[bool]]:
+    """Quarantine examples over max_tokens. Returns (lengths, in-statistics-sample flags) of the kept examples;
+    a length is None where the row provably fits and was not counted (large datasets, see tokens.py)."""
     done = 0
     total = len(run.examples)
 
@@ -113,20 +114,21 @@ def _token_limit(run: _Run, counter: TokenCounter) -> list[int]:
         done += k
         run.progress("tokens", done, total)
 
-    lengths = counter.count([e.messages for e in run.examples], progress=tick)
-    keep_ex, keep_len, n_domain = [], [], 0
+    lengths, sample = counter.limit_and_sample([e.messages for e in run.examples], run.cfg.max_tokens, progress=tick)
+    keep_ex, keep_len, keep_sample, n_domain = [], [], [], 0
     for i, (e, n) in enumerate(zip(run.examples, lengths)):
         is_domain = i < run.n_domain
-        if n > run.cfg.max_tokens:
+        if n is not None and n > run.cfg.max_tokens:
             run.quarantine_row(e.file, e.line, f"too long: {n} tokens > max_tokens {run.cfg.max_tokens} "
                                                f"(chat template included, {counter.base} tokenizer)", e.raw, "tokens",
                                not is_domain)
             continue
         keep_ex.append(e)
         keep_len.append(n)
+        keep_sample.append(i in sample)
         n_domain += is_domain
     run.examples, run.n_domain = keep_ex, n_domain
-    return keep_len
+    return keep_len, keep_sample
 
 
 def _ids(run: _Run) -> tuple[list[str], list[str]]:
@@ -184,7 +186,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
 
     with _Timer(run, "tokenizer"):
         counter = TokenCounter(cfg.base_name())
-        control = ControlTokens(counter.tokenizer)
+        control = ControlTokens(counter.tokenizer, counter.special_tokens)
     with _Timer(run, "read"):
         input_rows, per_file = _read(run, files, control, generic=False)
         run.n_domain = len(run.examples)
@@ -193,7 +195,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
         generic_rows, generic_files_info = (_read(run, generic_files, control, generic=True) if generic_files else (0, []))
     control_tokens = sum(e.control_tokens for e in run.examples[:run.n_domain])
     with _Timer(run, "tokens"):
-        lengths = _token_limit(run, counter)
+        lengths, in_sample = _token_limit(run, counter)
     if run.n_domain == 0:
         raise _no_usable_rows(run, files, input_rows)
     ex, nd_count = run.examples, run.n_domain
@@ -207,13 +209,15 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
         locked = resolve_locked(lock, lock_path, ids[:nd_count], shas[:nd_count]) if lock else []
         register_eval(nd, locked)
         locked_set = set(locked)
-        verdicts: dict[int, object] = {}
-        for i in range(nd_count):
-            if i not in locked_set:
-                verdicts[i] = nd.check(i)
-            if i % 5000 == 4999:
-                run.progress("dedup", i + 1, nd_count)
-        run.progress("dedup", nd_count, nd_count)
+        order = [i for i in range(nd_count) if i not in locked_set]
+        done = len(locked)
+
+        def tick(k: int) -> None:
+            nonlocal done
+            done += k
+            run.progress("dedup", done, nd_count)
+
+        verdicts = dict(zip(order, nd.check_many(order, progress=tick)))
     exact = [i for i, v in verdicts.items() if v.status == "exact"]
     near = [i for i, v in verdicts.items() if v.status == "near"]
     decon = {i: (v.match, v.jaccard) for i, v in verdicts.items() if v.status == "decontaminated"}
@@ -267,13 +271,10 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     chosen_generic: list[int] = []
     with _Timer(run, "generic"):
         if generic_files:
-            g_status = Counter()
-            avail = []
-            for i in range(nd_count, len(ex)):
-                v = nd.check(i)
-                g_status[v.status] += 1
-                if v.status == "kept":
-                    avail.append(i)
+            g_rows = list(range(nd_count, len(ex)))
+            g_verdicts = nd.check_many(g_rows)
+            g_status = Counter(v.status for v in g_verdicts)
+            avail = [i for i, v in zip(g_rows, g_verdicts) if v.status == "kept"]
             want = generic_count(len(train_idx), cfg.generic_fraction)
             pick = choose_generic([shas[i] for i in avail], min(want, len(avail)), cfg.seed)
             chosen_generic = [avail[k] for k in pick]
@@ -288,7 +289,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     # ---- records
     def record(i: int) -> dict:
         e = ex[i]
-        return make_record(ids[i], e.task, e.messages, e.provenance, e.label)
+        return make_record(ids[i], e.task, e.messages, e.provenance, e.label, shas[i])
 
     eval_records = [record(i) for i in eval_idx]
     train_order = sorted(train_idx + chosen_generic, key=lambda i: rank_key(shas[i], cfg.seed))
@@ -321,7 +322,10 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
         pii=run.pii, pii_quarantine=run.pii_quarantine, control_tokens=control_tokens, quarantine=run.quarantine,
         exact=[(i, verdicts[i].match) for i in exact], near=[(i, verdicts[i].match, verdicts[i].jaccard) for i in near],
         decon=decon, conflicts=conflicts, examples=ex, ids=ids,
-        train_lengths=[lengths[i] for i in train_order], eval_lengths=[lengths[i] for i in eval_idx],
+        train_lengths=[lengths[i] for i in train_order if in_sample[i]],
+        eval_lengths=[lengths[i] for i in eval_idx if in_sample[i]],
+        max_length=max((n for n in lengths if n is not None), default=0),
+        sampled=not all(in_sample),
         train_groups=Counter((ex[i].task, ex[i].label) for i in train_idx + chosen_generic),
         eval_groups=Counter((ex[i].task, ex[i].label) for i in eval_idx),
         balance=balance_report, generic=generic_report if generic_files else None,

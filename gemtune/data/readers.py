@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -91,8 +92,12 @@ def _jsonl_rows(name: str, data: bytes) -> Iterator[RawRow]:
         yield RawRow(name, lineno, obj, text)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _has_surrogates(s: str) -> bool:
-    return any("\udc80" <= c <= "\udcff" for c in s)
+    """Bytes that were not UTF-8, as decoded by surrogateescape."""
+    return _SURROGATE.search(s) is not None
 
 
 def _csv_rows(name: str, data: bytes) -> Iterator[RawRow]:

@@ -26,13 +26,15 @@ def content_sha256(task: str, messages: list[dict], label: Optional[str]) -> str
     return sha256_text(json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
-def make_record(rid: str, task: str, messages: list[dict], provenance: dict, label: Optional[str]) -> dict:
+def make_record(rid: str, task: str, messages: list[dict], provenance: dict, label: Optional[str],
+                sha256: Optional[str] = None) -> dict:
+    """A record in the dataset contract; pass `sha256` when already computed (it is the costliest field)."""
     rec: dict[str, Any] = {
         "id": rid,
         "task": task,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         "provenance": provenance,
-        "sha256": content_sha256(task, messages, label),
+        "sha256": sha256 or content_sha256(task, messages, label),
     }
     if label is not None:
         rec["label"] = label

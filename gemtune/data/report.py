@@ -46,6 +46,21 @@ def token_stats(lengths: list[int], max_tokens: int, bins: int = 24) -> dict:
     }
 
 
+def _tokens_section(train: list[int], evals: list[int], max_tokens: int, max_length: Optional[int], sampled: bool,
+                    n_rows: int) -> dict:
+    """Token statistics; on large builds they come from a uniform sample (the limit itself is always exact)."""
+    out = {"train": token_stats(train, max_tokens), "eval": token_stats(evals, max_tokens),
+           "all": token_stats(train + evals, max_tokens), "sampled": sampled}
+    if sampled and out["all"].get("count"):
+        a = out["all"]
+        a["max"] = max(a["max"], max_length or 0)  # the longest rows are always counted
+        a["estimated_total"] = round(a["mean"] * n_rows)
+        del a["total"]
+        out["note"] = (f"percentiles and histogram from a uniform sample of {a['count']:,} of {n_rows:,} rows; "
+                       "every row that could exceed max_tokens was counted exactly")
+    return out
+
+
 def _reason_kind(reason: str) -> str:
     """Group quarantine reasons: numbers and quoted values vary per row, the kind does not."""
     r = re.sub(r"'[^']*'|\"[^\"]*\"(?!:)", "…", reason)
@@ -71,7 +86,7 @@ def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict,
                  control_tokens: int, quarantine: list[dict], exact: list, near: list, decon: dict, conflicts: list,
                  examples: list, ids: list, train_lengths: list[int], eval_lengths: list[int], train_groups: Counter,
                  eval_groups: Counter, balance: dict, generic: Optional[dict], split: dict, warnings: list[str],
-                 n_domain_examples: int) -> dict:
+                 n_domain_examples: int, max_length: Optional[int] = None, sampled: bool = False) -> dict:
     domain_q = [q for q in quarantine if not q.get("generic")]
     by_stage = Counter(q["stage"] for q in domain_q)
     after_read = counts["input_rows"] - by_stage["sanitise"]
@@ -129,8 +144,8 @@ def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict,
         },
         "decontamination": {"count": counts["decontaminated"], "examples": decon_examples},
         "split": {**split, "eval_groups": _groups(eval_groups)},
-        "tokens": {"train": token_stats(train_lengths, cfg.max_tokens), "eval": token_stats(eval_lengths, cfg.max_tokens),
-                   "all": token_stats(train_lengths + eval_lengths, cfg.max_tokens)},
+        "tokens": _tokens_section(train_lengths, eval_lengths, cfg.max_tokens, max_length, sampled,
+                                  counts["train"] + counts["eval"]),
         "balance": {**balance, "train_final": _groups(train_groups)},
         "generic": generic,
         "guidance": {"domain_examples": n_domain_examples, "min": MIN_EXAMPLES, "max": MAX_EXAMPLES},
@@ -226,7 +241,8 @@ def render_html(r: dict) -> str:
     if tok.get("count"):
         parts.append("<h2>Token lengths (full example, chat template included)</h2>"
                      + _table({k: tok[k] for k in ("count", "min", "mean", "p50", "p90", "p99", "max", "max_tokens")})
-                     + svg_histogram(tok["histogram"]["edges"], tok["histogram"]["counts"], limit=tok["max_tokens"]))
+                     + svg_histogram(tok["histogram"]["edges"], tok["histogram"]["counts"], limit=tok["max_tokens"])
+                     + (f"<p>{_e(r['tokens']['note'])}</p>" if r["tokens"].get("note") else ""))
     parts.append("<h2>Train: task / label balance</h2>"
                  f"<p>median group {bal.get('median')}, cap {bal.get('cap')} (multiple {bal.get('multiple')}); "
                  f"rows removed: {c['balanced_out']}</p>" + svg_bars(bal.get("train_final", {}), cap=bal.get("cap")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,8 +42,8 @@ _LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "［", "]": "］"})
 class ControlTokens:
     """Finds special-token strings in text: the Gemma list plus every special token of the given tokenizer."""
 
-    def __init__(self, tokenizer: Any = None):
-        specials = set(GEMMA_CONTROL_TOKENS)
+    def __init__(self, tokenizer: Any = None, specials_extra: Optional[list[str]] = None):
+        specials = set(GEMMA_CONTROL_TOKENS) | set(specials_extra or ())
         if tokenizer is not None:
             for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
                 if getattr(tok, "special", False):
@@ -106,12 +107,12 @@ class Reject(Exception):
         self.field = field
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _has_surrogate(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+    """Unpaired surrogates (from JSON escapes or undecodable bytes) cannot be written as UTF-8."""
+    return _SURROGATE.search(s) is not None
 
 
 def _text(data: dict, name: str, *, required: bool = False) -> Optional[str]:
@@ -189,14 +190,22 @@ def _parse_messages(v: Any) -> list:
     return msgs
 
 
-def _provenance(data: dict, file: str, defaults: dict[str, str]) -> dict:
-    prov: dict[str, str] = {"source": Path(file).name, **defaults}
+@lru_cache(maxsize=1024)
+def _basename(file: str) -> str:
+    return Path(file).name
+
+
+def _provenance(data: dict, file: str, defaults: dict[str, str], redact: Callable[[str], str]) -> dict:
+    """Provenance of a row: file name and config defaults, then the row's own values (PII-redacted: a reviewer
+    field may hold an email address)."""
+    prov: dict[str, str] = {"source": _basename(file), **defaults}
     given = data.get("provenance")
     if isinstance(given, str) and given.strip():
         try:
             given = json.loads(given)
         except json.JSONDecodeError:
             raise Reject("must be an object (or a JSON object string)", "provenance") from None
+    own: dict[str, str] = {}
     if given is not None and given != "":
         if not isinstance(given, dict):
             raise Reject(f"must be an object, got {type(given).__name__}", "provenance")
@@ -205,17 +214,18 @@ def _provenance(data: dict, file: str, defaults: dict[str, str]) -> dict:
                 continue
             if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                 raise Reject(f"value of {k!r} must be a string, got {type(v).__name__}", "provenance")
-            prov[str(k)] = str(v)
+            own[str(k)] = str(v)
     for k in PROVENANCE_FIELDS:
         v = data.get(k)
         if v is None or v == "":
             continue
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             raise Reject(f"must be a string, got {type(v).__name__}", k)
-        prov[k] = str(v)
-    for k, v in prov.items():
+        own[k] = str(v)
+    for k, v in own.items():
         if _has_surrogate(v):
             raise Reject("invalid UTF-8 (unpaired surrogate)", f"provenance.{k}")
+        prov[k] = redact(v)
     return prov
 
 
@@ -275,6 +285,6 @@ def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact
         messages = [{"role": "system", "content": clean(system.strip())}] if system and system.strip() else []
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": clean(output.strip())}]
         key = inp if inp else instruction
-    prov = {k: redact(v) for k, v in _provenance(data, row.file, cfg.provenance).items()}
+    prov = _provenance(data, row.file, cfg.provenance, redact)
     return Example(file=row.file, line=row.line, id=rid, task=task, label=label, messages=messages, provenance=prov,
                    split=split, key_text=key, raw=row.raw, control_tokens=n_ctrl)
