@@ -136,9 +136,9 @@ def compare_and_report(results: dict, baseline: Optional[dict], out: Optional[Pa
         gate = GateResult(**comparison["gate"])
     line = summary_line(results["summary"], comparison)
     summary = with_comparison(results, comparison, gate, line, judge_stats)
-    hist = list(history or [])
-    if hist and not any(h.get("name") == summary.get("name") for h in hist):
-        hist.append(history_point(summary))
+    hist = []
+    if history is not None:  # this run replaces any earlier point of the same checkpoint (a re-evaluation)
+        hist = [h for h in history if h.get("name") != summary.get("name")] + [history_point(summary)]
     if out is not None:
         html = render_report(results, baseline=baseline, comparison=comparison, history=hist, line=line)
         write_outputs(out, results, summary, html, baseline_to_save)
@@ -173,6 +173,8 @@ def run_eval(adapter: str, suite: str | Path, out: str | Path, *, baseline: Opti
     baseline_doc = None
     if baseline is not None and baseline != "base" and is_results_file(baseline):
         baseline_doc = load_results(baseline)  # fail on a bad file before generating anything
+    if baseline not in (None, "base") and baseline_doc is None and str(baseline).endswith(".json"):
+        raise UserError("baseline results file not found", file=str(baseline), field="baseline")
     baseline_dir = resolve_adapter(baseline) if baseline not in (None, "base") and baseline_doc is None else None
     cache = OutputCache(read=not no_cache)
     ev = Evaluator(base_name, config=config, cache=cache, progress=progress)
