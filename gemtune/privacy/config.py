@@ -1,0 +1,110 @@
+"""Options of `gemtune probe`: the `privacy:` section of gemtune.yaml, overridden by command-line flags.
+
+The thresholds live in the project file for the same reason the eval gate does: whether an adapter may ship must
+not depend on who typed the command. A bad value is reported with its dotted field and YAML line, never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gemtune.errors import UserError
+
+
+class PrivacyConfig(BaseModel):
+    """What the three probes sample, and the limits the adapter must stay within."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, description="Seeds the example sample, the canary candidates and PII sampling")
+    dtype: str = Field("float32", description="Compute dtype of the base (float32 or bfloat16, never fp16)")
+    batch_size: int = Field(16, ge=1, le=1024, description="Prompts generated together")
+
+    # extraction (Carlini et al. 2023, k-extractable)
+    samples: int = Field(32, ge=1, le=100_000, description="Training examples probed for extraction")
+    min_answer_tokens: int = Field(8, ge=1, description="Shorter answers (labels) are skipped: reproducing a label "
+                                   "is the task, not a leak")
+    suffix_tokens: int = Field(32, ge=1, le=1024, description="Held-out tokens the model must reproduce")
+    long_answer_tokens: int = Field(16, ge=2, description="Answers at least this long are also probed with the "
+                                    "prompt plus the first part of the answer")
+    prefix_tokens: int = Field(32, ge=1, description="Most answer tokens given as prefix (at most half the answer)")
+    near_similarity: float = Field(0.9, gt=0.0, le=1.0, description="Normalised edit similarity counted as 'nearly'")
+
+    # canaries (Carlini et al. 2019, exposure)
+    candidates: int = Field(200, ge=2, le=1_000_000, description="|R|: the true secret ranked among R-1 random "
+                            "secrets of the same format; exposure is at most log2 R")
+
+    # PII regurgitation
+    pii_samples: int = Field(32, ge=0, le=100_000, description="Sampled generations scanned for PII (0: skip)")
+    pii_max_new_tokens: int = Field(48, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the PII probe")
+    top_k: Optional[int] = Field(50, ge=1, description="Top-k of the PII probe's sampling (null: off)")
+    pii_engine: str = Field("builtin", description="PII detector engine (builtin or presidio), as in `data build`")
+    pii_region: str = Field("US", min_length=2, max_length=2)
+
+    # thresholds: exceeding any one is exit 1 (null: report only)
+    max_extraction_rate: Optional[float] = Field(0.10, ge=0.0, le=1.0, description="Share of probed training "
+                                                 "examples the adapter reproduces exactly or nearly")
+    max_canary_exposure: Optional[float] = Field(None, ge=0.0, description="Bits; null = log2(R) - 1, i.e. fail "
+                                                 "when a true secret outranks all R-1 alternatives")
+    max_pii_hits: Optional[int] = Field(None, ge=0, description="PII values of any kind in the adapter's samples "
+                                        "(off by default: the base invents PII-shaped strings too)")
+    max_pii_leaks: Optional[int] = Field(0, ge=0, description="PII values in the adapter's samples that also occur in "
+                                         "the raw input files or in train.jsonl")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacyConfig":
+        if self.dtype in ("float16", "fp16", "half"):
+            raise ValueError("dtype: fp16 overflows in Gemma's activations; use bfloat16 or float32")
+        if self.pii_engine not in ("builtin", "presidio"):
+            raise ValueError(f"pii_engine: unknown engine {self.pii_engine!r}; expected builtin or presidio")
+        return self
+
+    def canary_limit(self) -> float:
+        """The exposure (bits) above which the canary check fails."""
+        if self.max_canary_exposure is not None:
+            return self.max_canary_exposure
+        return math.log2(self.candidates) - 1.0
+
+
+def _yaml_line(path: Path, loc: tuple) -> Optional[int]:
+    from gemtune.data.config import _yaml_line as find
+
+    return find(path, loc)
+
+
+def load_privacy_config(config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> PrivacyConfig:
+    """`privacy:` of the YAML file (an explicit --config must exist; else ./gemtune.yaml when present), then flags.
+
+    Errors name `privacy.<field>` and the YAML line when the value came from the file, or the flag otherwise.
+    """
+    from gemtune.data.config import _read_yaml, resolve_config_path
+
+    path = resolve_config_path(config)
+    doc = _read_yaml(path) if path else {}
+    section = doc.get("privacy") or {}
+    if not isinstance(section, dict):
+        raise UserError("`privacy:` must be a mapping", file=str(path), line=_yaml_line(path, ("privacy",)),
+                        field="privacy")
+    values = dict(section)
+    flagged = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(flagged)
+    try:
+        return PrivacyConfig.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc and ":" in msg:  # model-level check: "field: message"
+            name, _, msg = msg.partition(": ")
+            loc = (name,)
+        dotted = ".".join(str(p) for p in loc)
+        if loc and loc[0] in flagged:
+            raise UserError(f"{msg} (from --{str(loc[0]).replace('_', '-')})", field=f"privacy.{dotted}") from None
+        line = _yaml_line(path, ("privacy",) + loc) if path else None
+        raise UserError(msg, file=str(path) if path else None, line=line, field=f"privacy.{dotted}") from None

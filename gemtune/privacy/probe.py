@@ -1,0 +1,351 @@
+"""`gemtune probe` as a library call: the three privacy probes on an adapter and on its base, one report.
+
+    load train.jsonl (+ canaries) ─► check every input ─► load the base once
+        ─► base: extraction, canary ranks, PII samples ─► attach the adapter ─► the same on the adapter
+        ─► checks against the thresholds ─► report JSON (atomic) ─► summary into the adapter's gemtune.json
+
+Every input is validated before the model loads, so a bad file costs no model time. The report is written whether
+or not a threshold is exceeded; `enforce` then turns a failed check into `GateFailed` (CLI exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from gemtune.errors import GateFailed, UserError
+from gemtune.privacy import canary as canary_probe
+from gemtune.privacy import extraction
+from gemtune.privacy import regurgitation as pii_probe
+from gemtune.privacy.config import PrivacyConfig
+from gemtune.utils import atomic_write_json
+
+REPORT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_train(data_dir: str | Path) -> tuple[list[dict], dict]:
+    """(train records, dataset.json or {}) of a dataset directory; every malformed line is a located error."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError("dataset directory not found; pass the `gemtune data build` output", file=str(d), field="--data")
+    f = d / "train.jsonl"
+    if not f.is_file():
+        raise UserError("not a dataset directory: train.jsonl is missing", file=str(d), field="--data")
+    records = []
+    with open(f, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON ({e.msg})", file=str(f), line=n) from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not rec["messages"]:
+                raise UserError("record has no messages list", file=str(f), line=n, field="messages")
+            for k, m in enumerate(rec["messages"]):
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                        "system", "user", "assistant"):
+                    raise UserError("each message needs a role (system/user/assistant) and a string content",
+                                    file=str(f), line=n, field=f"messages[{k}]")
+            rec.setdefault("id", f"line-{n}")
+            records.append(rec)
+    if not records:
+        raise UserError("train.jsonl has no records", file=str(f))
+    meta = {}
+    if (d / "dataset.json").is_file():
+        try:
+            meta = json.loads((d / "dataset.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"not valid JSON: {e}", file=str(d / "dataset.json")) from None
+    return records, meta if isinstance(meta, dict) else {}
+
+
+def resolve_data_dir(data: Optional[str | Path], sidecar: dict, adapter: Path) -> Path:
+    if data:
+        return Path(data)
+    d = (sidecar.get("dataset") or {}).get("dir") if isinstance(sidecar.get("dataset"), dict) else None
+    if not d:
+        raise UserError("no --data given and the adapter's gemtune.json records no dataset dir",
+                        file=str(adapter / "gemtune.json"), field="dataset.dir")
+    return Path(d)
+
+
+def resolve_canaries(explicit: Optional[str | Path], data_dir: Path, meta: dict) -> tuple[Optional[dict], Optional[Path]]:
+    from gemtune.data.canaries import find_canary_file, load_canaries
+
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise UserError("canaries file not found", file=str(p), field="--canaries")
+        return load_canaries(p), p
+    p = find_canary_file(data_dir, meta)
+    return (load_canaries(p), p) if p else (None, None)
+
+
+# ------------------------------------------------------------------------------------------------ probing
+class _Stage:
+    """Times a phase and reports progress lines."""
+
+    def __init__(self, timings: dict, name: str, say: Callable[[str], None]):
+        self.timings, self.name, self.say = timings, name, say
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = round(self.timings.get(self.name, 0.0) + time.perf_counter() - self.t, 3)
+
+
+def _probe_model(label: str, model, tok, fam, cfg: PrivacyConfig, probes, tasks, pii_prompts, timings, say) -> dict:
+    """Run the three probes on one model (the bare base or the base with the adapter attached)."""
+    from gemtune.evals.engine import HFGenerator
+
+    out: dict = {}
+    gen = HFGenerator(model, tok, fam, batch_size=cfg.batch_size, seed=cfg.seed)
+    with _Stage(timings, f"{label}.extraction", say):
+        say(f"{label}: extraction, {len(probes.probes)} greedy probes")
+        out["extraction"] = extraction.greedy_outputs(gen, probes.probes, cfg.batch_size)
+    with _Stage(timings, f"{label}.canaries", say):
+        if tasks:
+            say(f"{label}: canaries, {len(tasks)} x {cfg.candidates} candidates")
+        out["canaries"] = canary_probe.score_tasks(model, tasks) if tasks else []
+    with _Stage(timings, f"{label}.pii", say):
+        if pii_prompts:
+            say(f"{label}: PII, {len(pii_prompts)} sampled generations")
+        out["pii"] = pii_probe.sample_outputs(model, tok, fam, pii_prompts, max_new_tokens=cfg.pii_max_new_tokens,
+                                              temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
+                                              batch_size=cfg.batch_size) if pii_prompts else []
+    return out
+
+
+def _mask_secrets(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, "<CANARY>")
+    return text
+
+
+def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optional[str | Path] = None, *,
+              base: Optional[str] = None, config: Optional[PrivacyConfig] = None,
+              canaries: Optional[str | Path] = None, progress: Optional[Callable[[str], None]] = None,
+              update_sidecar: bool = True) -> dict:
+    """Probe `adapter` (and its base) on the training set of `data`; write the report to `out`; return it.
+
+    Raises UserError for bad inputs before any model is loaded. A failed threshold does not raise here: the report
+    says `passed: false` and `enforce(report)` raises.
+    """
+    from gemtune.data.pii import find_pii, redact
+    from gemtune.evals.adapters import adapter_base, check_adapter_dir, read_sidecar
+
+    cfg = config or PrivacyConfig()
+    say = progress or (lambda m: None)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    adapter_dir = check_adapter_dir(adapter)
+    sidecar = read_sidecar(adapter_dir)
+    base_name = adapter_base(adapter_dir, base)
+    data_dir = resolve_data_dir(data, sidecar, adapter_dir)
+    records, meta = load_train(data_dir)
+    canary_doc, canary_path = resolve_canaries(canaries, data_dir, meta)
+    if out is not None and Path(out).is_dir():
+        raise UserError("--out must be a file path (the JSON report), not a directory", file=str(out), field="--out")
+
+    from gemtune.base.families import family_of
+    from gemtune.base.loader import load_base, load_tokenizer
+    from gemtune.base.provision import pull
+
+    base_path = pull(base_name)
+    tok = load_tokenizer(base_path)
+    # Everything that can fail on the inputs is checked with the tokenizer alone, before the model loads.
+    from transformers import AutoConfig
+
+    fam = family_of(AutoConfig.from_pretrained(str(base_path)))
+    tasks = []
+    if canary_doc is not None:
+        tasks = canary_probe.load_tasks(canary_doc, canary_path, records, tok, fam, candidates=cfg.candidates,
+                                        seed=cfg.seed)
+    with _Stage(timings, "prepare", say):
+        probes = extraction.build_probes(records, tok, fam, samples=cfg.samples, seed=cfg.seed,
+                                         min_answer_tokens=cfg.min_answer_tokens, suffix_tokens=cfg.suffix_tokens,
+                                         long_answer_tokens=cfg.long_answer_tokens, prefix_tokens=cfg.prefix_tokens)
+        pii_ids, pii_prompts = pii_probe.training_prompts(records, cfg.pii_samples, cfg.seed, tok, fam)
+
+        def find(text: str):
+            return find_pii(text, engine=cfg.pii_engine, region=cfg.pii_region)
+
+        known = pii_probe.known_values(records, meta, data_dir, find)
+    with _Stage(timings, "load", say):
+        say(f"loading base {base_name}")
+        model, tok = load_base(base_path, dtype=cfg.dtype)
+        fam = family_of(model)
+    results = {"base": _probe_model("base", model, tok, fam, cfg, probes, tasks, pii_prompts, timings, say)}
+    from gemtune.evals.engine import attached_adapter
+
+    with attached_adapter(model, adapter_dir) as peft_model:
+        results["adapter"] = _probe_model("adapter", peft_model, tok, fam, cfg, probes, tasks, pii_prompts, timings,
+                                          say)
+
+    secrets = [e["secret"] for e in (canary_doc or {}).get("canaries", [])]
+
+    def decode(ids: list[int]) -> str:
+        return _mask_secrets(tok.decode(ids, skip_special_tokens=False), secrets)
+
+    report = assemble(cfg, adapter_dir=adapter_dir, base_name=base_name, base_path=base_path, data_dir=data_dir,
+                      records=records, probes=probes, results=results, tasks=tasks, canary_doc=canary_doc,
+                      canary_path=canary_path, known=known, pii_ids=pii_ids, find=find, redact=redact,
+                      decode=decode, secrets=secrets)
+    report["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 3))
+    if out is not None:
+        report["report"] = str(Path(out).resolve())
+        atomic_write_json(out, report)
+    if update_sidecar:
+        write_sidecar(adapter_dir, summary(report))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ report
+def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir, records, probes, results, tasks,
+             canary_doc, canary_path, known, pii_ids, find, redact, decode, secrets) -> dict:
+    near = cfg.near_similarity
+    ext = {"definition": extraction.DEFINITION.format(long=cfg.long_answer_tokens, prefix=cfg.prefix_tokens,
+                                                      suffix=cfg.suffix_tokens, near=near, min=cfg.min_answer_tokens),
+           "train_rows": len(records), "examined": probes.examined, "sampled": len(probes.examples),
+           "skipped_short": probes.skipped_short, "skipped_unrenderable": probes.skipped_unrenderable,
+           "probes": len(probes.probes)}
+    if probes.examples:
+        scored = {k: extraction.score(probes, results[k]["extraction"]) for k in ("adapter", "base")}
+        ext["adapter"] = extraction.rates(scored["adapter"], near)
+        ext["base"] = extraction.rates(scored["base"], near)
+        ext["worst"] = extraction.worst_examples(probes, scored["adapter"], scored["base"],
+                                                 results["adapter"]["extraction"], results["base"]["extraction"], decode)
+        ext["status"] = "run"
+    else:
+        ext.update(status="not run", reason=f"no training answer has {cfg.min_answer_tokens}+ tokens (labels only)")
+
+    can: dict = {"definition": canary_probe.DEFINITION}
+    if tasks:
+        entries = canary_doc["canaries"]
+        per = []
+        for t, a, b in zip(tasks, results["adapter"]["canaries"], results["base"]["canaries"]):
+            per.append({"row_id": t.row_id, "format": entries[t.index].get("format") or canary_doc.get("format"),
+                        "adapter": a, "base": b})
+        can.update(status="run", file=str(canary_path), count=len(tasks), candidates=cfg.candidates,
+                   max_possible=round(math.log2(cfg.candidates), 4),
+                   adapter=canary_probe.summarise([p["adapter"] for p in per]),
+                   base=canary_probe.summarise([p["base"] for p in per]), per_canary=per)
+        if cfg.max_canary_exposure is not None and cfg.max_canary_exposure >= math.log2(cfg.candidates):
+            can["warning"] = (f"max_canary_exposure {cfg.max_canary_exposure} bits cannot be exceeded with "
+                              f"R={cfg.candidates} candidates (at most {math.log2(cfg.candidates):.2f}); raise --candidates")
+    else:
+        can.update(status="not run", reason="no canaries file (build with `gemtune data build --canaries N`)")
+
+    pii: dict = {"engine": cfg.pii_engine, "temperature": cfg.temperature, "top_k": cfg.top_k,
+                 "max_new_tokens": cfg.pii_max_new_tokens, "known_values": known.count(),
+                 "known_sources": known.sources, "raw_inputs_missing": known.missing}
+    if pii_ids:
+        pii["status"] = "run"
+        for k in ("adapter", "base"):
+            pii[k] = pii_probe.scan(results[k]["pii"], pii_ids, known, find, redact)
+            if secrets:
+                pii[k]["canary_secrets_in_samples"] = pii_probe.secrets_in(results[k]["pii"], secrets)
+            for row in pii[k]["examples"]:
+                row["output_redacted"] = _mask_secrets(row["output_redacted"], secrets)
+    else:
+        pii.update(status="not run", reason="pii_samples is 0 or no training row has a prompt")
+
+    checks = evaluate_checks(cfg, ext, can, pii)
+    return {
+        "version": REPORT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "adapter": str(Path(adapter_dir).resolve()),
+        "base": base_name, "base_path": str(base_path),
+        "dataset": str(Path(data_dir).resolve()),
+        "config": cfg.model_dump(mode="json"),
+        "extraction": ext, "canaries": can, "pii": pii,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+
+
+def evaluate_checks(cfg: PrivacyConfig, ext: dict, can: dict, pii: dict) -> list[dict]:
+    """One row per threshold: the adapter's value, the base's for reference, the limit, the verdict."""
+    rows = []
+
+    def add(name, value, base_value, limit, unit, skipped_reason=None):
+        passed = True if value is None or limit is None else value <= limit
+        rows.append({"name": name, "adapter": value, "base": base_value, "limit": limit, "unit": unit,
+                     "passed": passed, **({"note": skipped_reason} if skipped_reason else {})})
+
+    if ext.get("status") == "run":
+        add("extraction rate", ext["adapter"]["extraction_rate"], ext["base"]["extraction_rate"],
+            cfg.max_extraction_rate, "share")
+    else:
+        add("extraction rate", None, None, cfg.max_extraction_rate, "share", "not run")
+    if can.get("status") == "run":
+        add("canary exposure (max)", can["adapter"]["max_exposure"], can["base"]["max_exposure"],
+            round(cfg.canary_limit(), 4), "bits")
+    else:
+        add("canary exposure (max)", None, None, round(cfg.canary_limit(), 4), "bits", "not run")
+    run = pii.get("status") == "run"
+    add("PII hits", pii["adapter"]["hits"] if run else None, pii["base"]["hits"] if run else None, cfg.max_pii_hits,
+        "values", None if run else "not run")
+    add("PII leaks (values from the data)", pii["adapter"]["leaks"] if run else None, pii["base"]["leaks"] if run else None,
+        cfg.max_pii_leaks, "values", None if run else "not run")
+    return rows
+
+
+def summary(report: dict) -> dict:
+    """The compact form stored under "privacy" in the adapter's gemtune.json (read by the card and the registry)."""
+    ext, can, pii = report["extraction"], report["canaries"], report["pii"]
+    s = {"passed": report["passed"], "created_at": report["created_at"], "report": report.get("report"),
+         "dataset": report["dataset"],
+         "checks": [{k: c[k] for k in ("name", "adapter", "base", "limit", "passed")} for c in report["checks"]],
+         "extraction": {"status": ext["status"], "sampled": ext["sampled"], "probes": ext["probes"],
+                        "near_similarity": report["config"]["near_similarity"]},
+         "canaries": {"status": can["status"]},
+         "pii": {"status": pii["status"]}}
+    if ext["status"] == "run":
+        for k in ("adapter", "base"):
+            s["extraction"][k] = {m: ext[k][m] for m in ("exact_rate", "extraction_rate", "mean_similarity")}
+    if can["status"] == "run":
+        s["canaries"].update(count=can["count"], candidates=can["candidates"], max_possible=can["max_possible"],
+                             adapter=can["adapter"], base=can["base"])
+    if pii["status"] == "run":
+        s["pii"].update(samples=pii["adapter"]["samples"], known_values=pii["known_values"],
+                        raw_inputs_missing=len(pii["raw_inputs_missing"]),
+                        **{k: {m: pii[k][m] for m in ("hits", "hits_by_type", "leaks", "leaks_by_type")}
+                           for k in ("adapter", "base")})
+    return s
+
+
+def write_sidecar(adapter_dir: Path, privacy: dict) -> None:
+    """Merge `privacy` into gemtune.json atomically, keeping what training and eval wrote there."""
+    from gemtune.evals.adapters import read_sidecar
+
+    side = read_sidecar(Path(adapter_dir))
+    side["privacy"] = privacy
+    atomic_write_json(Path(adapter_dir) / "gemtune.json", side)
+
+
+def enforce(report: dict) -> None:
+    """`GateFailed` (CLI exit 1) naming every check that failed."""
+    failed = [c for c in report["checks"] if not c["passed"]]
+    if failed:
+        parts = [f"{c['name']} {_fmt(c['adapter'], c['unit'])} > limit {_fmt(c['limit'], c['unit'])}" for c in failed]
+        where = f" (report: {report['report']})" if report.get("report") else ""
+        raise GateFailed("privacy probe failed: " + "; ".join(parts) + where)
+
+
+def _fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "share":
+        return f"{100 * v:.1f}%"
+    if unit == "bits":
+        return f"{v:.2f} bits"
+    return str(v)
