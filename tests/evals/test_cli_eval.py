@@ -66,3 +66,14 @@ def test_real_entry_point_exit_code(adapter3, tmp_path, suite_writer):
                        capture_output=True, text=True)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and r.stdout.strip().endswith("FAIL")
+
+
+def test_cli_rerun_with_no_cache_gives_identical_outputs(adapter4, tmp_path, cli, suite_writer):
+    suite = suite_writer(tmp_path / "s.jsonl", n=5)
+    args = ["eval", "--adapter", str(adapter4), "--suite", str(suite), "--max-new-tokens", "6", "--baseline", "none"]
+    assert cli(args + ["--out", str(tmp_path / "a")]) == 0
+    assert cli(args + ["--out", str(tmp_path / "b"), "--no-cache"]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
+    assert b["summary"]["generation"]["cases_generated"] == 5 and b["summary"]["generation"]["cache_hits"] == 0
+    assert [c["output"] for c in a["cases"]] == [c["output"] for c in b["cases"]]
+    assert [c["pass"] for c in a["cases"]] == [c["pass"] for c in b["cases"]]
