@@ -46,10 +46,11 @@ def train_cmd(
     hook = None
     if cfg.eval_every:
         from gemtune.evals.checkpoint import make_checkpoint_evaluator
+        from gemtune.evals.config import load_eval_config
 
         suite = eval_suite or (data / "eval.jsonl")
         hook = make_checkpoint_evaluator(suite, cfg.base, baseline="base", gate=gate, webhook=slack_webhook,
-                                         max_cases=eval_max_cases)
+                                         max_cases=eval_max_cases, config=load_eval_config(config))
     res = train(data, out, cfg, max_steps=max_steps, resume=resume, on_checkpoint=hook, console=console)
     if hook is not None:
         from gemtune.evals.checkpoint import mark_best

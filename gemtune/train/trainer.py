@@ -292,7 +292,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     opt = torch.optim.AdamW(params, lr=cfg.lr or get_preset(cfg.preset).lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", opt,
                           num_warmup_steps=math.ceil(cfg.warmup_ratio * horizon), num_training_steps=horizon)
-    wrapper, opt, sched = acc.prepare(wrapper, opt, sched)
+    # the scheduler stays unwrapped: accelerate's wrapper steps it once per process, which would make the
+    # learning rate depend on the number of processes
+    wrapper, opt = acc.prepare(wrapper, opt)
     peft_model = acc.unwrap_model(wrapper).model
 
     step = 0
@@ -382,7 +384,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
                "examples_per_s": round(examples_done * world / elapsed, 3), "time": round(time.time() - t_start, 2)}
         result.losses.append(loss)
         if cfg.eval_loss_every and eval_ex and step % cfg.eval_loss_every == 0:
-            rec["eval_loss"] = eval_loss(wrapper, eval_ex, pad_id, cfg.batch_size, acc)
+            rec["eval_loss"] = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size)
             result.eval_losses[step] = rec["eval_loss"]
             model.train()
         history.append(rec)
@@ -414,7 +416,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
 
     result.steps = step
     if main:
-        final_eval = eval_loss(wrapper, eval_ex, pad_id, cfg.batch_size, acc) if eval_ex else None
+        final_eval = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size) if eval_ex else None
         side = sidecar(cfg, base_path, meta, lora_cfg, step=step, trainable=trainable, total=total,
                        extra={"final_train_loss": result.losses[-1] if result.losses else None,
                               "final_eval_loss": final_eval})
@@ -441,7 +443,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
 
 
 @torch.no_grad()
-def eval_loss(wrapper, examples: list[Example], pad_id: int, batch_size: int, acc=None) -> float:
+def eval_loss(wrapper, examples: list[Example], pad_id: int, batch_size: int) -> float:
+    """Mean token loss on assistant tokens. Takes the unwrapped module: a DDP forward on one rank would wait
+    forever for the others."""
     wrapper.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
