@@ -1,42 +1,254 @@
-"""`gemtune demo`: the playbook end to end on the embedded default base.
+"""`gemtune demo`: the whole playbook on the embedded Gemma 3 270M and a sample support-ticket project.
 
-Each stage adds its step here as it lands; the closing table says what each step proved.
+data build (PII, dedup, frozen eval, generic mix, canaries) → GPU plan → train (default preset) with eval and the
+regression gate on every checkpoint → registry push + promote → an in-process OpenAI-compatible server answering for
+two adapter versions, an A/B split and a rollback → privacy probe → model card. The closing table says what each
+step proved. `--quick` trains fewer steps (≈5 min on 2 CPU cores); the adapter must still beat the base.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from gemtune.errors import GateFailed, UserError
 
-def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Console | None = None) -> list[tuple[str, str, float]]:
+PROJECT_FILES = ("tickets.jsonl", "generic.jsonl", "gemtune.yaml")
+
+
+@dataclass
+class Step:
+    name: str
+    proved: str
+    seconds: float
+    ok: bool = True
+
+
+def project_dir() -> Path:
+    return Path(str(files("gemtune").joinpath("demo_project")))
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        shutil.copyfile(project_dir() / name, dest / name)
+    return dest
+
+
+class _Timer:
+    def __init__(self, steps: list[Step], console: Console, name: str):
+        self.steps, self.console, self.name = steps, console, name
+
+    def __enter__(self):
+        self.t = time.time()
+        self.console.rule(f"[bold]{self.name}")
+        return self
+
+    def done(self, proved: str, ok: bool = True) -> None:
+        self.steps.append(Step(self.name, proved, time.time() - self.t, ok))
+
+
+def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Console | None = None,
+             steps_override: int | None = None) -> list[Step]:
     console = console or Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    proved: list[tuple[str, str, float]] = []
+    if out.exists() and any(out.iterdir()):
+        if not (out / ".gemtune-demo").exists():
+            raise UserError("output directory exists and is not a previous demo; choose another --out", file=str(out))
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / ".gemtune-demo").write_text("")
+    steps: list[Step] = []
+    t0 = time.time()
 
-    t = time.time()
-    from gemtune.base.provision import pull
+    # 1. base ------------------------------------------------------------------------------------------------
+    with _Timer(steps, console, "base") as s:
+        from gemtune.base.provision import pull
 
-    path = pull(progress=lambda m: console.print(f"[dim]{m}[/dim]"))
-    proved.append(("base pull", f"embedded Gemma 3 270M cached at {path}", time.time() - t))
+        base = pull(progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+        s.done(f"embedded Gemma 3 270M converted once and cached ({base})")
 
-    t = time.time()
-    from gemtune.base.generate import chat
-    from gemtune.base.loader import load_base
+    # 2. data ------------------------------------------------------------------------------------------------
+    with _Timer(steps, console, "data build") as s:
+        from gemtune.data.config import load_data_config
+        from gemtune.data.pipeline import build
 
-    model, tok = load_base(path)
-    answer = chat(model, tok, [{"role": "user", "content": "Name one primary colour."}], max_new_tokens=16)
-    proved.append(("chat", f"Gemma template round trip, answer: {answer[:60]!r}", time.time() - t))
+        proj = copy_project(out / "project")
+        dcfg = load_data_config(proj / "gemtune.yaml", {"generic": [str(proj / "generic.jsonl")], "base": str(base)})
+        data = out / "data"
+        report = build([proj / "tickets.jsonl"], data, dcfg)
+        c = report["counts"]
+        pii = sum(report.get("pii", {}).values())
+        console.print(f"{c['input_rows']} rows in: {c['quarantined']} quarantined, {c['exact_duplicates']} exact + "
+                      f"{c['near_duplicates']} near duplicates, {pii} PII values redacted; train {c['train']}, "
+                      f"eval {c['eval']} (frozen), generic {c['generic_added']}")
+        s.done(f"{c['quarantined']} bad rows quarantined with line numbers, {pii} PII values redacted, "
+               f"{c['exact_duplicates'] + c['near_duplicates']} duplicates removed, eval set of {c['eval']} frozen")
 
-    table = Table(title="gemtune demo: what each step proved")
-    table.add_column("step")
+    # 3. plan ------------------------------------------------------------------------------------------------
+    with _Timer(steps, console, "plan") as s:
+        from gemtune.train.plan import plan, shape_from_params
+
+        rows = []
+        for size in ("9b", "27b"):
+            p = plan(shape_from_params(size), method="qlora", seq_len=2048, batch=1)
+            fit = {f["gpu"]: f["count"] for f in p["fits"]}
+            rows.append(f"{size} QLoRA {p['total_gib']:.1f} GiB: A100-80GB x{fit.get('A100-80GB')}, "
+                        f"H100-80GB x{fit.get('H100-80GB')}, L4-24GB x{fit.get('L4-24GB')}")
+            console.print(rows[-1])
+        s.done("; ".join(rows))
+
+    # 4. train with eval + gate per checkpoint -----------------------------------------------------------------
+    with _Timer(steps, console, "train + eval per checkpoint") as s:
+        from gemtune.evals.checkpoint import make_checkpoint_evaluator, mark_best
+        from gemtune.evals.config import load_eval_config
+        from gemtune.train.config import load_train_config
+        from gemtune.train.trainer import train
+
+        n_steps = steps_override or (36 if quick else 90)
+        every = n_steps // 2
+        tcfg = load_train_config(proj / "gemtune.yaml", {"base": str(base), "max_steps": n_steps, "save_every": every,
+                                                         "eval_every": every})
+        ecfg = load_eval_config(proj / "gemtune.yaml")
+        hook = make_checkpoint_evaluator(data / "eval.jsonl", str(base), baseline="base", gate=ecfg.gate,
+                                         config=ecfg)
+        run = out / "run"
+        res = train(data, run, tcfg, on_checkpoint=hook, console=console)
+        best = mark_best(run)
+        hist = []
+        for ck in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+            summ = json.loads((ck / "eval" / "summary.json").read_text())
+            hist.append((ck.name, summ))
+        base_acc = hist[-1][1].get("baseline_accuracy", hist[-1][1].get("comparison", {}).get("baseline_accuracy"))
+        final = hist[-1][1]
+        acc = final.get("accuracy")
+        s.done(f"{res.steps} steps, loss {res.losses[0]:.2f}→{res.losses[-1]:.2f}; frozen-eval accuracy "
+               + ", ".join(f"{n} {h.get('accuracy', 0):.2f}" for n, h in hist)
+               + (f" vs base {base_acc:.2f}" if base_acc is not None else "")
+               + f"; best shippable: {best.get('checkpoint')}")
+
+    # 5. eval report of the final adapter (cached outputs from the checkpoint eval) ----------------------------
+    with _Timer(steps, console, "eval") as s:
+        from gemtune.evals.pipeline import run_eval
+
+        o = run_eval(str(res.adapter_dir), data / "eval.jsonl", out / "eval", baseline="base", config=ecfg,
+                     echo=console.print)
+        summ = o.summary
+        base_acc = (o.comparison or {}).get("baseline_accuracy", base_acc)
+        gain = (summ["accuracy"] - (base_acc or 0.0)) * 100
+        s.done(f"adapter {summ['accuracy']:.2f} vs base {base_acc:.2f} (+{gain:.0f} points), gate "
+               f"{'PASS' if o.gate is None or o.gate.passed else 'FAIL'}; report {out / 'eval' / 'report.html'}",
+               ok=gain >= 30)
+
+    # 6. registry --------------------------------------------------------------------------------------------
+    with _Timer(steps, console, "registry") as s:
+        from gemtune.registry.routes import RouteTable
+        from gemtune.registry.store import Registry
+
+        reg = Registry(out / "registry")
+        first_ck = run / hist[0][0]
+        v1 = reg.push("support-router", first_ck, force=not _shippable(first_ck))
+        v2 = reg.push("support-router", res.adapter_dir)
+        routes = RouteTable(reg)
+        routes.promote("support-router", v1.version)
+        routes.promote("support-router", v2.version)
+        s.done(f"support-router {v1.version} ({hist[0][0]}) and {v2.version} (final) stored immutable with sha256; "
+               f"prod → {v2.version}")
+
+    # 7. serve -----------------------------------------------------------------------------------------------
+    with _Timer(steps, console, "serve") as s:
+        proved = _serve_round_trip(out / "registry", str(base), data, console)
+        s.done(proved)
+
+    # 8. privacy probe + card ----------------------------------------------------------------------------------
+    _privacy_and_card(steps, console, out, res.adapter_dir, data, base)
+
+    table = Table(title=f"gemtune demo — {time.time() - t0:.0f} s, everything in {out}")
+    table.add_column("step", style="bold")
     table.add_column("proved")
-    table.add_column("seconds", justify="right")
-    for step, what, secs in proved:
-        table.add_row(step, what, f"{secs:.1f}")
+    table.add_column("s", justify="right")
+    for st in steps:
+        table.add_row(st.name, st.proved if st.ok else f"[red]{st.proved}[/red]", f"{st.seconds:.0f}")
     console.print(table)
-    return proved
+    (out / "demo.json").write_text(json.dumps([st.__dict__ for st in steps], indent=2))
+    failed = [st.name for st in steps if not st.ok]
+    if failed:
+        raise GateFailed(f"demo steps did not prove their point: {', '.join(failed)}")
+    return steps
+
+
+def _shippable(adapter_dir: Path) -> bool:
+    side = adapter_dir / "gemtune.json"
+    return bool(json.loads(side.read_text()).get("shippable", True)) if side.is_file() else True
+
+
+def _serve_round_trip(registry_dir: Path, base: str, data: Path, console: Console) -> str:
+    """A real HTTP server in this process: requests for both versions, an A/B split, a rollback."""
+    import httpx
+
+    from gemtune.registry.routes import RouteTable
+    from gemtune.registry.store import Registry
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+
+    recs = [json.loads(l) for l in (data / "eval.jsonl").read_text().splitlines()[:4]]
+    gw = build_gateway(str(registry_dir), base=base, max_batch=8, max_loras=4)
+    routes = RouteTable(Registry(registry_dir))
+    facts = []
+    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=120) as c:
+        def ask(model: str, rec: dict, user: str | None = None) -> tuple[str, str]:
+            body = {"model": model, "messages": rec["messages"][:-1], "max_tokens": 8, "temperature": 0}
+            if user:
+                body["user"] = user
+            r = c.post("/v1/chat/completions", json=body)
+            r.raise_for_status()
+            j = r.json()
+            return j["model"], j["choices"][0]["message"]["content"].strip()
+
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        served = [ask("support-router", r) for r in recs]
+        right = sum(out == r["messages"][-1]["content"] for (_, out), r in zip(served, recs))
+        console.print(f"prod answers: {[o for _, o in served]} (expected {[r['messages'][-1]['content'] for r in recs]})")
+        pinned = {ask(f"support-router@{v}", recs[0])[0] for v in ("v1", "v2")}
+        routes.split("support-router", "prod", {"v1": 50, "v2": 50})
+        time.sleep(0.5)
+        arms = {ask("support-router", recs[0], user=f"user-{i}")[0] for i in range(12)}
+        routes.rollback("support-router", "prod")  # undo the split
+        routes.rollback("support-router", "prod")  # and roll prod back to v1
+        time.sleep(0.5)
+        after = ask("support-router", recs[0])[0]
+        facts = [f"/v1/models lists {len(models)} models", f"prod routed {right}/{len(recs)} tickets right",
+                 f"pinned versions served by {sorted(pinned)}", f"A/B split served {sorted(arms)}",
+                 f"rollback → prod served by {after}"]
+    return "; ".join(facts)
+
+
+def _privacy_and_card(steps: list[Step], console: Console, out: Path, adapter: Path, data: Path, base: Path) -> None:
+    try:
+        from gemtune.card import write_card
+        from gemtune.privacy.probe import run_probe
+    except ImportError:
+        return
+    with _Timer(steps, console, "privacy probe") as s:
+        try:
+            rep = run_probe(adapter, data, out / "probe.json", base=str(base), samples=24)
+            s.done(_probe_line(rep))
+        except GateFailed as e:
+            s.done(f"probe threshold exceeded: {e}", ok=False)
+    with _Timer(steps, console, "model card") as s:
+        card = write_card(adapter, out / "MODEL_CARD.md", data=data, eval_dir=out / "eval")
+        s.done(f"{card} with base_model, library_name: peft, eval, privacy and residual risk")
+
+
+def _probe_line(rep: dict) -> str:
+    ex = rep.get("extraction", {})
+    ca = rep.get("canaries", {})
+    return (f"extraction adapter {ex.get('adapter', {}).get('rate', 'n/a')} vs base {ex.get('base', {}).get('rate', 'n/a')}; "
+            f"canary exposure max {ca.get('adapter', {}).get('max_exposure', 'n/a')} bits")
