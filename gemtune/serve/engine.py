@@ -486,8 +486,9 @@ class Engine:
                     handles.append(self.submit(GenRequest(prompt_ids=list(p), adapter=a, max_tokens=max_tokens, **kw)))
                     break
                 except QueueFull:
-                    pending = next(h for h in handles if not h.done)
-                    pending.result()
+                    pending = next((h for h in handles if not h.done), None)
+                    if pending is not None:
+                        pending.result()
         return [h.result()[0] for h in handles]
 
     def stats(self) -> dict:
