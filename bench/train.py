@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,24 @@ def run_trl(data: Path, out: Path, steps: int, batch: int) -> dict:
             "train_loss": out_metrics.training_loss}
 
 
+def accuracy(adapter: str, data: Path, out: Path, cases: int) -> dict:
+    """Frozen-eval routing accuracy of the adapter and of the base (greedy, label scorer)."""
+    from gemtune.evals.config import EvalConfig
+    from gemtune.evals.pipeline import run_eval
+
+    t = time.time()
+    o = run_eval(adapter, data / "eval.jsonl", out, baseline="base", config=EvalConfig(max_new_tokens=12),
+                 max_cases=cases, echo=lambda m: None)
+    comp = o.comparison or {}
+    return {"cases": cases, "adapter_accuracy": o.summary["accuracy"],
+            "base_accuracy": comp.get("baseline_accuracy"), "line": o.line, "seconds": time.time() - t}
+
+
 def child(which: str, data: Path, out: Path, steps: int, batch: int) -> None:
+    if which == "accuracy":
+        print("RESULT " + json.dumps(accuracy(str(out / "adapter"), data, out / "eval", int(os.environ["CASES"]))),
+              flush=True)
+        return
     t = time.time()
     res = run_gemtune(data, out, steps, batch) if which == "gemtune" else run_trl(data, out, steps, batch)
     res["wall_seconds"] = time.time() - t  # includes model load
@@ -110,7 +128,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--only", choices=["gemtune", "trl"])
-    ap.add_argument("--child", choices=["gemtune", "trl"])
+    ap.add_argument("--child", choices=["gemtune", "trl", "accuracy"])
+    ap.add_argument("--accuracy-cases", type=int, default=200, help="frozen-eval cases for adapter vs base accuracy")
     ap.add_argument("--data")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -128,6 +147,15 @@ def main() -> None:
             print(p.stdout[-3000:], p.stderr[-5000:])
             raise SystemExit(f"{which} failed")
         results[which] = json.loads(line[-1][7:])
+    if "gemtune" in results and a.accuracy_cases:
+        p = subprocess.run([sys.executable, __file__, "--child", "accuracy", "--data", str(data), "--out",
+                            str(tmp / "gemtune")], capture_output=True, text=True,
+                           env={**os.environ, "CASES": str(a.accuracy_cases)})
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            print(p.stderr[-3000:])
+            raise SystemExit("accuracy eval failed")
+        results["accuracy"] = json.loads(line[-1][7:])
     g, t = results.get("gemtune"), results.get("trl")
     print(f"\nbanking77 routing, Gemma 3 270M fp32, LoRA r{R} q/k/v/o, batch {a.batch}, {a.steps} steps, max_len {MAXLEN}")
     print(f"{'':22}{'gemtune':>12}{'TRL+PEFT':>12}{'ratio':>10}")
@@ -142,6 +170,10 @@ def main() -> None:
         r = ratio(gv, tv) if g and t else float("nan")
         summary[key] = {"gemtune": gv, "trl": tv, "ratio": r}
         print(f"{label:22}{gv:12.3f}{tv:12.3f}{r:10.2f}")
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        print(f"frozen-eval routing accuracy ({acc['cases']} cases, 77 intents): gemtune adapter "
+              f"{acc['adapter_accuracy']:.3f} vs base {acc['base_accuracy']:.3f}")
     out = write_result("train", {"config": {"steps": a.steps, "batch": a.batch, "train": a.train, "eval": a.eval,
                                             "rank": R, "alpha": ALPHA, "dropout": DROPOUT, "max_len": MAXLEN, "lr": LR},
                                  "results": results, "summary": summary,
