@@ -12,7 +12,8 @@ class AdapterError(UserError)                         # bad/incompatible adapter
 @dataclass class TokenEvent: token_id: int | None; text: str (incremental detokenised text);
     finish_reason: "stop" | "length" | "cancelled" | None; prompt_tokens: int; completion_tokens: int
 class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=64, max_queue=256,
-             max_model_len=2048, seed=0)
+             max_model_len=2048, seed=0,
+             prefill_chunk=256, prefill_budget=1024, prefix_share_min=8)   # tuning; defaults are fine
     .tokenizer .family .model_name
     .start() / .shutdown()                            # the background scheduler thread
     .load_adapter(key, path)                          # PEFT dir; hot; LRU-evicts beyond max_loras (never one in use)
@@ -20,7 +21,9 @@ class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=
     .loaded_adapters() -> list[str]
     .submit(GenRequest) -> Handle                     # thread-safe; UserError for bad limits, QueueFull when full
     .generate(prompts, adapters, max_tokens, **kw) -> list[str]     # synchronous batch helper (starts the engine)
-    .stats() -> dict                                  # queue depth, running, tokens, per-adapter counts (/metrics)
+    .stats() -> dict                                  # queue_depth, running, loaded_adapters, requests_total,
+                                                      # requests_finished{reason}, prompt/generated token totals,
+                                                      # prefix_shared_tokens_total, per_adapter{key: counts} (/metrics)
 Handle: `async for ev in handle` (from any asyncio loop, in any thread), `for ev in handle` (blocking),
         .cancel() (client disconnect: frees the batch slot at the next step), .result() -> (text, token_ids, reason)
 ```
@@ -37,6 +40,14 @@ layer with per-row LoRA deltas for whichever adapter each row uses (`lora_batch`
 preallocated KV cache (`kv_cache`), the LM head only on rows that need a next token (`engine_model`), then
 (4) picks tokens (greedy, or sampled with the request's own generator so a seeded request does not depend on its
 batch-mates) and streams events. Greedy outputs equal PEFT's greedy outputs for the same adapter alone.
+
+Prefix sharing: a new request whose prompt starts like a running request's (same adapter) copies those positions'
+keys/values from that row instead of recomputing them (a shared system prompt is computed once per adapter).
+Exact: the copied values are what the new row would compute. The fp32 LM head's greedy argmax is screened in bf16
+and confirmed in fp32 with a proven error bound (`engine_sampling`), so it too stays exact.
+
+CPU note: on a machine shared with other busy processes, set OMP_WAIT_POLICY=PASSIVE before torch is imported:
+OpenMP's default spin-waiting then makes multi-threaded GEMMs many times slower (bench/serve.py does this).
 """
 
 from __future__ import annotations
@@ -225,7 +236,7 @@ class _Seq:
     """Scheduler-side state of one request."""
 
     __slots__ = ("req", "handle", "adapter_key", "uid", "prompt", "out", "n_cached", "stop", "gen", "detok",
-                 "cancelled", "finished", "completion", "submitted")
+                 "cancelled", "finished", "completion")
 
     def __init__(self, req: GenRequest, uid: str | None, stop: set[int], gen: torch.Generator | None, detok):
         self.req = req
@@ -240,12 +251,7 @@ class _Seq:
         self.cancelled = False
         self.finished = False
         self.completion = 0
-        self.submitted = time.monotonic()
         self.handle: Handle | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_cached < len(self.prompt)
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -298,8 +304,7 @@ class Engine:
                        "prefix_shared_tokens": 0}
         self._per_adapter: dict[str, dict[str, int]] = {}
         self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (decode rows, prefill tokens, seconds)
-        self._rate = 0.0  # finished requests per second (EMA), for Retry-After
-        self._last_finish = time.monotonic()
+        self._finish_times: deque[float] = deque(maxlen=256)  # recent completions, for Retry-After
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> "Engine":
@@ -467,10 +472,14 @@ class Engine:
             self._finish(seq, "cancelled")
 
     def _retry_after(self) -> float:
-        """Seconds until the queue has probably drained by one batch, from the recent completion rate."""
-        rate = self._rate
-        if rate <= 0:
+        """Seconds until the queue has probably drained, from the recent completion rate (lock held)."""
+        times, now = self._finish_times, time.monotonic()
+        while times and times[0] < now - 60:  # only the last minute says how fast we drain now
+            times.popleft()
+        span = now - times[0] if times else 0.0
+        if len(times) < 2 or span <= 0:
             return 1.0
+        rate = len(times) / span
         return float(min(30.0, max(0.5, len(self._waiting) / rate)))
 
     # -------------------------------------------------------------------------------------------- helpers
@@ -734,8 +743,5 @@ class Engine:
             pa["requests"] += 1
             pa["generated_tokens"] += s.completion
             pa["prompt_tokens"] += len(s.prompt)
-            now = time.monotonic()
-            gap = max(now - self._last_finish, 1e-3)
-            self._rate = 0.9 * self._rate + 0.1 * (1.0 / gap) if self._rate else 1.0 / gap
-            self._last_finish = now
+            self._finish_times.append(time.monotonic())
         s.handle._push(TokenEvent(last_token, text, reason, len(s.prompt), s.completion))

@@ -366,3 +366,33 @@ def test_bfloat16_engine_generates(tiny_gemma3, tmp_path):
         a = eng.generate([prompt("bf16")] * 2, [None, "b"], 16, ignore_eos=True)
         b = eng.generate([prompt("bf16")] * 2, [None, "b"], 16, ignore_eos=True)
     assert a == b and a[0] != a[1] and all(len(t) > 0 for t in a)
+
+
+@pytest.mark.parametrize("n_tokens", [12, 300])  # decode-sized batch (masked layout), prefill-sized (grouped)
+def test_multi_lora_linear_matches_per_token_reference(n_tokens):
+    """Each token gets exactly its own adapter's delta (or none), in both LoRA layouts."""
+    import torch.nn as nn
+
+    from gemtune.serve.lora_batch import LoadedAdapter, LoRAContext, LoRAPack, MultiLoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=False)
+    ctx = LoRAContext()
+    lin = MultiLoRALinear(base, "m", ctx)
+    ads = []
+    for i, r in enumerate((4, 8, 2)):
+        a, bt = torch.randn(r, 24), torch.randn(r, 40) * (i + 1)
+        ads.append(LoadedAdapter(key=f"k{i}", path="", rank=r, A={"m": a}, BT={"m": bt}))
+    pack = LoRAPack.build(ads, {"m": lin}, torch.float32)
+    keys = [(None, "k0", "k1", "k2")[i % 4] for i in range(n_tokens)]
+    x = torch.randn(n_tokens, 24)
+    ctx.set(pack, keys, torch.float32)
+    assert (ctx.perm is not None) == (n_tokens == 300)
+    with torch.inference_mode():
+        got = lin(x)
+    ref = base(x).detach()
+    for t, k in enumerate(keys):
+        if k is not None:
+            ad = ads[int(k[1])]
+            ref[t] += (x[t] @ ad.A["m"].T) @ ad.BT["m"]
+    assert torch.allclose(got, ref, atol=1e-5)
