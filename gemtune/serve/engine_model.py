@@ -63,7 +63,7 @@ class ModelRunner:
     """Owns the base model (wrapped in place), the KV cache and the per-step attention bookkeeping."""
 
     def __init__(self, model, *, max_batch: int, max_model_len: int, prefill_chunk: int = 256,
-                 screen_head: bool = True):
+                 screen_head: bool = True, prepack: bool = True):
         self.model = model.requires_grad_(False)
         self.text, self.lm_head, self.config, prefix = text_parts(model)
         self.family = self.config.model_type
@@ -75,6 +75,7 @@ class ModelRunner:
         self.prefill_chunk = min(prefill_chunk, max_model_len)
         self.lora = LoRAContext()
         self.linears: dict[str, MultiLoRALinear] = wrap_linears(self.text.layers, f"{prefix}.layers", self.lora)
+        self.prepacked = prepack and self.device.type == "cpu" and all([m.prepack() for m in self.linears.values()])
         self.is_gemma4 = self.family.startswith("gemma4")
         self.layer_types: list[str] = list(self.config.layer_types)
         self.specs = self._layer_specs()
