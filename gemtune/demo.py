@@ -231,24 +231,31 @@ def _serve_round_trip(registry_dir: Path, base: str, data: Path, console: Consol
 
 
 def _privacy_and_card(steps: list[Step], console: Console, out: Path, adapter: Path, data: Path, base: Path) -> None:
-    try:
-        from gemtune.card import write_card
-        from gemtune.privacy.probe import run_probe
-    except ImportError:
-        return
+    from gemtune.card import write_card
+    from gemtune.privacy.config import PrivacyConfig
+    from gemtune.privacy.probe import enforce, run_probe
+
     with _Timer(steps, console, "privacy probe") as s:
+        rep = run_probe(adapter, data, out / "probe.json", base=str(base),
+                        config=PrivacyConfig(samples=24, pii_samples=8), progress=lambda m: console.print(f"[dim]{m}[/dim]"))
         try:
-            rep = run_probe(adapter, data, out / "probe.json", base=str(base), samples=24)
+            enforce(rep)
             s.done(_probe_line(rep))
         except GateFailed as e:
-            s.done(f"probe threshold exceeded: {e}", ok=False)
+            s.done(f"{_probe_line(rep)} — {e}", ok=False)
     with _Timer(steps, console, "model card") as s:
-        card = write_card(adapter, out / "MODEL_CARD.md", data=data, eval_dir=out / "eval")
-        s.done(f"{card} with base_model, library_name: peft, eval, privacy and residual risk")
+        card = write_card(adapter, out / "MODEL_CARD.md", data=data, eval_dir=out / "eval", probe=out / "probe.json")
+        s.done(f"{card}: base_model, library_name: peft, eval vs base with significance, probe numbers, residual risk")
 
 
 def _probe_line(rep: dict) -> str:
-    ex = rep.get("extraction", {})
-    ca = rep.get("canaries", {})
-    return (f"extraction adapter {ex.get('adapter', {}).get('rate', 'n/a')} vs base {ex.get('base', {}).get('rate', 'n/a')}; "
-            f"canary exposure max {ca.get('adapter', {}).get('max_exposure', 'n/a')} bits")
+    ext, can = rep.get("extraction", {}), rep.get("canaries", {})
+    parts = []
+    if ext.get("status") == "run":
+        parts.append(f"extraction rate adapter {ext['adapter']['extraction_rate']:.2f} vs base "
+                     f"{ext['base']['extraction_rate']:.2f}")
+    if can.get("status") == "run":
+        a, b = can.get("adapter") or {}, can.get("base") or {}
+        parts.append(f"canary exposure adapter {a.get('max_exposure', float('nan')):.1f} vs base "
+                     f"{b.get('max_exposure', float('nan')):.1f} bits")
+    return "; ".join(parts) or "probe ran"
