@@ -83,7 +83,9 @@ class ModelRunner:
         self.rope = self._rope_tables()
         self.has_ple = bool(getattr(self.config, "hidden_size_per_layer_input", 0)) and self.is_gemma4
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        self.screened_head = None
+        self.screened_head = self.head_packed = None
+        if self.dtype == torch.bfloat16 and self.prepacked:  # a bf16 model's head: same numbers, blocked layout
+            self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.weight.detach(), None)
         if self.dtype == torch.float32 and screen_head:
             from gemtune.serve.engine_sampling import ScreenedHead
 
@@ -141,7 +143,10 @@ class ModelRunner:
             self.lora.clear()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        if self.head_packed is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "")
+        else:
+            logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

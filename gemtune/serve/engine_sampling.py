@@ -45,10 +45,16 @@ class ScreenedHead:
     def __init__(self, weight: torch.Tensor, softcap: float | None = None, k: int = SCREEN_K):
         self.weight = weight  # [V, H] fp32
         self.softcap = softcap  # monotone, but applied before tie-breaking exactly as the full head would
-        self.wb = weight.to(torch.bfloat16)
+        wb = weight.to(torch.bfloat16)
+        self.dwmax = float((weight - wb.float()).norm(dim=1).max())  # the weights' own rounding residual
+        self.wb, self.packed = wb, None
+        try:  # oneDNN's blocked layout: the same numbers, ~18% less CPU than F.linear on this 262k x 640 GEMM
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(wb, None)
+            self.wb = None
+        except (RuntimeError, AttributeError):
+            pass
         self.k = min(k, weight.shape[0])
         self.wmax = float(weight.norm(dim=1).max())
-        self.dwmax = float((weight - self.wb.float()).norm(dim=1).max())  # the weights' own rounding residual
         self.acc = 2 * weight.shape[1] * 2.0 ** -24  # fp32 accumulation, screen and recomputation
         self.fallbacks = 0
 
@@ -62,7 +68,10 @@ class ScreenedHead:
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
         """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics)."""
         hb = h.to(torch.bfloat16)
-        lb = F.linear(hb, self.wb)  # bf16 output: rounded, relative error <= 2^-8
+        if self.packed is not None:  # bf16 output: rounded, relative error <= 2^-8
+            lb = torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
+        else:
+            lb = F.linear(hb, self.wb)
         vals, idx = lb.topk(self.k, dim=-1)  # descending; bf16 topk is 4x faster than on a float copy
         vals = vals.float()
         e = self.bound(h, hb)
