@@ -170,7 +170,10 @@ class Handle:
         self._cond.notify_all()
         waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # the consumer's loop is closed (client gone): nobody to wake
+                pass
 
     # -- consumer side
     @property
