@@ -10,9 +10,12 @@ are the ground truth. Same corpus, same process run, for both systems:
 - baseline: what a user writes with datasketch alone — `MinHash(num_perm=128)` per row over the same shingles,
   `MinHashLSH(threshold=0.8)`, query-then-insert in input order, no verification.
 
-Quality: recall = planted copies flagged / planted; planted precision = flagged rows that are planted copies /
-flagged rows; pair precision = flagged (row, match) pairs whose exact Jaccard ≥ 0.8. Scaling: full builds at
-25k / 50k / 100k rows.
+Quality: recall = planted copies flagged / planted; recall (first occurrence) = the same over planted copies whose
+original is not itself a near-duplicate of an earlier row (otherwise keeping the copy can be right: it may be
+< 0.8 from the row its original duplicates); planted precision = flagged rows that are planted copies / flagged
+rows (accidental near-duplicates in the corpus count against it); pair precision = flagged (row, match) pairs whose
+exact Jaccard ≥ 0.8, i.e. meeting the definition. Scaling: full builds at 25k / 50k / 100k rows, reported per
+row without the fixed cost of loading the tokenizer.
 
     .venv/bin/python bench/data.py [--rows 100000] [--scaling 25000,50000,100000] [--planted 0.08]
 """
@@ -161,8 +164,10 @@ def write_csv(rows, path: Path) -> None:
         w.writerows(rows)
 
 
-def quality(flagged: dict[int, int], planted: dict[int, int], texts: list[str]) -> dict:
-    """flagged: {row: matched earlier row}."""
+def quality(flagged: dict[int, int], planted: dict[int, int], texts: list[str], first: set[int]) -> dict:
+    """flagged: {row: matched earlier row}. `first`: planted copies whose original is a first occurrence (has no
+    near-duplicate earlier in the corpus); a copy of an original that is itself a duplicate may rightly be kept
+    when it is not within 0.8 of the row that original duplicates, so recall is also given over `first`."""
     tp = sum(1 for r in flagged if r in planted)
     keys = {}
 
@@ -173,6 +178,7 @@ def quality(flagged: dict[int, int], planted: dict[int, int], texts: list[str]) 
 
     pair_ok = sum(1 for r, m in flagged.items() if m is not None and jaccard(sh(r), sh(m)) >= 0.8)
     return {"flagged": len(flagged), "planted": len(planted), "recall": round(tp / max(1, len(planted)), 4),
+            "recall_first_occurrence": round(sum(1 for r in first if r in flagged) / max(1, len(first)), 4),
             "planted_precision": round(tp / max(1, len(flagged)), 4), "pair_precision": round(pair_ok / max(1, len(flagged)), 4)}
 
 
@@ -180,11 +186,7 @@ def run_gemtune_dedup(texts: list[str]) -> tuple[dict[int, int], float]:
     t = time.perf_counter()
     keys = [normalise_key(x) for x in texts]
     nd = NearDup(keys)
-    flagged = {}
-    for i in range(len(keys)):
-        v = nd.check(i)
-        if v.status == "near":
-            flagged[i] = v.match
+    flagged = {i: v.match for i, v in enumerate(nd.check_many(range(len(keys)))) if v.status == "near"}
     return flagged, time.perf_counter() - t
 
 
@@ -244,7 +246,13 @@ def main() -> None:
 
     g_flag, g_dedup_s = run_gemtune_dedup(texts)
     b_flag, b_s = run_baseline(texts)
-    gq, bq = quality(g_flag, planted, texts), quality(b_flag, planted, texts)
+    # Originals that are near-duplicates of an earlier row, by exact Jaccard (gemtune's matches are verified
+    # pairs, i.e. facts about the corpus; the baseline's are re-checked exactly).
+    dup_originals = {r for r, m in g_flag.items()} | {r for r, m in b_flag.items()
+                                                      if jaccard(shingles(normalise_key(texts[r])),
+                                                                 shingles(normalise_key(texts[m]))) >= 0.8}
+    first = {c for c, o in planted.items() if o not in dup_originals}
+    gq, bq = quality(g_flag, planted, texts, first), quality(b_flag, planted, texts, first)
 
     sizes = sorted({int(x) for x in args.scaling.split(",") if x} | {args.rows})
     scaling = []
@@ -252,7 +260,9 @@ def main() -> None:
         for n in sizes:
             sub_rows, _ = (rows, planted) if n == args.rows else make_corpus(base, n, args.planted)
             secs, report = full_build(sub_rows, Path(d), str(n))
+            fixed = report["timings_s"].get("tokenizer", 0.0)  # loading the 262k tokenizer: the same at any size
             scaling.append({"rows": n, "seconds": round(secs, 2), "rows_per_s": round(n / secs), "us_per_row": round(1e6 * secs / n, 1),
+                            "fixed_s": round(fixed, 2), "us_per_row_excl_fixed": round(1e6 * (secs - fixed) / n, 1),
                             "stages_s": report["timings_s"], "near_duplicates": report["counts"]["near_duplicates"]})
             print(f"  full build {n:>7,} rows: {secs:6.1f} s  ({n / secs:,.0f} rows/s)  stages {report['timings_s']}")
     full = next(s for s in scaling if s["rows"] == args.rows)
@@ -261,13 +271,14 @@ def main() -> None:
     print(f"{'':34}{'gemtune':>14}{'datasketch':>14}{'ratio':>10}")
     print(f"{'dedup time (s)':34}{g_dedup_s:>14.2f}{b_s:>14.2f}{b_s / g_dedup_s:>9.2f}x")
     print(f"{'dedup rows/s':34}{len(rows) / g_dedup_s:>14,.0f}{len(rows) / b_s:>14,.0f}")
-    for k in ("recall", "planted_precision", "pair_precision"):
+    for k in ("recall", "recall_first_occurrence", "planted_precision", "pair_precision"):
         print(f"{'near-dup ' + k.replace('_', ' '):34}{gq[k]:>14.4f}{bq[k]:>14.4f}")
     print(f"{'full build time (s), ' + format(args.rows, ','):34}{full['seconds']:>14.2f}{'—':>14}")
     print(f"{'full build rows/s':34}{full['rows_per_s']:>14,}")
-    per_row = [s["us_per_row"] for s in scaling]
-    print(f"scaling (µs/row): " + ", ".join(f"{s['rows']:,}: {s['us_per_row']}" for s in scaling)
-          + f"  → max/min {max(per_row) / min(per_row):.2f}")
+    per_row = [s["us_per_row_excl_fixed"] for s in scaling]
+    print("scaling, µs/row without the fixed tokenizer load: "
+          + ", ".join(f"{s['rows']:,}: {s['us_per_row_excl_fixed']}" for s in scaling)
+          + f"  → max/min {max(per_row) / min(per_row):.2f} (1.00 = perfectly linear)")
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
     p = write_result("data", {
         "rows": len(rows), "planted": len(planted),
@@ -276,7 +287,8 @@ def main() -> None:
         "datasketch_baseline": {"dedup_s": round(b_s, 2), "dedup_rows_per_s": round(len(rows) / b_s), **bq,
                                 "config": "MinHash(num_perm=128) + MinHashLSH(threshold=0.8), no verification"},
         "dedup_speed_ratio": round(b_s / g_dedup_s, 2),
-        "scaling": scaling, "target_full_build_s": 60, "peak_rss_gib": round(peak_rss_gib(), 2),
+        "scaling": scaling, "linearity_max_over_min_us_per_row": round(max(per_row) / min(per_row), 2),
+        "target_full_build_s": 60, "peak_rss_gib": round(peak_rss_gib(), 2),
     })
     print(f"wrote {p}")
 

@@ -24,6 +24,10 @@ import numpy as np
 SHINGLE = 5
 NUM_PERM = 80
 BANDS, ROWS = 20, 4
+# Most rows one LSH bucket keeps. Only rows that share boilerplate yet are not near-duplicates of each other can
+# fill a bucket (near-duplicates are dropped, never indexed); capping keeps the work per row bounded on such data.
+# A true pair is lost only if *every* band it shares (≈ 8 of 20 at Jaccard 0.8) is a full bucket.
+BUCKET_CAP = 100
 _M64 = (1 << 64) - 1
 _NON_KEY = re.compile(r"[^\w\s]|_")
 
@@ -188,21 +192,35 @@ class _SortedIndex:
     merged in with one `np.insert` (a memmove), so indexing n rows costs O(n) per block instead of n dict ops.
     """
 
-    def __init__(self):
+    def __init__(self, cap: Optional[int] = None):
         self.keys = np.zeros(0, dtype=np.uint64)
         self.rows = np.zeros(0, dtype=np.int64)
+        self.cap = cap
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def add(self, rows: np.ndarray, keys: np.ndarray) -> None:
-        """rows (m,), keys (m, bands): every (key, row) pair goes in."""
+        """rows (m,), keys (m, bands): every (key, row) pair goes in (buckets already holding `cap` stay as they are)."""
         if not len(rows):
             return
         k = keys.ravel()
         r = np.repeat(rows.astype(np.int64), keys.shape[1])
         order = np.argsort(k, kind="stable")
-        k, r = k[order], r[order]
+        self._insert_sorted(k[order], r[order])
+
+    def merge(self, other: "_SortedIndex") -> None:
+        self._insert_sorted(other.keys, other.rows)
+
+    def _insert_sorted(self, k: np.ndarray, r: np.ndarray) -> None:
+        if not len(k):
+            return
+        if self.cap is not None:
+            have = np.searchsorted(self.keys, k, side="right") - np.searchsorted(self.keys, k, side="left")
+            first = np.r_[True, k[1:] != k[:-1]]
+            rank = np.arange(len(k)) - np.maximum.accumulate(np.where(first, np.arange(len(k)), 0))
+            ok = have + rank < self.cap
+            k, r = k[ok], r[ok]
         at = np.searchsorted(self.keys, k, side="right")
         self.keys = np.insert(self.keys, at, k)
         self.rows = np.insert(self.rows, at, r)
@@ -237,7 +255,8 @@ class NearDup:
     """
 
     def __init__(self, keys: Sequence[str], *, scopes: Optional[Sequence[str]] = None, threshold: float = 0.8,
-                 num_perm: int = NUM_PERM, bands: int = BANDS, rows: int = ROWS, seed: int = 1):
+                 num_perm: int = NUM_PERM, bands: int = BANDS, rows: int = ROWS, seed: int = 1,
+                 bucket_cap: Optional[int] = BUCKET_CAP):
         if bands * rows > num_perm:
             raise ValueError("bands * rows must not exceed num_perm")
         self.keys = list(keys)
@@ -254,7 +273,7 @@ class NearDup:
         self._eval_exact: dict[str, int] = {}
         self._eval = _SortedIndex()
         self._exact: dict[str, int] = {}
-        self._index = _SortedIndex()
+        self._index = _SortedIndex(cap=bucket_cap)
         # A candidate whose signature agreement is far below the threshold cannot reach it: at Jaccard 0.8 the
         # 80-permutation estimate has sd 0.045, so a cut 0.2 lower loses a true pair with probability ~1e-5.
         self._min_equal = int(np.ceil(max(0.0, threshold - 0.2) * num_perm))
@@ -277,50 +296,119 @@ class NearDup:
         return self.keys[i] if self.scopes is None else f"{self.scopes[i]}\x00{self.keys[i]}"
 
     # -- candidate verification
-    def _verified(self, src: np.ndarray, dst: np.ndarray) -> dict[int, list[tuple[int, float]]]:
-        """{row: [(candidate, jaccard), ...] ascending by candidate} for pairs that truly meet the threshold.
-
-        Signature agreement (vectorised, repeats and all) discards the far pairs; exact Jaccard decides the rest.
-        """
+    def _close(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unique (row, candidate) pairs whose signature agreement could reach the threshold, grouped by row and,
+        within a row, most-agreeing candidate first (so the first verified candidate is usually the first tried)."""
         if not src.size:
-            return {}
-        keep = np.empty(len(src), dtype=bool)
+            return src, dst
+        agree = np.empty(len(src), dtype=np.int64)
         step = 1 << 16
         for lo in range(0, len(src), step):
             a, b = src[lo:lo + step], dst[lo:lo + step]
-            keep[lo:lo + step] = np.count_nonzero(self.sig8[a] == self.sig8[b], axis=1) >= self._min_equal
+            agree[lo:lo + step] = np.count_nonzero(self.sig8[a] == self.sig8[b], axis=1)
+        keep = agree >= self._min_equal
+        src, dst, agree = src[keep], dst[keep], agree[keep]
         n = len(self.keys)
-        code = np.unique(src[keep] * n + dst[keep])  # sorted by (row, candidate)
-        out: dict[int, list[tuple[int, float]]] = {}
-        for i, j in zip((code // n).tolist(), (code % n).tolist()):
-            a, b = self._set(i), self._set(j)
-            inter = len(a & b)
-            s = inter / (len(a) + len(b) - inter)
+        code, first = np.unique(src * n + dst, return_index=True)  # a pair sharing k bands was listed k times
+        src, dst, agree = code // n, code % n, agree[first]
+        order = np.lexsort((dst, -agree, src))
+        return src[order], dst[order]
+
+    def _jaccard(self, i: int, j: int) -> float:
+        a, b = self._set(i), self._set(j)
+        inter = len(a & b)
+        return inter / (len(a) + len(b) - inter)
+
+    def _first_matches(self, src: np.ndarray, dst: np.ndarray) -> dict[int, tuple[int, float]]:
+        """{row: (a candidate meeting the threshold — the most agreeing one that does —, jaccard)}."""
+        src, dst = self._close(src, dst)
+        out: dict[int, tuple[int, float]] = {}
+        for i, j in zip(src.tolist(), dst.tolist()):
+            if i in out:
+                continue
+            s = self._jaccard(i, j)
             if s >= self.threshold:
-                out.setdefault(i, []).append((j, s))
+                out[i] = (j, s)
         return out
 
-    def _block_pairs(self, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pairs (later, earlier) among one block's rows that share a band key."""
-        if len(live) < 2:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    def _run_pairs(self, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Band-sharing pairs (later, earlier) among `live`, or only their count when there are too many to list."""
         keys = self._scoped[live].ravel()
         owner = np.repeat(live, self._scoped.shape[1])
         order = np.lexsort((owner, keys))
         keys, owner = keys[order], owner[order]
+        brk = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+        sizes = np.diff(brk)
+        total = int((sizes * (sizes - 1) // 2).sum())
+        if total > self._pair_budget(len(live)):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), total
         src: list[int] = []
         dst: list[int] = []
-        same = np.flatnonzero(keys[1:] == keys[:-1])
-        if same.size:
-            brk = np.r_[True, same[1:] != same[:-1] + 1]
-            starts = same[brk]
-            ends = np.r_[same[np.r_[brk[1:], True]]] + 2
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                members = owner[s:e].tolist()  # ascending row order within a run
-                for x in range(1, len(members)):
-                    src.extend([members[x]] * x)
-                    dst.extend(members[:x])
-        return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        for s, m in zip(brk[:-1][sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+            members = owner[s:s + m].tolist()  # ascending row order within a run
+            for x in range(1, m):
+                src.extend([members[x]] * x)
+                dst.extend(members[:x])
+        return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64), total
+
+    @staticmethod
+    def _pair_budget(n: int) -> int:
+        return max(20_000, 64 * n)
+
+    def _near_pass(self, live: list[int], local: _SortedIndex, verdicts: dict[int, Verdict]) -> None:
+        """Resolve `live` rows (in order) against kept rows of earlier blocks, of this block (`local`), and each other.
+
+        Rows matching an already-kept row are settled by a vectorised lookup. The rest are compared among
+        themselves; when they are so alike that listing their pairs would be quadratic (templated text), the
+        rows are split in halves and the first half's survivors join `local` before the second half is looked up:
+        similar rows then meet the few kept ones instead of each other, and the work stays linear.
+        """
+        if not live:
+            return
+        arr = np.asarray(live, dtype=np.int64)
+        s1, d1 = self._index.pairs(arr, self._scoped[arr])
+        s2, d2 = local.pairs(arr, self._scoped[arr])
+        found = self._first_matches(np.concatenate([s1, s2]), np.concatenate([d1, d2]))
+        rest = []
+        for i in live:
+            m = found.get(i)
+            if m is not None:
+                verdicts[i] = Verdict("near", m[0], m[1])
+            else:
+                rest.append(i)
+        if not rest:
+            return
+        rarr = np.asarray(rest, dtype=np.int64)
+        src, dst, total = self._run_pairs(rarr) if len(rest) > 1 else (np.zeros(0, np.int64),) * 2 + (0,)
+        if total > self._pair_budget(len(rest)):
+            half = len(rest) // 2
+            self._near_pass(rest[:half], local, verdicts)
+            self._near_pass(rest[half:], local, verdicts)
+            return
+        # Candidate edges among `rest`, then in-order resolution: a row is a near-duplicate when it verifies against
+        # a row kept before it (candidates tried most-agreeing first).
+        src, dst = self._close(src, dst)
+        edges: dict[int, list[int]] = {}
+        for i, j in zip(src.tolist(), dst.tolist()):
+            edges.setdefault(i, []).append(j)
+        kept = self._kept
+        new = []
+        for i in rest:
+            match = None
+            for j in edges.get(i, ()):
+                if kept[j]:
+                    s = self._jaccard(i, j)
+                    if s >= self.threshold:
+                        match = (j, s)
+                        break
+            if match is not None:
+                verdicts[i] = Verdict("near", match[0], match[1])
+            else:
+                kept[i] = True
+                new.append(i)
+                verdicts[i] = Verdict("kept")
+        new_arr = np.asarray(new, dtype=np.int64)
+        local.add(new_arr, self._scoped[new_arr])
 
     # -- public
     def add_eval(self, rows) -> None:
@@ -330,7 +418,7 @@ class NearDup:
         self._eval.add(rows, self.bk[rows])
 
     def match_eval_many(self, rows: Sequence[int]) -> dict[int, tuple[int, float]]:
-        """{row: (eval row, jaccard)} for the rows that duplicate a frozen eval row (the earliest such eval row)."""
+        """{row: (eval row, jaccard)} for the rows that duplicate a frozen eval row (exactly, else the closest)."""
         hits: dict[int, tuple[int, float]] = {}
         pending = []
         for i in rows:
@@ -341,25 +429,24 @@ class NearDup:
                 pending.append(i)
         if pending and len(self._eval):
             arr = np.asarray(pending, dtype=np.int64)
-            near = self._verified(*self._eval.pairs(arr, self.bk[arr]))
-            for i, lst in near.items():
-                hits[i] = lst[0]
+            hits.update(self._first_matches(*self._eval.pairs(arr, self.bk[arr])))
         return hits
 
     def match_eval(self, i: int) -> Optional[tuple[int, float]]:
         return self.match_eval_many([i]).get(i)
 
     def check(self, i: int) -> Verdict:
+        """One row; for many rows use `check_many` (each kept row here costs a merge into the sorted index)."""
         return self.check_many([i])[0]
 
     def check_many(self, rows: Sequence[int], *, block: int = 4096,
                    progress: Optional[Callable[[int], None]] = None) -> list[Verdict]:
-        """Verdicts for `rows` in order, identical to classifying them one by one.
+        """Verdicts for `rows` in order: the greedy first-occurrence result of classifying them one by one (a row is
+        dropped when it verifies against a row kept before it; `match` is the kept row it duplicates).
 
-        Per block: candidates come from the index of rows kept in earlier blocks plus band collisions inside the
-        block; far pairs are dropped by one vectorised signature comparison and the rest verified by exact
-        Jaccard; then rows are resolved in order — a row is a near-duplicate of the earliest *kept* row it
-        verifies against. Only that resolution loops over rows in Python.
+        Per block of rows, candidate pairs come from band collisions with rows kept earlier (a sorted index) and
+        within the block; far pairs are dropped by one vectorised signature comparison, the rest verified by exact
+        Jaccard, most-agreeing candidate first, stopping at each row's first match.
         """
         out: list[Verdict] = []
         for start in range(0, len(rows), block):
@@ -384,22 +471,9 @@ class NearDup:
             else:
                 self._exact[ek] = i
                 live.append(i)
-        arr = np.asarray(live, dtype=np.int64)
-        s1, d1 = self._index.pairs(arr, self._scoped[arr])
-        s2, d2 = self._block_pairs(arr)
-        hits = self._verified(np.concatenate([s1, s2]), np.concatenate([d1, d2]))
-        kept = self._kept
-        new = []
-        for i in live:
-            match = next(((j, s) for j, s in hits.get(i, ()) if kept[j]), None)
-            if match is not None:
-                verdicts[i] = Verdict("near", match[0], match[1])
-            else:
-                kept[i] = True
-                new.append(i)
-                verdicts[i] = Verdict("kept")
-        new_arr = np.asarray(new, dtype=np.int64)
-        self._index.add(new_arr, self._scoped[new_arr])
+        local = _SortedIndex()
+        self._near_pass(live, local, verdicts)
+        self._index.merge(local)
         return [verdicts[i] for i in block]
 
 
