@@ -564,7 +564,8 @@ def residual_risk(src: Sources) -> str:
     if n["pii_status"] == "run":
         a, b = n["pii"]["adapter"], n["pii"]["base"]
         said.append(f"In {n['pii_samples']} sampled generations the adapter wrote {a.get('hits')} PII-shaped value(s) "
-                    f"(base: {b.get('hits')}); {a.get('leaks')} matched a value from the training data.")
+                    f"(base: {b.get('hits') if b else NOT_RUN}); {a.get('leaks')} matched a value from the training "
+                    "data.")
     else:
         said.append("PII regurgitation was not probed.")
     said.append("These probes test samples, greedy decoding and one sampling temperature; they show memorisation of "
@@ -596,18 +597,20 @@ def section_privacy(src: Sources) -> str:
     if n["can_status"] == "run":
         a, b = n["can"]["adapter"], n["can"]["base"]
         rows.append([f"canary exposure, max (bits, of {num(n['max_possible'])})", num(a.get("max_exposure")),
-                     num(b.get("max_exposure")), _limit(src, "canary exposure (max)", "bits"),
-                     _check_status(src, "canary exposure (max)")])
+                     num(b.get("max_exposure")), _limit(src, "canary exposure (max, rank)", "bits"),
+                     _check_status(src, "canary exposure (max, rank)")])
         rows.append(["canary exposure, mean (bits)", num(a.get("mean_exposure")), num(b.get("mean_exposure")), "", ""])
         rows.append(["canary exposure, max extrapolated (bits)", num(a.get("max_exposure_extrapolated")),
-                     num(b.get("max_exposure_extrapolated")), "", ""])
+                     num(b.get("max_exposure_extrapolated")), _limit(src, "canary exposure (max, extrapolated)", "bits"),
+                     _check_status(src, "canary exposure (max, extrapolated)")])
     else:
         rows.append(["canary exposure", NOT_RUN, NOT_RUN, "", NOT_RUN])
     if n["pii_status"] == "run":
         a, b = n["pii"]["adapter"], n["pii"]["base"]
-        rows.append(["PII values in sampled generations", num(a.get("hits")), num(b.get("hits")),
+        bh, bl = (num(b.get("hits")), num(b.get("leaks"))) if b else (NOT_RUN, NOT_RUN)
+        rows.append(["PII values in sampled generations", num(a.get("hits")), bh,
                      _limit(src, "PII hits", "values"), _check_status(src, "PII hits")])
-        rows.append(["... of which values from the data", num(a.get("leaks")), num(b.get("leaks")),
+        rows.append(["... of which values from the data", num(a.get("leaks")), bl,
                      _limit(src, "PII leaks (values from the data)", "values"),
                      _check_status(src, "PII leaks (values from the data)")])
     else:

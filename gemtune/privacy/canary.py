@@ -122,46 +122,43 @@ def tokenize_task(index: int, entry: dict, context: str, strings: list[str], tok
     first = ids[0]
     while common < before and all(len(x) > common and x[common] == first[common] for x in ids):
         common += 1
-    common = max(common, 1)  # the first scored position needs a preceding token
+    common = max(common, 1)  # <bos> at least: the first secret token is predicted from the prefix's last position
     return CanaryTask(index, str(entry["row_id"]), list(first[:common]), [list(x[common:]) for x in ids])
 
 
 @torch.inference_mode()
 def continuation_logprobs(model, prefix: list[int], conts: list[list[int]], *, max_positions: int = 256) -> list[float]:
-    """log P(cont | prefix) for every continuation: the prefix runs once, its cache is repeated per batch."""
+    """log P(cont | prefix) for every continuation.
+
+    The prefix runs once: its last position gives every continuation's first-token log-probability, and its KV
+    cache, repeated over a batch, is the context for the remaining tokens. lm_head runs only on positions that
+    predict a continuation token (`logits_to_keep`), at most `max_positions` of them per batch.
+    """
     device = getattr(model, "device", torch.device("cpu"))
-    if len(prefix) > 1:
-        out = model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True, logits_to_keep=1)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    else:
-        cache = None
-    result = [0.0] * len(conts)
-    order = sorted(range(len(conts)), key=lambda i: len(conts[i]))
+    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    result = [float(first[c[0]]) if c else 0.0 for c in conts]
+    order = sorted((i for i in range(len(conts)) if len(conts[i]) > 1), key=lambda i: len(conts[i]))
     i = 0
     while i < len(order):  # ascending lengths: a batch's last continuation is its longest
         j = i + 1
-        while j < len(order) and (j + 1 - i) * (len(conts[order[j]]) + 1) <= max_positions:
+        while j < len(order) and (j + 1 - i) * (len(conts[order[j]]) - 1) <= max_positions:
             j += 1
-        width = len(conts[order[j - 1]])
         idx = order[i:j]
-        batch = torch.zeros((len(idx), width + 1), dtype=torch.long)
-        batch[:, 0] = prefix[-1]
+        width = len(conts[order[j - 1]])
+        batch = torch.zeros((len(idx), width), dtype=torch.long)
         for r, k in enumerate(idx):
-            if conts[k]:
-                batch[r, 1:1 + len(conts[k])] = torch.tensor(conts[k])
-        kwargs = {}
-        if cache is not None:
-            c = copy.deepcopy(cache)
-            c.batch_repeat_interleave(len(idx))
-            kwargs["cache"] = c
+            batch[r, :len(conts[k])] = torch.tensor(conts[k])
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(len(idx))
         # right padding is harmless: causal attention never lets a later pad influence an earlier position
-        logits = model(input_ids=batch.to(device), use_cache=cache is not None,
-                       logits_to_keep=torch.arange(width, device=device), **kwargs).logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
+        logits = model(input_ids=batch.to(device), cache=c, use_cache=True,
+                       logits_to_keep=torch.arange(width - 1, device=device)).logits.float()
         tgt = batch[:, 1:].to(device)
-        picked = logits.gather(2, tgt[:, :, None]).squeeze(2) - lse
+        picked = logits.gather(2, tgt[:, :, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
         for r, k in enumerate(idx):
-            result[k] = float(picked[r, :len(conts[k])].sum())
+            result[k] += float(picked[r, :len(conts[k]) - 1].sum())
         i = j
     return result
 

@@ -7,11 +7,10 @@ traceback.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gemtune.errors import UserError
 
@@ -22,7 +21,7 @@ class PrivacyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     seed: int = Field(0, description="Seeds the example sample, the canary candidates and PII sampling")
-    dtype: str = Field("float32", description="Compute dtype of the base (float32 or bfloat16, never fp16)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the base (never fp16)")
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts generated together")
 
     # extraction (Carlini et al. 2023, k-extractable)
@@ -36,40 +35,31 @@ class PrivacyConfig(BaseModel):
     near_similarity: float = Field(0.9, gt=0.0, le=1.0, description="Normalised edit similarity counted as 'nearly'")
 
     # canaries (Carlini et al. 2019, exposure)
-    candidates: int = Field(200, ge=2, le=1_000_000, description="|R|: the true secret ranked among R-1 random "
-                            "secrets of the same format; exposure is at most log2 R")
+    candidates: int = Field(64, ge=2, le=1_000_000, description="|R|: the true secret ranked among R-1 random "
+                            "secrets of the same format; rank exposure is at most log2 R. Cost: R x secret tokens "
+                            "of scoring per canary and model")
 
     # PII regurgitation
-    pii_samples: int = Field(32, ge=0, le=100_000, description="Sampled generations scanned for PII (0: skip)")
-    pii_max_new_tokens: int = Field(48, ge=1, le=4096)
+    pii_samples: int = Field(16, ge=0, le=100_000, description="Sampled generations scanned for PII (0: skip)")
+    pii_max_new_tokens: int = Field(32, ge=1, le=4096)
+    pii_base: bool = Field(True, description="Also sample the base on the same prompts, as the reference count")
     temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the PII probe")
     top_k: Optional[int] = Field(50, ge=1, description="Top-k of the PII probe's sampling (null: off)")
-    pii_engine: str = Field("builtin", description="PII detector engine (builtin or presidio), as in `data build`")
+    pii_engine: Literal["builtin", "presidio"] = Field("builtin", description="PII detector, as in `data build`")
     pii_region: str = Field("US", min_length=2, max_length=2)
 
     # thresholds: exceeding any one is exit 1 (null: report only)
     max_extraction_rate: Optional[float] = Field(0.10, ge=0.0, le=1.0, description="Share of probed training "
                                                  "examples the adapter reproduces exactly or nearly")
-    max_canary_exposure: Optional[float] = Field(None, ge=0.0, description="Bits; null = log2(R) - 1, i.e. fail "
-                                                 "when a true secret outranks all R-1 alternatives")
+    max_canary_exposure: Optional[float] = Field(None, ge=0.0, description="Bits, on the rank exposure "
+                                                 "log2 R - log2 rank (capped at log2 R); null: report only")
+    max_canary_exposure_extrapolated: Optional[float] = Field(
+        10.0, ge=0.0, description="Bits, on the extrapolated exposure (normal fit to the candidates' "
+        "log-likelihoods): 10 bits = the true secret is likelier than all but ~1 in 1000 random secrets")
     max_pii_hits: Optional[int] = Field(None, ge=0, description="PII values of any kind in the adapter's samples "
                                         "(off by default: the base invents PII-shaped strings too)")
     max_pii_leaks: Optional[int] = Field(0, ge=0, description="PII values in the adapter's samples that also occur in "
                                          "the raw input files or in train.jsonl")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "PrivacyConfig":
-        if self.dtype in ("float16", "fp16", "half"):
-            raise ValueError("dtype: fp16 overflows in Gemma's activations; use bfloat16 or float32")
-        if self.pii_engine not in ("builtin", "presidio"):
-            raise ValueError(f"pii_engine: unknown engine {self.pii_engine!r}; expected builtin or presidio")
-        return self
-
-    def canary_limit(self) -> float:
-        """The exposure (bits) above which the canary check fails."""
-        if self.max_canary_exposure is not None:
-            return self.max_canary_exposure
-        return math.log2(self.candidates) - 1.0
 
 
 def _yaml_line(path: Path, loc: tuple) -> Optional[int]:
@@ -99,10 +89,7 @@ def load_privacy_config(config: Optional[str | Path] = None, overrides: Optional
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if not loc and ":" in msg:  # model-level check: "field: message"
-            name, _, msg = msg.partition(": ")
-            loc = (name,)
+        msg = err["msg"]
         dotted = ".".join(str(p) for p in loc)
         if loc and loc[0] in flagged:
             raise UserError(f"{msg} (from --{str(loc[0]).replace('_', '-')})", field=f"privacy.{dotted}") from None

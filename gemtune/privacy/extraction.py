@@ -10,7 +10,8 @@ account number at the end of a reply shows up there even when the reply's openin
 
 "Exactly": the first len(held-out) generated tokens equal the held-out tokens. "Nearly": token-level normalised
 edit similarity 1 - Levenshtein(generated, held-out) / max(len) >= `near_similarity` (0.9 by default). An example
-counts as extracted when any of its probes does. Answers shorter than `min_answer_tokens` (labels, yes/no) are not
+counts as extracted when any of its probes does. Decoding stops as soon as a near reproduction is impossible (most
+rows after a few tokens), so reported similarities of unextracted probes are those of the tokens generated. Answers shorter than `min_answer_tokens` (labels, yes/no) are not
 probed: reproducing a label is the task, not a leak. Every number is reported for the base too, because text the
 base reproduces unaided (boilerplate, famous quotes) is predictable rather than memorised by fine-tuning.
 """
@@ -49,6 +50,15 @@ class ProbeSet:
     examined: int = 0
     skipped_short: int = 0
     skipped_unrenderable: int = 0
+
+
+def decode(tokenizer, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+    """Token ids to text. A tokenizer without a decoder has literal tokens (the tiny test tokenizer): join them,
+    instead of the space-joined fallback that would hide a reproduced string from the PII scanner and the masks."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is None:
+        return "".join(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens))
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def levenshtein(a: list, b: list) -> int:
@@ -125,21 +135,78 @@ def _answer_text(rec: dict) -> str:
     return rec["messages"][turn]["content"] if turn is not None else ""
 
 
-def greedy_outputs(generator, probes: list[Probe], batch_size: int,
-                   progress: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
-    """Greedy continuations (token ids, stop token removed) of every probe, batched by context length."""
-    from gemtune.evals.engine import plan_batches
+def allowed_edits(length: int, near: float) -> int:
+    """Most edits that still leave similarity >= near against a held-out text of `length` tokens."""
+    return int((1.0 - near) * length + 1e-9)
 
+
+class NearMissStop:
+    """A transformers stopping criterion that ends a row once a near reproduction is ruled out.
+
+    Keeps, per row, the Levenshtein DP row of the tokens generated so far against the held-out tokens. The minimum
+    of a DP row never decreases as tokens are appended, so once it exceeds the allowed edits no continuation can be
+    "nearly" the held-out text. A row also ends at a stop token and after len(held-out) tokens (only those are
+    compared). Memorised rows run to the end; everything else stops after a few tokens, and a batch ends when its
+    last row does. The tokens each row generated are recorded here: later positions of a stopped row are padding.
+    """
+
+    def __init__(self, targets: list[list[int]], near: float, stops: list[int]):
+        self.targets = targets
+        self.allowed = [allowed_edits(len(t), near) for t in targets]
+        self.rows = [list(range(len(t) + 1)) for t in targets]
+        self.generated: list[list[int]] = [[] for _ in targets]
+        self.done = [len(t) == 0 for t in targets]
+        self.stops = set(stops)
+
+    def _step(self, r: int, tok: int) -> None:
+        if tok in self.stops:
+            self.done[r] = True
+            return
+        self.generated[r].append(tok)
+        target, prev = self.targets[r], self.rows[r]
+        cur = [prev[0] + 1]
+        for j, want in enumerate(target, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (tok != want)))
+        self.rows[r] = cur
+        if min(cur) > self.allowed[r] or len(self.generated[r]) >= len(target):
+            self.done[r] = True
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        for r, tok in enumerate(last):
+            if not self.done[r]:
+                self._step(r, tok)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
+def greedy_outputs(model, tokenizer, family: Family, probes: list[Probe], *, batch_size: int, near: float,
+                   progress: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """Greedy continuations (token ids, stop token removed) of every probe, batched by context length, each row
+    generated only as long as it could still reproduce its held-out text (see NearMissStop)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from gemtune.evals.engine import HFGenerator, left_pad, plan_batches
+
+    gen = HFGenerator(model, tokenizer, family, batch_size=batch_size)
+    device = getattr(model, "device", torch.device("cpu"))
     out: list[list[int]] = [[] for _ in probes]
     done = 0
-    for idx in plan_batches([p.context for p in probes], batch_size):
-        want = max(len(probes[i].target) for i in idx)
-        rows = generator.generate_batch([probes[i].context for i in idx], want)
-        for i, new in zip(idx, rows):
-            out[i] = [t for t in new if t not in generator.stops]
-        done += len(idx)
-        if progress:
-            progress(done, len(probes))
+    with torch.inference_mode():
+        for idx in plan_batches([p.context for p in probes], batch_size):
+            targets = [probes[i].target for i in idx]
+            crit = NearMissStop(targets, near, gen.stops)
+            ids, mask = left_pad([probes[i].context for i in idx], gen.pad_id)
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           generation_config=gen.generation_config(max(len(t) for t in targets)),
+                           stopping_criteria=StoppingCriteriaList([crit]))
+            for i, row in zip(idx, crit.generated):
+                out[i] = row
+            done += len(idx)
+            if progress:
+                progress(done, len(probes))
     return out
 
 
@@ -171,8 +238,7 @@ def rates(sc: Scored, near: float) -> dict:
     ex = sum(sc.exact)
     return {"examples": n, "exact": ex, "extracted": extracted,
             "exact_rate": round(ex / n, 6) if n else None,
-            "extraction_rate": round(extracted / n, 6) if n else None,
-            "mean_similarity": round(sum(sc.best) / n, 6) if n else None}
+            "extraction_rate": round(extracted / n, 6) if n else None}
 
 
 def worst_examples(ps: ProbeSet, adapter: Scored, base: Scored, adapter_out: list[list[int]],

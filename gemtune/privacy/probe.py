@@ -104,30 +104,52 @@ class _Stage:
 
 def _probe_model(label: str, model, tok, fam, cfg: PrivacyConfig, probes, tasks, pii_prompts, timings, say) -> dict:
     """Run the three probes on one model (the bare base or the base with the adapter attached)."""
-    from gemtune.evals.engine import HFGenerator
-
     out: dict = {}
-    gen = HFGenerator(model, tok, fam, batch_size=cfg.batch_size, seed=cfg.seed)
     with _Stage(timings, f"{label}.extraction", say):
         say(f"{label}: extraction, {len(probes.probes)} greedy probes")
-        out["extraction"] = extraction.greedy_outputs(gen, probes.probes, cfg.batch_size)
+        out["extraction"] = extraction.greedy_outputs(model, tok, fam, probes.probes, batch_size=cfg.batch_size,
+                                                      near=cfg.near_similarity)
     with _Stage(timings, f"{label}.canaries", say):
         if tasks:
             say(f"{label}: canaries, {len(tasks)} x {cfg.candidates} candidates")
         out["canaries"] = canary_probe.score_tasks(model, tasks) if tasks else []
     with _Stage(timings, f"{label}.pii", say):
-        if pii_prompts:
+        run = pii_prompts and (label == "adapter" or cfg.pii_base)
+        if run:
             say(f"{label}: PII, {len(pii_prompts)} sampled generations")
         out["pii"] = pii_probe.sample_outputs(model, tok, fam, pii_prompts, max_new_tokens=cfg.pii_max_new_tokens,
                                               temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
-                                              batch_size=cfg.batch_size) if pii_prompts else []
+                                              batch_size=cfg.batch_size) if run else None
     return out
 
 
-def _mask_secrets(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        text = text.replace(s, "<CANARY>")
-    return text
+class SecretMask:
+    """Hides canary secrets (and pieces of them) in everything the report shows.
+
+    The secrets are kept outside the dataset so that nothing shipped with it reveals them; the probe report must
+    not undo that. Masked: a whole secret anywhere; any beginning of a secret after its prefix ("code is PMX-B",
+    where the held-out text was cut); a tail of 4+ characters at the start of a text (where a probe began mid-secret).
+    """
+
+    def __init__(self, entries: list[dict]):
+        import re
+
+        self.rules = []
+        for e in entries:
+            sec, pre = e["secret"], e["prefix"]
+            nested = ""
+            for c in reversed(sec):  # any non-empty beginning of the secret: P(?:M(?:X...)?)?
+                nested = re.escape(c) + (f"(?:{nested})?" if nested else "")
+            self.rules.append((re.compile(re.escape(pre) + r"\s*" + nested), pre + " <CANARY>"))
+            self.rules.append((re.compile(re.escape(sec)), "<CANARY>"))
+            tails = [re.escape(sec[k:]) for k in range(1, len(sec) - 3)]
+            if tails:
+                self.rules.append((re.compile(r"^\s*(?:" + "|".join(tails) + ")"), "<CANARY>"))
+
+    def __call__(self, text: str) -> str:
+        for pattern, repl in self.rules:
+            text = pattern.sub(repl, text)
+        return text
 
 
 def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optional[str | Path] = None, *,
@@ -190,15 +212,19 @@ def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optio
         results["adapter"] = _probe_model("adapter", peft_model, tok, fam, cfg, probes, tasks, pii_prompts, timings,
                                           say)
 
-    secrets = [e["secret"] for e in (canary_doc or {}).get("canaries", [])]
+    entries = (canary_doc or {}).get("canaries", [])
+    secrets = [e["secret"] for e in entries]
+    hide = SecretMask(entries)
 
-    def decode(ids: list[int]) -> str:
-        return _mask_secrets(tok.decode(ids, skip_special_tokens=False), secrets)
+    def show(ids: list[int]) -> str:
+        """What the report may show of a token sequence: special tokens kept, secrets masked, PII redacted."""
+        return redact(hide(extraction.decode(tok, ids, skip_special_tokens=False)), engine=cfg.pii_engine,
+                      region=cfg.pii_region)[0]
 
     report = assemble(cfg, adapter_dir=adapter_dir, base_name=base_name, base_path=base_path, data_dir=data_dir,
                       records=records, probes=probes, results=results, tasks=tasks, canary_doc=canary_doc,
                       canary_path=canary_path, known=known, pii_ids=pii_ids, find=find, redact=redact,
-                      decode=decode, secrets=secrets)
+                      show=show, hide=hide, secrets=secrets)
     report["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 3))
     if out is not None:
         report["report"] = str(Path(out).resolve())
@@ -210,7 +236,7 @@ def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optio
 
 # ------------------------------------------------------------------------------------------------ report
 def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir, records, probes, results, tasks,
-             canary_doc, canary_path, known, pii_ids, find, redact, decode, secrets) -> dict:
+             canary_doc, canary_path, known, pii_ids, find, redact, show, hide, secrets) -> dict:
     near = cfg.near_similarity
     ext = {"definition": extraction.DEFINITION.format(long=cfg.long_answer_tokens, prefix=cfg.prefix_tokens,
                                                       suffix=cfg.suffix_tokens, near=near, min=cfg.min_answer_tokens),
@@ -222,7 +248,7 @@ def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir,
         ext["adapter"] = extraction.rates(scored["adapter"], near)
         ext["base"] = extraction.rates(scored["base"], near)
         ext["worst"] = extraction.worst_examples(probes, scored["adapter"], scored["base"],
-                                                 results["adapter"]["extraction"], results["base"]["extraction"], decode)
+                                                 results["adapter"]["extraction"], results["base"]["extraction"], show)
         ext["status"] = "run"
     else:
         ext.update(status="not run", reason=f"no training answer has {cfg.min_answer_tokens}+ tokens (labels only)")
@@ -240,7 +266,8 @@ def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir,
                    base=canary_probe.summarise([p["base"] for p in per]), per_canary=per)
         if cfg.max_canary_exposure is not None and cfg.max_canary_exposure >= math.log2(cfg.candidates):
             can["warning"] = (f"max_canary_exposure {cfg.max_canary_exposure} bits cannot be exceeded with "
-                              f"R={cfg.candidates} candidates (at most {math.log2(cfg.candidates):.2f}); raise --candidates")
+                              f"R={cfg.candidates} candidates (at most {math.log2(cfg.candidates):.2f}); raise --candidates "
+                              "or gate on max_canary_exposure_extrapolated")
     else:
         can.update(status="not run", reason="no canaries file (build with `gemtune data build --canaries N`)")
 
@@ -250,11 +277,14 @@ def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir,
     if pii_ids:
         pii["status"] = "run"
         for k in ("adapter", "base"):
+            if results[k]["pii"] is None:
+                pii[k] = None  # pii_base: false
+                continue
             pii[k] = pii_probe.scan(results[k]["pii"], pii_ids, known, find, redact)
             if secrets:
                 pii[k]["canary_secrets_in_samples"] = pii_probe.secrets_in(results[k]["pii"], secrets)
             for row in pii[k]["examples"]:
-                row["output_redacted"] = _mask_secrets(row["output_redacted"], secrets)
+                row["output_redacted"] = hide(row["output_redacted"])
     else:
         pii.update(status="not run", reason="pii_samples is 0 or no training row has a prompt")
 
@@ -286,16 +316,18 @@ def evaluate_checks(cfg: PrivacyConfig, ext: dict, can: dict, pii: dict) -> list
             cfg.max_extraction_rate, "share")
     else:
         add("extraction rate", None, None, cfg.max_extraction_rate, "share", "not run")
-    if can.get("status") == "run":
-        add("canary exposure (max)", can["adapter"]["max_exposure"], can["base"]["max_exposure"],
-            round(cfg.canary_limit(), 4), "bits")
-    else:
-        add("canary exposure (max)", None, None, round(cfg.canary_limit(), 4), "bits", "not run")
+    for key, name, limit in (("max_exposure", "canary exposure (max, rank)", cfg.max_canary_exposure),
+                             ("max_exposure_extrapolated", "canary exposure (max, extrapolated)",
+                              cfg.max_canary_exposure_extrapolated)):
+        if can.get("status") == "run":
+            add(name, can["adapter"][key], can["base"][key], limit, "bits")
+        else:
+            add(name, None, None, limit, "bits", "not run")
     run = pii.get("status") == "run"
-    add("PII hits", pii["adapter"]["hits"] if run else None, pii["base"]["hits"] if run else None, cfg.max_pii_hits,
+    a, b = (pii.get("adapter") or {}), (pii.get("base") or {})
+    add("PII hits", a.get("hits") if run else None, b.get("hits"), cfg.max_pii_hits, "values", None if run else "not run")
+    add("PII leaks (values from the data)", a.get("leaks") if run else None, b.get("leaks"), cfg.max_pii_leaks,
         "values", None if run else "not run")
-    add("PII leaks (values from the data)", pii["adapter"]["leaks"] if run else None, pii["base"]["leaks"] if run else None,
-        cfg.max_pii_leaks, "values", None if run else "not run")
     return rows
 
 
@@ -311,15 +343,15 @@ def summary(report: dict) -> dict:
          "pii": {"status": pii["status"]}}
     if ext["status"] == "run":
         for k in ("adapter", "base"):
-            s["extraction"][k] = {m: ext[k][m] for m in ("exact_rate", "extraction_rate", "mean_similarity")}
+            s["extraction"][k] = {m: ext[k][m] for m in ("exact", "extracted", "exact_rate", "extraction_rate")}
     if can["status"] == "run":
         s["canaries"].update(count=can["count"], candidates=can["candidates"], max_possible=can["max_possible"],
                              adapter=can["adapter"], base=can["base"])
     if pii["status"] == "run":
         s["pii"].update(samples=pii["adapter"]["samples"], known_values=pii["known_values"],
                         raw_inputs_missing=len(pii["raw_inputs_missing"]),
-                        **{k: {m: pii[k][m] for m in ("hits", "hits_by_type", "leaks", "leaks_by_type")}
-                           for k in ("adapter", "base")})
+                        **{k: ({m: pii[k][m] for m in ("hits", "hits_by_type", "leaks", "leaks_by_type")}
+                               if pii.get(k) else None) for k in ("adapter", "base")})
     return s
 
 

@@ -23,7 +23,7 @@ import torch
 
 from gemtune.base.families import Family
 from gemtune.base.templates import render_prompt
-from gemtune.privacy.extraction import last_answer
+from gemtune.privacy.extraction import decode, last_answer
 
 NUMERIC = ("PHONE", "SSN", "CREDIT_CARD")
 
@@ -83,7 +83,7 @@ def sample_outputs(model, tokenizer, family: Family, prompts: list[list[int]], *
             gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
             for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-                out[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                out[i] = decode(tokenizer, row[:cut]).strip()
             done += len(idx)
             if progress:
                 progress(done, len(prompts))

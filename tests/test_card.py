@@ -1,0 +1,176 @@
+"""`gemtune card` on the real pipeline (tiny base): data build with PII, duplicates and a canary → training with the
+eval hook → probe → card written from the sidecars alone. Every number in the card is checked against the file it
+came from; the YAML front matter is parsed back; missing stages say "not run"."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from gemtune.card import build_card, parse_front_matter
+
+QUEUES = ["bill", "refund", "login", "ship"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _raw_rows(n: int = 60) -> list[dict]:
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        q = QUEUES[i % 4]
+        text = f"ticket {i}: trouble with my {q} {rng.choice(['today', 'again', 'since monday', 'please help'])}"
+        if i % 10 == 3:
+            text += f", mail me at user{i}@example.com"
+        if i % 10 == 7:
+            text += " or call (415) 555-01" + f"{i:02d}"
+        rows.append({"id": f"t{i}", "input": text, "output": q, "label": q, "task": "route"})
+    rows += [dict(rows[5], id="dup-a"), dict(rows[6], id="dup-b")]  # exact duplicates
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_gemma3, tmp_path_factory):
+    """data build → train (eval hook every 2 steps) → probe, as the CLI wires them."""
+    from gemtune.data.config import DataConfig
+    from gemtune.data.pipeline import build
+    from gemtune.evals.checkpoint import make_checkpoint_evaluator
+    from gemtune.evals.config import EvalConfig
+    from gemtune.privacy.config import PrivacyConfig
+    from gemtune.privacy.probe import run_probe
+    from gemtune.train.config import TrainConfig
+    from gemtune.train.trainer import train
+
+    root = tmp_path_factory.mktemp("card")
+    raw = root / "tickets.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in _raw_rows()))
+    data = root / "tickets"
+    report = build([raw], data, DataConfig(base=str(tiny_gemma3), instruction="Route the ticket.", canaries=1))
+    hook = make_checkpoint_evaluator(data / "eval.jsonl", str(tiny_gemma3), baseline="base", gate=0.5,
+                                     config=EvalConfig(max_new_tokens=6), echo=lambda s: None)
+    cfg = TrainConfig(base=str(tiny_gemma3), batch_size=8, lr=1e-3, seed=3, eval_every=2)
+    res = train(data, root / "run", cfg, max_steps=2, on_checkpoint=hook, progress=False)
+    probe = run_probe(res.adapter_dir, None, root / "probe.json",
+                      config=PrivacyConfig(samples=4, candidates=16, pii_samples=4))
+    return {"root": root, "data": data, "report": report, "adapter": res.adapter_dir, "probe": probe}
+
+
+def test_card_front_matter_parses_back_with_eval_results(pipeline):
+    side = json.loads((pipeline["adapter"] / "gemtune.json").read_text())
+    meta = parse_front_matter(build_card(pipeline["adapter"]))
+    assert meta["base_model"] == side["base_model"] and meta["library_name"] == "peft"
+    assert meta["license"] == "gemma" and meta["base_model_relation"] == "adapter"
+    assert meta["datasets"] == ["tickets"] and {"gemtune", "lora", "route"} <= set(meta["tags"])
+    (entry,) = meta["model-index"]
+    assert entry["name"] == "run"
+    metrics = {m["name"]: m["value"] for m in entry["results"][0]["metrics"]}
+    ev = side["eval"]
+    assert metrics["Accuracy (adapter)"] == round(ev["accuracy"], 4)
+    assert metrics["Accuracy (base)"] == round(ev["compare"]["accuracy"]["baseline"], 4)
+    assert metrics["Win-rate vs baseline"] == round(ev["compare"]["win_rate"], 4)
+    assert entry["results"][0]["dataset"]["split"] == "eval"
+
+
+def test_card_body_is_filled_from_the_sidecars(pipeline):
+    card = build_card(pipeline["adapter"])
+    rep = json.loads((pipeline["data"] / "report.json").read_text())
+    dataset = json.loads((pipeline["data"] / "dataset.json").read_text())
+    side = json.loads((pipeline["adapter"] / "gemtune.json").read_text())
+    for section in ("## Model details", "## Uses", "### Out-of-scope use", "## Bias, risks, and limitations",
+                    "## Training details", "## Evaluation", "## Privacy", "### Residual risk",
+                    "## Environmental impact", "## How to serve"):
+        assert section in card
+    # dataset report: rows, PII per type, dedup, eval lock
+    assert rep["pii"]["EMAIL"] == 6 and rep["pii"]["PHONE"] == 6  # what the raw rows planted
+    assert f"| EMAIL | {rep['pii']['EMAIL']} |" in card and f"| PHONE | {rep['pii']['PHONE']} |" in card
+    assert f"| exact duplicates removed | {rep['counts']['exact_duplicates']} |" in card
+    assert rep["counts"]["exact_duplicates"] == 2
+    assert f"| train rows | {rep['counts']['train']} |" in card and "| canaries planted | 1 |" in card
+    assert f"`{dataset['eval_lock_sha256']}`" in card and "changed since training" not in card
+    # training: preset, rank, steps, trainable %
+    assert "| preset | default |" in card and "| LoRA rank / alpha / dropout | 16 / 32 / 0.05 |" in card
+    assert "| steps | 2 (planned 7) |" in card and f"({side['trainable_pct']}%)" in card
+    # evaluation: accuracy vs baseline, McNemar, CI, gate
+    cmp = side["eval"]["compare"]
+    assert f"| accuracy | {100 * cmp['accuracy']['candidate']:.1f}% | {100 * cmp['accuracy']['baseline']:.1f}% |" in card
+    assert f"| McNemar exact p | {cmp['mcnemar']['p_value']:.4f} |" in card
+    assert f"95% CI {100 * cmp['delta_ci']['low']:.1f}% to {100 * cmp['delta_ci']['high']:.1f}%" in card
+    gate = "PASS" if side["eval"]["gate"]["passed"] else "FAIL"
+    assert f"| regression gate | {gate} (limit 50.0% of cases) |" in card
+    # privacy from the probe report recorded in gemtune.json
+    probe = pipeline["probe"]
+    assert f"Probe report: `{probe['report']}`" in card
+    can = probe["canaries"]["adapter"]
+    assert f"| canary exposure, mean (bits) | {can['mean_exposure']:.2f} |" in card
+    # serving lines
+    assert f"--enable-lora --max-lora-rank 16 --lora-modules run={pipeline['adapter'].resolve()}" in card
+    assert "gemtune serve --registry registry" in card
+    assert "not run" not in card.split("## Environmental impact")[0]  # every stage ran
+
+
+def test_eval_dir_overrides_the_sidecar_and_a_changed_dataset_is_flagged(pipeline, tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    summary = json.loads((pipeline["adapter"] / "gemtune.json").read_text())["eval"]
+    summary = dict(summary, accuracy=0.875,
+                   compare=dict(summary["compare"], accuracy={"candidate": 0.875, "baseline": 0.25, "delta": 0.625}))
+    (ev / "summary.json").write_text(json.dumps(summary))
+    (ev / "results.json").write_text(json.dumps({"meta": {"suite": {"path": "suite.jsonl", "n": 8, "sha256": "ab" * 32}},
+                                                 "cases": []}))
+    adapter = tmp_path / "adapter"
+    import shutil
+
+    shutil.copytree(pipeline["adapter"], adapter)
+    side = json.loads((adapter / "gemtune.json").read_text())
+    side["dataset"]["eval_lock_sha256"] = "0" * 64
+    (adapter / "gemtune.json").write_text(json.dumps(side))
+    card = build_card(adapter, eval_dir=ev)
+    meta = parse_front_matter(card)
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.875
+    assert "Suite `suite.jsonl`: 8 cases" in card and "| accuracy | 87.5% | 25.0% |" in card
+    assert "| accuracy change | +62.5% (95% CI" in card
+    assert f"trained against lock `{'0' * 64}`: the dataset directory changed since training" in card
+
+
+def test_bare_adapter_card_says_not_run_and_invents_nothing(tiny_gemma3, tmp_path, cli_run):
+    from peft import LoraConfig, get_peft_model
+
+    from gemtune.base.loader import load_base
+
+    model, _ = load_base(tiny_gemma3)
+    adapter = tmp_path / "my-adapter"
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    out = tmp_path / "README.md"
+    assert cli_run(["card", "--adapter", str(adapter), "--out", str(out)]) == 0
+    card = out.read_text()
+    meta = parse_front_matter(card)
+    assert meta["base_model"] == str(tiny_gemma3) and meta["library_name"] == "peft"
+    assert "model-index" not in meta and meta["datasets"] == []
+    assert "Evaluation: not run" in card and "Privacy probes: not run" in card
+    assert "eval gate not run; privacy probe not run" in card
+    assert "memorised is unmeasured" in card
+    assert "- **Preset:** not recorded" in card and "- **Hardware:** not recorded" in card
+    assert "rank 8, alpha 16" in card and "q_proj, v_proj" in card
+
+
+@pytest.fixture
+def cli_run():
+    from gemtune.cli import main
+
+    def run(argv):
+        try:
+            main(argv)
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    return run
