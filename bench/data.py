@@ -14,8 +14,8 @@ Quality: recall = planted copies flagged / planted; recall (first occurrence) = 
 original is not itself a near-duplicate of an earlier row (otherwise keeping the copy can be right: it may be
 < 0.8 from the row its original duplicates); planted precision = flagged rows that are planted copies / flagged
 rows (accidental near-duplicates in the corpus count against it); pair precision = flagged (row, match) pairs whose
-exact Jaccard ≥ 0.8, i.e. meeting the definition. Scaling: full builds at 25k / 50k / 100k rows, reported per
-row without the fixed cost of loading the tokenizer.
+exact Jaccard ≥ 0.8, i.e. meeting the definition. Scaling: full builds at 25k / 50k / 100k rows drawn from the same
+distribution (source rows in proportion to n), reported per row without the fixed cost of loading the tokenizer.
 
     .venv/bin/python bench/data.py [--rows 100000] [--scaling 25000,50000,100000] [--planted 0.08]
 """
@@ -258,7 +258,10 @@ def main() -> None:
     scaling = []
     with tempfile.TemporaryDirectory() as d:
         for n in sizes:
-            sub_rows, _ = (rows, planted) if n == args.rows else make_corpus(base, n, args.planted)
+            # Same distribution at every size: the number of banking77 source rows grows with n, so each row has
+            # the same number of perturbed siblings (similar but not near-duplicate rows) at 25k as at 100k.
+            sub_base = base[:max(1, round(len(base) * n / args.rows))]
+            sub_rows, _ = (rows, planted) if n == args.rows else make_corpus(sub_base, n, args.planted)
             secs, report = full_build(sub_rows, Path(d), str(n))
             fixed = report["timings_s"].get("tokenizer", 0.0)  # loading the 262k tokenizer: the same at any size
             scaling.append({"rows": n, "seconds": round(secs, 2), "rows_per_s": round(n / secs), "us_per_row": round(1e6 * secs / n, 1),

@@ -27,7 +27,7 @@ from gemtune.data.decontaminate import decontaminate, register_eval
 from gemtune.data.dedup import NearDup, normalise_key
 from gemtune.data.mix import GENERIC_TASK, choose_generic, generic_count, read_generic
 from gemtune.data.pii import Redactor
-from gemtune.data.readers import RawRow, expand_inputs, read_rows
+from gemtune.data.readers import expand_inputs, read_rows
 from gemtune.data.records import content_sha256, make_record, tokenizer_sha256
 from gemtune.data.report import build_report, render_html
 from gemtune.data.sanitise import ControlTokens, Example, Reject, sanitise_row
@@ -49,7 +49,6 @@ class _Run:
 
     cfg: DataConfig
     progress: Progress
-    log: Callable[[str], None]
     redactor: Redactor
     examples: list[Example] = field(default_factory=list)  # domain rows first, then generic rows
     n_domain: int = 0
@@ -155,6 +154,19 @@ def _resolve_lock_path(cfg: DataConfig, out: Path) -> Optional[str]:
     return None
 
 
+def _plant_canaries(cfg: DataConfig, counter: TokenCounter, train: list[dict], eligible: list[int]) -> list[dict]:
+    """Plant canaries in domain train rows that keep room for them under max_tokens (counted exactly)."""
+    import random
+
+    rng = random.Random(f"canary-rows:{cfg.seed}")
+    pool = rng.sample(eligible, min(len(eligible), 4 * cfg.canaries + 16))
+    room = [k for k, n in zip(pool, counter.count([train[k]["messages"] for k in pool])) if n + 48 <= cfg.max_tokens]
+    if len(room) < cfg.canaries:
+        raise UserError(f"--canaries {cfg.canaries} needs that many domain train rows with room for a canary; "
+                        f"found {len(room)}", field="canaries")
+    return canary_mod.plant(train, room, cfg.canaries, cfg.seed)
+
+
 def _no_usable_rows(run: _Run, files: Sequence[Path], input_rows: int) -> UserError:
     names = ", ".join(str(f) for f in files)
     if input_rows == 0:
@@ -168,7 +180,7 @@ def _no_usable_rows(run: _Run, files: Sequence[Path], input_rows: int) -> UserEr
 
 # ------------------------------------------------------------------------------------------------ build
 def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataConfig] = None, *,
-          progress: Optional[Progress] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+          progress: Optional[Progress] = None) -> dict:
     """Build a dataset directory from raw files; return the report (also written to `out/report.json`).
 
     Raises UserError (CLI exit 2) for missing/unreadable inputs, bad options, a broken eval lock, or when no row
@@ -177,8 +189,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     cfg = config or DataConfig()
     out = Path(out)
     t_start = time.perf_counter()
-    run = _Run(cfg=cfg, progress=progress or _no_progress, log=log or (lambda m: None),
-               redactor=Redactor(cfg.pii_engine, cfg.pii_region))
+    run = _Run(cfg=cfg, progress=progress or _no_progress, redactor=Redactor(cfg.pii_engine, cfg.pii_region))
     files = expand_inputs(list(inputs))
     generic_files = expand_inputs(cfg.generic) if cfg.generic else []
     lock_path = _resolve_lock_path(cfg, out)
@@ -296,8 +307,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     train_records = [record(i) for i in train_order]
     canary_entries: list[dict] = []
     if cfg.canaries:
-        eligible = [k for k, i in enumerate(train_order) if i < nd_count]
-        canary_entries = canary_mod.plant(train_records, eligible, cfg.canaries, cfg.seed)
+        canary_entries = _plant_canaries(cfg, counter, train_records, [k for k, i in enumerate(train_order) if i < nd_count])
 
     counts = {
         "input_rows": input_rows,
@@ -324,7 +334,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
         decon=decon, conflicts=conflicts, examples=ex, ids=ids,
         train_lengths=[lengths[i] for i in train_order if in_sample[i]],
         eval_lengths=[lengths[i] for i in eval_idx if in_sample[i]],
-        max_length=max((n for n in lengths if n is not None), default=0),
+        max_length=max((lengths[i] for i in train_order + eval_idx if lengths[i] is not None), default=0),
         sampled=not all(in_sample),
         train_groups=Counter((ex[i].task, ex[i].label) for i in train_idx + chosen_generic),
         eval_groups=Counter((ex[i].task, ex[i].label) for i in eval_idx),

@@ -163,7 +163,7 @@ def svg_histogram(edges: list[int], counts: list[int], *, width: int = 640, heig
     if not counts:
         return "<p>no rows</p>"
     pad, top = 40, max(counts) or 1
-    bw = (width - pad - 10) / len(counts)
+    bw = (width - pad - 40) / len(counts)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
              f'aria-label="token length histogram">']
     for k, c in enumerate(counts):
@@ -175,7 +175,7 @@ def svg_histogram(edges: list[int], counts: list[int], *, width: int = 640, heig
         parts.append(f'<text x="{pad + k * bw:.1f}" y="{height + 15}" font-size="11">{edges[k]}</text>')
     parts.append(f'<text x="0" y="12" font-size="11">{top}</text><text x="0" y="{height}" font-size="11">0</text>')
     if limit and edges[-1] > 0:
-        x = pad + (width - pad - 10) * min(1.0, limit / edges[-1])
+        x = pad + (width - pad - 40) * min(1.0, limit / edges[-1])
         parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}" stroke="#e45756" stroke-dasharray="4"/>')
     parts.append("</svg>")
     return "".join(parts)

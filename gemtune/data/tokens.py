@@ -8,7 +8,7 @@ included), exactly what training will feed the model. Rendering is cheap string 
   token covers at least one byte, so a rendered example of at most `max_tokens` UTF-8 bytes cannot be too long.
   Every row that could exceed the limit is counted exactly; the others need no count to pass.
 - the statistics (histogram, percentiles) come from a uniform sample of rows (all rows for datasets up to
-  `STATS_SAMPLE`), plus the longest rows by bytes so the reported maximum is the real one in practice; the report
+  `COUNT_ALL_UP_TO`), plus the longest rows by bytes so the reported maximum is the real one in practice; the report
   says when it is sampled.
 
 When the base directory has a plain `tokenizer.json` and no chat template, the Rust tokenizer is loaded from it
@@ -28,6 +28,7 @@ from gemtune.base.families import Family, family_for
 from gemtune.errors import UserError
 
 STATS_SAMPLE = 10_000  # rows counted for statistics on large datasets
+COUNT_ALL_UP_TO = 20_000  # below this every row is counted (a second or two)
 LONGEST = 256  # longest rows by bytes always counted, so the reported maximum is exact in practice
 SLACK = 16  # tokens a tokenizer may add that cover no input byte (a prepended "▁" and the like)
 
@@ -129,7 +130,7 @@ class TokenCounter:
         counted for statistics, None for rows that provably fit; `sample` holds the uniform statistics sample."""
         texts = [self.render_text(m) for m in conversations]
         n = len(texts)
-        if n <= STATS_SAMPLE or not self.bytes_bound:
+        if n <= COUNT_ALL_UP_TO or not self.bytes_bound:
             return self._count_texts(texts, 4096, progress), set(range(n))
         nbytes = [len(t.encode("utf-8")) for t in texts]
         stride = n / STATS_SAMPLE

@@ -308,3 +308,19 @@ def test_output_dir_is_replaced_atomically_on_failure(messy, tiny_gemma3, tmp_pa
         build([messy.path], out, _cfg(tiny_gemma3, eval_fraction=0.15, refreeze=True))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_token_limit_is_exact_when_statistics_are_sampled(messy, tiny_gemma3, tmp_path, monkeypatch):
+    import gemtune.data.tokens as tokens
+
+    full = build([messy.path], tmp_path / "full", _cfg(tiny_gemma3, max_tokens=150))
+    monkeypatch.setattr(tokens, "COUNT_ALL_UP_TO", 50)
+    monkeypatch.setattr(tokens, "STATS_SAMPLE", 40)
+    sampled = build([messy.path], tmp_path / "sampled", _cfg(tiny_gemma3, max_tokens=150))
+    assert sampled["tokens"]["sampled"] and not full["tokens"]["sampled"]
+    # The same rows are quarantined as too long: the limit never depends on the sample.
+    too_long = lambda d: sorted(q["line"] for q in _records(d / "quarantine.jsonl") if q["reason"].startswith("too long"))
+    assert too_long(tmp_path / "sampled") == too_long(tmp_path / "full") and len(too_long(tmp_path / "full")) > 5
+    assert sampled["counts"] == full["counts"]
+    assert sampled["tokens"]["all"]["max"] == full["tokens"]["all"]["max"]
+    assert (tmp_path / "sampled" / "train.jsonl").read_bytes() == (tmp_path / "full" / "train.jsonl").read_bytes()
