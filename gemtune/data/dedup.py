@@ -6,10 +6,12 @@ input, or the user turns), normalised to lowercase letters/digits/spaces with wh
 
 How it scales: MinHash signatures are computed for all rows at once with numpy (the same affine32 permutations
 and murmur3 pre-mix as `datasketch.MinHash`, so a signature equals datasketch's for the same shingle hashes — a
-test checks this), banded into an LSH table tuned for recall at the threshold (80 permutations in 20 bands × 4 rows: a pair at
-Jaccard 0.8 is missed with probability 3e-5), and every LSH candidate is verified by the exact Jaccard before a
-row is dropped. Verification is what lets the bands be generous: precision comes from the exact check, recall
-from the banding. Rows are visited in input order and the first occurrence is kept.
+test checks this); 80 permutations in 20 bands × 4 rows, tuned for recall at the threshold (a pair at Jaccard 0.8
+is missed with probability 3e-5). Every candidate is verified by the exact Jaccard before a row is dropped:
+precision comes from the check, recall from generous banding. Rows are resolved in blocks — band collisions
+looked up in a sorted array, signature agreement compared in one vectorised pass — and the first occurrence is
+kept. Templated or boilerplate-heavy text, the worst case for LSH, stays linear: buckets are capped, and a block of
+mutually similar rows is split until its rows meet the few kept ones instead of each other.
 """
 
 from __future__ import annotations
