@@ -99,6 +99,11 @@ def _own_parts(messages, family: Family, add_generation_prompt: bool, bos: str):
     return _render_gemma4(messages, add_generation_prompt, bos)
 
 
+def render_text(messages, family: Family, *, bos: str = "<bos>", add_generation_prompt: bool = False) -> str:
+    """The conversation as text in gemtune's own Gemma template (no tokenizer needed: fast token counting)."""
+    return "".join(p for p, _ in _own_parts(messages, family, add_generation_prompt, bos))
+
+
 def _tokenizer_template_spans(tokenizer, messages, family: Family, add_generation_prompt: bool):
     """Render with the tokenizer's own template; find each assistant content + end-of-turn in order."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

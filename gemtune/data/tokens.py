@@ -114,9 +114,9 @@ class TokenCounter:
         """The string `gemtune.base.templates.render` tokenizes, without tokenizing it."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        from gemtune.base.templates import _own_parts
+        from gemtune.base.templates import render_text
 
-        return "".join(p for p, _ in _own_parts(messages, self.family, False, self.bos))
+        return render_text(messages, self.family, bos=self.bos)
 
     def count(self, conversations: Sequence[list[dict]], *, batch: int = 4096,
               progress: Optional[Callable[[int], None]] = None) -> list[int]:
