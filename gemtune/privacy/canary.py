@@ -8,8 +8,10 @@ R-1 random secrets of the same format by the model's log-likelihood of the secre
 
 An unmemorised secret ranks uniformly at random, so its expected exposure is about 1.4 bits and P(exposure >= t)
 is about 2^-t; a memorised one ranks first and reaches log2 R. Because log2 R caps what R candidates can show, the
-report also gives the paper's extrapolation: fit a normal distribution to the candidates' log-likelihoods and read
-off how far into its tail the true secret lies (-log2 of the tail probability), which can exceed log2 R.
+report also gives the paper's extrapolation: fit a distribution to the candidates' log-likelihoods and read off how
+far into its tail the true secret lies (-log2 of the tail probability), which can exceed log2 R. That is what the
+default gate uses, so a modest R (scoring costs R x secret tokens per canary and model) still separates a
+memorised secret (tens of bits) from an unmemorised one (about 1.4 bits on average).
 
 Scoring is exact and cheap: the context is run once and its KV cache repeated over a batch of candidates, so each
 candidate costs only its own few tokens; the lm_head runs only on the positions that predict secret tokens.
@@ -168,15 +170,19 @@ def exposure(rank: int, total: int) -> float:
 
 
 def extrapolated_exposure(true_lp: float, others: list[float]) -> Optional[float]:
-    """-log2 P(a random secret is at least as likely), from a normal fit to the candidates' log-likelihoods."""
+    """-log2 P(a random secret is at least as likely as the true one), from a normal model of the candidates'
+    log-likelihoods (a sum of per-token terms, so close to normal). The tail is the predictive Student t
+    (n-1 degrees of freedom, scale s*sqrt(1+1/n)) rather than the plug-in normal, so with few candidates an
+    unmemorised secret still exceeds t bits with probability 2^-t instead of more often."""
     import numpy as np
-    from scipy.stats import norm
+    from scipy.stats import t as student_t
 
     x = np.asarray(others, dtype=np.float64)
-    if len(x) < 2 or float(x.std()) == 0.0:
+    n = len(x)
+    if n < 3 or float(x.std()) == 0.0:
         return None
-    z = (true_lp - float(x.mean())) / float(x.std(ddof=1))
-    return round(float(-norm.logsf(z) / math.log(2)), 4)
+    z = (true_lp - float(x.mean())) / (float(x.std(ddof=1)) * math.sqrt(1.0 + 1.0 / n))
+    return round(float(-student_t.logsf(z, df=n - 1) / math.log(2)), 4)
 
 
 def rank_of(true_lp: float, others: list[float]) -> int:
@@ -222,4 +228,5 @@ def summarise(rows: list[dict]) -> dict:
 
 DEFINITION = ("exposure = log2 R - log2 rank of the true secret among R secrets of the same format (R-1 random), ranked "
               "by the model's log-likelihood of the secret given its training context (Carlini et al. 2019); "
-              "extrapolated = -log2 of the normal-fit tail probability of the true secret's log-likelihood.")
+              "extrapolated = -log2 of the tail probability of the true secret's log-likelihood under a normal model of the "
+              "candidates' (Student t predictive tail).")

@@ -105,6 +105,11 @@ def fresh(memorised, tmp_path_factory) -> Path:
     return zero_adapter(memorised.base, tmp_path_factory.mktemp("fresh") / "adapter", memorised.data)
 
 
+@pytest.fixture(scope="session")
+def make_zero_adapter():
+    return zero_adapter
+
+
 @pytest.fixture
 def cli():
     """`gemtune …` in-process through the real entry point; returns the exit code."""

@@ -75,6 +75,13 @@ def test_candidates_beyond_the_format_space(memorised, cli, tmp_path, capsys):
     assert rc == 2 and 'field "candidates"' in err and "allows only 100 secrets" in err
 
 
+def test_no_data_and_none_recorded(memorised, make_zero_adapter, cli, tmp_path, capsys):
+    adapter = make_zero_adapter(memorised.base, tmp_path / "adapter")  # gemtune.json without a dataset dir
+    assert cli(["probe", "--adapter", adapter, "--out", tmp_path / "r.json"]) == 2
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "gemtune.json" in err and 'field "dataset.dir"' in err and "no --data given" in err
+
+
 def test_privacy_config_errors_name_the_yaml_line_and_field(tmp_path):
     cfg = tmp_path / "gemtune.yaml"
     cfg.write_text("data:\n  eval_fraction: 0.12\nprivacy:\n  samples: 8\n  max_extraction_rate: 2\n")

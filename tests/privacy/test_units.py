@@ -118,7 +118,13 @@ def test_exposure_arithmetic():
     assert cp.extrapolated_exposure(mean, others) == pytest.approx(1.0, abs=0.05)  # the median: P = 1/2
     far = cp.extrapolated_exposure(mean + 6 * sd, others)
     assert far > math.log2(256)  # beyond what rank alone can show with R = 256
-    assert cp.extrapolated_exposure(1.0, [2.0, 2.0]) is None
+    assert cp.extrapolated_exposure(1.0, [2.0, 2.0, 2.0]) is None and cp.extrapolated_exposure(1.0, [2.0, 3.0]) is None
+    # with few candidates the predictive t tail is heavier than the plug-in normal: fewer bits for the same z
+    few = [float(x) for x in torch.randn(15, generator=torch.Generator().manual_seed(1))]
+    m15, s15 = sum(few) / 15, float(torch.tensor(few).std())
+    from scipy.stats import norm
+
+    assert cp.extrapolated_exposure(m15 + 4 * s15, few) < -norm.logsf(4) / math.log(2)
     s = cp.summarise([{"rank": 1, "exposure": 6.0, "exposure_extrapolated": 30.0},
                       {"rank": 40, "exposure": 0.68, "exposure_extrapolated": 0.5}])
     assert s == {"max_exposure": 6.0, "mean_exposure": 3.34, "max_exposure_extrapolated": 30.0, "rank1": 1}
