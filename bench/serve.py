@@ -259,8 +259,31 @@ def main() -> None:
         if isinstance(r, dict):
             r.pop("outputs", None)
     res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["ratios"] = ratios(res)
     print_table(res)
     print(f"wrote {write_result('serve', res)}")
+
+
+def ratios(res: dict) -> dict:
+    """The goals' ratios, per CPU-second (median over rounds: robust on a shared machine) and wall-clock (best)."""
+    def cpu(key):
+        r = res.get(key)
+        return statistics.median(r["all_tok_per_cpu_s"]) if r else None
+
+    def wall(key):
+        r = res.get(key)
+        return r["tok_s"] if r else None
+
+    pairs = {"gemtune_8_vs_peft_swap": ("gemtune_fp32_8", "peft_fp32_swap"),
+             "gemtune_8_vs_peft_mixed": ("gemtune_fp32_8", "peft_fp32_mixed"),
+             "gemtune_8_vs_1_adapter": ("gemtune_fp32_8", "gemtune_fp32_1"),
+             "prefix_sharing_gain": ("gemtune_fp32_8", "gemtune_fp32_8_no_prefix_sharing"),
+             "bf16_vs_fp32": ("gemtune_bf16_8", "gemtune_fp32_8")}
+    out = {}
+    for name, (a, b) in pairs.items():
+        if cpu(a) and cpu(b):
+            out[name] = {"per_cpu_second": round(cpu(a) / cpu(b), 2), "wall_best": round(wall(a) / wall(b), 2)}
+    return out
 
 
 def print_table(res: dict) -> None:
@@ -288,6 +311,8 @@ def print_table(res: dict) -> None:
     if g8 and g1:
         print(f"gemtune {n} adapters / 1 adapter: {g8['tok_s'] / g1['tok_s']:.2f} (wall), "
               f"{g8['tok_per_cpu_s'] / g1['tok_per_cpu_s']:.2f} (per CPU-second)")
+    for name, r in res.get("ratios", {}).items():
+        print(f"  {name:28s} {r['per_cpu_second']:5.2f}x per CPU-second (median of rounds), {r['wall_best']:5.2f}x wall (best)")
     if "gemtune_hot_load" in res:
         print(f"hot load per r{w['rank']} adapter: gemtune {res['gemtune_hot_load']}, PEFT {res.get('peft_load')}")
     if "greedy_agreement_with_peft_mixed" in res:
