@@ -4,7 +4,6 @@ came from; the YAML front matter is parsed back; missing stages say "not run".""
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 

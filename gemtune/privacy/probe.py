@@ -6,6 +6,20 @@
 
 Every input is validated before the model loads, so a bad file costs no model time. The report is written whether
 or not a threshold is exceeded; `enforce` then turns a failed check into `GateFailed` (CLI exit 1).
+
+The report (`--out FILE`, JSON): `adapter`, `base`, `dataset`, `config` (the effective PrivacyConfig), and
+    extraction  definition, train_rows, examined, sampled, skipped_short, probes, status ("run" | "not run"),
+                adapter/base {examples, exact, extracted, exact_rate, extraction_rate}, worst [up to 5 examples:
+                id, probe, answer_repeats, context_tail, held_out, adapter_output/similarity, base_output/similarity]
+    canaries    definition, status, file, count, candidates, max_possible (log2 R),
+                adapter/base {max_exposure, mean_exposure, max_exposure_extrapolated, rank1},
+                per_canary [{row_id, format, adapter/base {rank, exposure, exposure_extrapolated, log_likelihood}}]
+    pii         status, engine, temperature, top_k, max_new_tokens, known_values, known_sources, raw_inputs_missing,
+                adapter/base {samples, samples_with_pii, hits, hits_by_type, leaks, leaks_by_type, examples,
+                canary_secrets_in_samples} (base null with pii_base: false)
+    checks      [{name, adapter, base, limit, unit, passed[, note]}], passed, timings_s, created_at, report
+Texts in the report have canary secrets masked and detected PII redacted. `summary(report)` is what goes into
+gemtune.json under "privacy" (the checks and headline numbers, plus the report's path).
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from gemtune.errors import GateFailed, UserError
@@ -152,22 +167,37 @@ class SecretMask:
         return text
 
 
-def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optional[str | Path] = None, *,
-              base: Optional[str] = None, config: Optional[PrivacyConfig] = None,
-              canaries: Optional[str | Path] = None, progress: Optional[Callable[[str], None]] = None,
-              update_sidecar: bool = True) -> dict:
-    """Probe `adapter` (and its base) on the training set of `data`; write the report to `out`; return it.
+@dataclass
+class Inputs:
+    """Everything the probe reads, checked: the adapter, its base, the training rows, the canaries."""
 
-    Raises UserError for bad inputs before any model is loaded. A failed threshold does not raise here: the report
-    says `passed: false` and `enforce(report)` raises.
-    """
-    from gemtune.data.pii import find_pii, redact
+    adapter_dir: Path
+    base_name: str
+    base_path: Path
+    data_dir: Path
+    records: list[dict]
+    meta: dict
+    canary_doc: Optional[dict]
+    canary_path: Optional[Path]
+
+
+@dataclass
+class Plan:
+    """What will be generated and scored, tokenised once and shared by the base and the adapter passes."""
+
+    tok: object
+    fam: object
+    probes: extraction.ProbeSet
+    tasks: list
+    pii_ids: list[str]
+    pii_prompts: list[list[int]]
+    known: pii_probe.KnownValues
+
+
+def check_inputs(adapter, data, out, base, canaries) -> Inputs:
+    from gemtune.base.provision import pull
     from gemtune.evals.adapters import adapter_base, check_adapter_dir, read_sidecar
 
-    cfg = config or PrivacyConfig()
-    say = progress or (lambda m: None)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     adapter_dir = check_adapter_dir(adapter)
     sidecar = read_sidecar(adapter_dir)
     base_name = adapter_base(adapter_dir, base)
@@ -176,67 +206,95 @@ def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optio
     canary_doc, canary_path = resolve_canaries(canaries, data_dir, meta)
     if out is not None and Path(out).is_dir():
         raise UserError("--out must be a file path (the JSON report), not a directory", file=str(out), field="--out")
+    return Inputs(adapter_dir, base_name, pull(base_name), data_dir, records, meta, canary_doc, canary_path)
 
-    from gemtune.base.families import family_of
-    from gemtune.base.loader import load_base, load_tokenizer
-    from gemtune.base.provision import pull
 
-    base_path = pull(base_name)
-    tok = load_tokenizer(base_path)
-    # Everything that can fail on the inputs is checked with the tokenizer alone, before the model loads.
+def make_plan(inp: Inputs, cfg: PrivacyConfig, find) -> Plan:
+    """Tokenise every probe with the base's tokenizer alone: a bad canaries file fails here, before the model loads."""
     from transformers import AutoConfig
 
-    fam = family_of(AutoConfig.from_pretrained(str(base_path)))
+    from gemtune.base.families import family_of
+    from gemtune.base.loader import load_tokenizer
+
+    tok = load_tokenizer(inp.base_path)
+    fam = family_of(AutoConfig.from_pretrained(str(inp.base_path)))
     tasks = []
-    if canary_doc is not None:
-        tasks = canary_probe.load_tasks(canary_doc, canary_path, records, tok, fam, candidates=cfg.candidates,
-                                        seed=cfg.seed)
-    with _Stage(timings, "prepare", say):
-        probes = extraction.build_probes(records, tok, fam, samples=cfg.samples, seed=cfg.seed,
-                                         min_answer_tokens=cfg.min_answer_tokens, suffix_tokens=cfg.suffix_tokens,
-                                         long_answer_tokens=cfg.long_answer_tokens, prefix_tokens=cfg.prefix_tokens)
-        pii_ids, pii_prompts = pii_probe.training_prompts(records, cfg.pii_samples, cfg.seed, tok, fam)
+    if inp.canary_doc is not None:
+        tasks = canary_probe.load_tasks(inp.canary_doc, inp.canary_path, inp.records, tok, fam,
+                                        candidates=cfg.candidates, seed=cfg.seed)
+    probes = extraction.build_probes(inp.records, tok, fam, samples=cfg.samples, seed=cfg.seed,
+                                     min_answer_tokens=cfg.min_answer_tokens, suffix_tokens=cfg.suffix_tokens,
+                                     long_answer_tokens=cfg.long_answer_tokens, prefix_tokens=cfg.prefix_tokens)
+    pii_ids, pii_prompts = pii_probe.training_prompts(inp.records, cfg.pii_samples, cfg.seed, tok, fam)
+    known = pii_probe.known_values(inp.records, inp.meta, inp.data_dir, find)
+    return Plan(tok, fam, probes, tasks, pii_ids, pii_prompts, known)
 
-        def find(text: str):
-            return find_pii(text, engine=cfg.pii_engine, region=cfg.pii_region)
 
-        known = pii_probe.known_values(records, meta, data_dir, find)
-    with _Stage(timings, "load", say):
-        say(f"loading base {base_name}")
-        model, tok = load_base(base_path, dtype=cfg.dtype)
-        fam = family_of(model)
-    results = {"base": _probe_model("base", model, tok, fam, cfg, probes, tasks, pii_prompts, timings, say)}
+def run_models(inp: Inputs, plan: Plan, cfg: PrivacyConfig, timings: dict, say) -> dict:
+    """The base once, then the same base with the adapter attached (unmerged, as vLLM serves it)."""
+    from gemtune.base.loader import load_base
     from gemtune.evals.engine import attached_adapter
 
-    with attached_adapter(model, adapter_dir) as peft_model:
-        results["adapter"] = _probe_model("adapter", peft_model, tok, fam, cfg, probes, tasks, pii_prompts, timings,
-                                          say)
+    with _Stage(timings, "load", say):
+        say(f"loading base {inp.base_name}")
+        model, _ = load_base(inp.base_path, dtype=cfg.dtype)
+    args = (plan.tok, plan.fam, cfg, plan.probes, plan.tasks, plan.pii_prompts, timings, say)
+    results = {"base": _probe_model("base", model, *args)}
+    with attached_adapter(model, inp.adapter_dir) as peft_model:
+        results["adapter"] = _probe_model("adapter", peft_model, *args)
+    return results
 
-    entries = (canary_doc or {}).get("canaries", [])
-    secrets = [e["secret"] for e in entries]
+
+def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optional[str | Path] = None, *,
+              base: Optional[str] = None, config: Optional[PrivacyConfig] = None,
+              canaries: Optional[str | Path] = None, progress: Optional[Callable[[str], None]] = None,
+              update_sidecar: bool = True) -> dict:
+    """Probe `adapter` (and its base) on the training set of `data` (default: the dataset dir its gemtune.json
+    records); write the report to `out`; merge its summary into the adapter's gemtune.json; return the report.
+
+    Raises UserError for bad inputs before any model is loaded. A failed threshold does not raise here: the report
+    says `passed: false` and `enforce(report)` raises.
+    """
+    from gemtune.data.pii import find_pii, redact
+
+    cfg = config or PrivacyConfig()
+    say = progress or (lambda m: None)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def find(text: str):
+        return find_pii(text, engine=cfg.pii_engine, region=cfg.pii_region)
+
+    inp = check_inputs(adapter, data, out, base, canaries)
+    with _Stage(timings, "prepare", say):
+        plan = make_plan(inp, cfg, find)
+    results = run_models(inp, plan, cfg, timings, say)
+
+    entries = (inp.canary_doc or {}).get("canaries", [])
     hide = SecretMask(entries)
 
     def show(ids: list[int]) -> str:
         """What the report may show of a token sequence: special tokens kept, secrets masked, PII redacted."""
-        return redact(hide(extraction.decode(tok, ids, skip_special_tokens=False)), engine=cfg.pii_engine,
-                      region=cfg.pii_region)[0]
+        text = hide(extraction.decode(plan.tok, ids, skip_special_tokens=False))
+        return redact(text, engine=cfg.pii_engine, region=cfg.pii_region)[0]
 
-    report = assemble(cfg, adapter_dir=adapter_dir, base_name=base_name, base_path=base_path, data_dir=data_dir,
-                      records=records, probes=probes, results=results, tasks=tasks, canary_doc=canary_doc,
-                      canary_path=canary_path, known=known, pii_ids=pii_ids, find=find, redact=redact,
-                      show=show, hide=hide, secrets=secrets)
+    report = assemble(cfg, inp, plan, results, find=find, redact=redact, show=show, hide=hide,
+                      secrets=[e["secret"] for e in entries])
     report["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 3))
     if out is not None:
         report["report"] = str(Path(out).resolve())
         atomic_write_json(out, report)
     if update_sidecar:
-        write_sidecar(adapter_dir, summary(report))
+        write_sidecar(inp.adapter_dir, summary(report))
     return report
 
 
 # ------------------------------------------------------------------------------------------------ report
-def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir, records, probes, results, tasks,
-             canary_doc, canary_path, known, pii_ids, find, redact, show, hide, secrets) -> dict:
+def assemble(cfg: PrivacyConfig, inp: Inputs, plan: Plan, results: dict, *, find, redact, show, hide,
+             secrets: list[str]) -> dict:
+    """The report document: per-probe numbers for the adapter and the base, examples, checks, verdict."""
+    records, probes, tasks, known, pii_ids = inp.records, plan.probes, plan.tasks, plan.known, plan.pii_ids
+    canary_doc, canary_path = inp.canary_doc, inp.canary_path
     near = cfg.near_similarity
     ext = {"definition": extraction.DEFINITION.format(long=cfg.long_answer_tokens, prefix=cfg.prefix_tokens,
                                                       suffix=cfg.suffix_tokens, near=near, min=cfg.min_answer_tokens),
@@ -292,9 +350,9 @@ def assemble(cfg: PrivacyConfig, *, adapter_dir, base_name, base_path, data_dir,
     return {
         "version": REPORT_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "adapter": str(Path(adapter_dir).resolve()),
-        "base": base_name, "base_path": str(base_path),
-        "dataset": str(Path(data_dir).resolve()),
+        "adapter": str(inp.adapter_dir.resolve()),
+        "base": inp.base_name, "base_path": str(inp.base_path),
+        "dataset": str(Path(inp.data_dir).resolve()),
         "config": cfg.model_dump(mode="json"),
         "extraction": ext, "canaries": can, "pii": pii,
         "checks": checks,

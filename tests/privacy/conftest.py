@@ -110,6 +110,11 @@ def make_zero_adapter():
     return zero_adapter
 
 
+@pytest.fixture(scope="session")
+def dataset_writer():
+    return write_dataset
+
+
 @pytest.fixture
 def cli():
     """`gemtune …` in-process through the real entry point; returns the exit code."""

@@ -140,3 +140,18 @@ def test_cli_fresh_adapter_exit_0(fresh, cli, tmp_path):
     assert cli(["probe", "--adapter", fresh, "--out", out, "--samples", "4", "--candidates", "16",
                 "--pii-samples", "4"]) == 0
     assert json.loads(out.read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("family", ["tiny_gemma4", "tiny_gemma4_mm"])
+def test_gemma4_untrained_adapter_matches_base(family, request, tmp_path, make_zero_adapter, dataset_writer):
+    """The whole probe on Gemma 4: its own turn markers, and the multimodal checkpoint's language model."""
+    base = request.getfixturevalue(family)
+    data, canaries, secret, _ = dataset_writer(tmp_path, copies=2)
+    adapter = make_zero_adapter(base, tmp_path / "adapter", data)
+    rep = run_probe(adapter, None, tmp_path / "p.json", canaries=canaries,
+                    config=PrivacyConfig(samples=4, candidates=16, pii_samples=4, pii_max_new_tokens=8))
+    assert rep["extraction"]["sampled"] == 4 and rep["extraction"]["adapter"] == rep["extraction"]["base"]
+    (per,) = rep["canaries"]["per_canary"]
+    assert per["adapter"] == per["base"] and per["adapter"]["rank"] >= 1
+    assert "<|turn>model" in rep["extraction"]["worst"][0]["context_tail"]
+    assert rep["passed"] is True
