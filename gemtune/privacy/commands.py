@@ -64,8 +64,10 @@ def register(app: typer.Typer) -> None:
         samples: Optional[int] = typer.Option(None, "--samples", help="Training examples probed for extraction [32]."),
         canaries: Optional[str] = typer.Option(None, "--canaries", help="Canaries file (default: the one "
                                                "`data build --canaries` recorded)."),
-        candidates: Optional[int] = typer.Option(None, "--candidates", help="R: secrets ranked per canary [32]; costs R x secret tokens per canary and model."),
-        pii_samples: Optional[int] = typer.Option(None, "--pii-samples", help="Sampled generations scanned for PII [16]; 0 skips."),
+        candidates: Optional[int] = typer.Option(None, "--candidates", help="R: secrets ranked per canary [32]; "
+                                                 "costs R x secret tokens per canary and model."),
+        pii_samples: Optional[int] = typer.Option(None, "--pii-samples", help="Sampled generations scanned for "
+                                                  "PII [16]; 0 skips."),
         seed: Optional[int] = typer.Option(None, "--seed"),
         config: Optional[str] = typer.Option(None, "--config", help="gemtune.yaml whose `privacy:` section sets "
                                              "thresholds and defaults."),

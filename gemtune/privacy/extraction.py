@@ -11,9 +11,10 @@ account number at the end of a reply shows up there even when the reply's openin
 "Exactly": the first len(held-out) generated tokens equal the held-out tokens. "Nearly": token-level normalised
 edit similarity 1 - Levenshtein(generated, held-out) / max(len) >= `near_similarity` (0.9 by default). An example
 counts as extracted when any of its probes does. Decoding stops as soon as a near reproduction is impossible (most
-rows after a few tokens), so reported similarities of unextracted probes are those of the tokens generated. Answers shorter than `min_answer_tokens` (labels, yes/no) are not
-probed: reproducing a label is the task, not a leak. Every number is reported for the base too, because text the
-base reproduces unaided (boilerplate, famous quotes) is predictable rather than memorised by fine-tuning.
+rows after a few tokens), so reported similarities of unextracted probes are those of the tokens generated.
+Answers shorter than `min_answer_tokens` (labels, yes/no) are not probed: reproducing a label is the task, not a
+leak. Every number is reported for the base too, because text the base reproduces unaided (boilerplate, famous
+quotes) is predictable rather than memorised by fine-tuning.
 """
 
 from __future__ import annotations
