@@ -52,186 +52,19 @@ OpenMP's default spin-waiting then makes multi-threaded GEMMs many times slower 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gemtune.errors import UserError
+from gemtune.serve.engine_stream import Detokenizer, GenRequest, Handle, QueueFull, TokenEvent
 from gemtune.serve.lora_batch import AdapterError, LoadedAdapter, LoRAPack, read_adapter
 
 __all__ = ["AdapterError", "Engine", "GenRequest", "Handle", "QueueFull", "TokenEvent"]
-
-
-class QueueFull(Exception):
-    """Too much work queued: answer 429 with Retry-After = `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: list[int] | None = None
-    ignore_eos: bool = False
-
-
-@dataclass
-class TokenEvent:
-    token_id: int | None
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-# ------------------------------------------------------------------------------------------------ detokenising
-class Detokenizer:
-    """Incremental text for a growing id list; holds back text while a multi-byte character is incomplete.
-
-    Decodes a short window (as vLLM does) rather than the whole sequence each step; the final flush compares with
-    the full decode so the concatenated deltas always equal `decode(ids)`.
-    """
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # ids already turned into emitted text
-        self.emitted = ""
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
-            delta = after[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-            self.emitted += delta
-            return delta
-        return ""
-
-    def flush(self) -> str:
-        full = self._decode(self.ids)
-        if full.startswith(self.emitted):
-            delta = full[len(self.emitted):]
-        else:  # cannot happen with consistent tokenizers; keep the stream's own text
-            delta = ""
-        self.emitted += delta
-        return delta
-
-
-# ------------------------------------------------------------------------------------------------------- handle
-class Handle:
-    """A submitted request: iterate its TokenEvents (async or blocking), cancel it, or wait for the result."""
-
-    def __init__(self, engine: "Engine", seq: "_Seq"):
-        self._engine = engine
-        self._seq = seq
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._events: list[TokenEvent] = []
-        self._done = False
-        self._error: BaseException | None = None
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
-        self._cursor = 0  # async iteration position
-        self.finish_reason: str | None = None
-
-    # -- producer side (scheduler thread)
-    def _push(self, ev: TokenEvent) -> None:
-        with self._lock:
-            self._events.append(ev)
-            if ev.finish_reason is not None:
-                self._done = True
-                self.finish_reason = ev.finish_reason
-            self._wake()
-
-    def _fail(self, err: BaseException) -> None:
-        with self._lock:
-            self._error, self._done = err, True
-            self._wake()
-
-    def _wake(self) -> None:
-        self._cond.notify_all()
-        waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:  # the consumer's loop is closed (client gone): nobody to wake
-                pass
-
-    # -- consumer side
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def cancel(self) -> None:
-        """Stop generating (client went away): the row is freed before the next step, a queued request at once."""
-        self._engine._cancel(self._seq)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        while True:
-            with self._lock:
-                if self._cursor < len(self._events):
-                    self._cursor += 1
-                    return self._events[self._cursor - 1]
-                if self._error is not None:
-                    raise RuntimeError(f"generation failed: {self._error}") from self._error
-                if self._done:
-                    raise StopAsyncIteration
-                loop = asyncio.get_running_loop()
-                fut = loop.create_future()
-                self._waiters.append((loop, fut))
-            await fut
-
-    def __iter__(self):
-        i = 0
-        while True:
-            with self._lock:
-                while i >= len(self._events) and not self._done:
-                    self._cond.wait()
-                if i < len(self._events):
-                    ev = self._events[i]
-                    i += 1
-                elif self._error is not None:
-                    raise RuntimeError(f"generation failed: {self._error}") from self._error
-                else:
-                    return
-            yield ev
-
-    def result(self, timeout: float | None = None) -> tuple[str, list[int], str]:
-        """Block until finished: (text, token_ids, finish_reason)."""
-        with self._lock:
-            if not self._cond.wait_for(lambda: self._done, timeout):
-                raise TimeoutError("generation did not finish in time")
-            if self._error is not None:
-                raise RuntimeError(f"generation failed: {self._error}") from self._error
-            text = "".join(e.text for e in self._events)
-            ids = [e.token_id for e in self._events if e.token_id is not None]
-            return text, ids, self.finish_reason
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------------- sequences
@@ -455,7 +288,7 @@ class Engine:
                 seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
                 gen = torch.Generator().manual_seed(seed)
             seq = _Seq(req, uid, stop, gen, Detokenizer(self.tokenizer))
-            seq.handle = Handle(self, seq)
+            seq.handle = Handle(lambda: self._cancel(seq))
             self._waiting.append(seq)
             self._stats["requests"] += 1
             self._cv.notify_all()
