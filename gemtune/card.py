@@ -615,12 +615,17 @@ def section_privacy(src: Sources) -> str:
                      _check_status(src, "PII leaks (values from the data)")])
     else:
         rows.append(["PII in sampled generations", NOT_RUN, NOT_RUN, "", NOT_RUN])
+    probed = pv.get("adapter_sha256")
+    mismatch = ""
+    if probed and src.weights_sha256 and probed != src.weights_sha256:
+        mismatch = (f"\n\n**These probe results were measured on other adapter weights (sha256 `{probed}`), not on "
+                    f"this adapter's (`{src.weights_sha256}`): re-run `gemtune probe` on this adapter.**")
     head = (f"Probe report: `{src.privacy_source}`" + (f", {pv.get('created_at')}" if pv.get("created_at") else "")
             + f". Extraction: {n['sampled']} sampled training examples, {n['probes']} greedy probes "
             "(k-extractable, Carlini et al. 2023). Canaries: exposure = log2 R - log2 rank of the true secret among "
             f"R = {num(n['candidates'])} candidates (Carlini et al. 2019). PII: seeded temperature sampling from "
             "training prompts, scanned with the data stage's detector.")
-    return ("## Privacy\n\n" + head + "\n\n" + table(["probe", "adapter", "base", "limit", "status"], rows)
+    return ("## Privacy\n\n" + head + mismatch + "\n\n" + table(["probe", "adapter", "base", "limit", "status"], rows)
             + "\n\n### Residual risk\n\n" + residual_risk(src) + "\n")
 
 

@@ -133,6 +133,11 @@ def test_eval_dir_overrides_the_sidecar_and_a_changed_dataset_is_flagged(pipelin
     side["dataset"]["eval_lock_sha256"] = "0" * 64
     (adapter / "gemtune.json").write_text(json.dumps(side))
     card = build_card(adapter, eval_dir=ev)
+    assert "measured on other adapter weights" not in card  # a copy of the probed weights is the same adapter
+    other = tmp_path / "other.json"
+    doc = json.loads(open(pipeline["probe"]["report"]).read())
+    other.write_text(json.dumps(dict(doc, adapter_sha256="f" * 64)))
+    assert f"measured on other adapter weights (sha256 `{'f' * 64}`)" in build_card(adapter, probe=other)
     meta = parse_front_matter(card)
     assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.875
     assert "Suite `suite.jsonl`: 8 cases" in card and "| accuracy | 87.5% | 25.0% |" in card

@@ -351,6 +351,7 @@ def assemble(cfg: PrivacyConfig, inp: Inputs, plan: Plan, results: dict, *, find
         "version": REPORT_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "adapter": str(inp.adapter_dir.resolve()),
+        "adapter_sha256": weights_sha256(inp.adapter_dir),
         "base": inp.base_name, "base_path": str(inp.base_path),
         "dataset": str(Path(inp.data_dir).resolve()),
         "config": cfg.model_dump(mode="json"),
@@ -393,6 +394,7 @@ def summary(report: dict) -> dict:
     """The compact form stored under "privacy" in the adapter's gemtune.json (read by the card and the registry)."""
     ext, can, pii = report["extraction"], report["canaries"], report["pii"]
     s = {"passed": report["passed"], "created_at": report["created_at"], "report": report.get("report"),
+         "adapter_sha256": report.get("adapter_sha256"),
          "dataset": report["dataset"],
          "checks": [{k: c[k] for k in ("name", "adapter", "base", "limit", "passed")} for c in report["checks"]],
          "extraction": {"status": ext["status"], "sampled": ext["sampled"], "probes": ext["probes"],
@@ -411,6 +413,14 @@ def summary(report: dict) -> dict:
                         **{k: ({m: pii[k][m] for m in ("hits", "hits_by_type", "leaks", "leaks_by_type")}
                                if pii.get(k) else None) for k in ("adapter", "base")})
     return s
+
+
+def weights_sha256(adapter_dir: Path) -> Optional[str]:
+    """Identity of the probed weights: the card refuses to present a report made for other weights as this one's."""
+    from gemtune.utils import sha256_file
+
+    p = Path(adapter_dir) / "adapter_model.safetensors"
+    return sha256_file(p) if p.is_file() else None
 
 
 def write_sidecar(adapter_dir: Path, privacy: dict) -> None:
