@@ -35,7 +35,13 @@ def routing_records(rows: list[dict], n: int | None = None, seed: int = 0) -> li
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+    """Peak resident memory of this process (VmHWM). Not ru_maxrss: Linux carries the forking parent's size
+    across exec into it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024 ** 2
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def machine() -> dict:
