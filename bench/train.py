@@ -51,17 +51,26 @@ def measure_eval_loss(adapter: str, data: Path) -> float:
         return eval_loss(SupervisedLM(model), ex, tok.pad_token_id, 16)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: on a shared machine wall-clock swings with the neighbours' load,
+    CPU time much less (children run with OMP_WAIT_POLICY=PASSIVE so idle threads do not spin)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_gemtune(data: Path, out: Path, steps: int, batch: int) -> dict:
     from gemtune.train.config import TrainConfig
     from gemtune.train.trainer import train
 
     cfg = TrainConfig(base="gemma-3-270m", batch_size=batch, lr=LR, seed=SEED, max_len=MAXLEN, max_steps=steps,
                       warmup_ratio=0.0, scheduler="linear")
-    t = time.time()
+    t, c = time.time(), cpu_seconds()
     res = train(data, out, cfg, progress=False)
-    secs = time.time() - t
-    return {"seconds": secs, "loop_examples_per_s": res.examples_per_s, "adapter": str(res.adapter_dir),
-            "train_loss": res.losses[-1]}
+    secs, cpu = time.time() - t, cpu_seconds() - c
+    return {"seconds": secs, "cpu_seconds": cpu, "loop_examples_per_s": res.examples_per_s,
+            "examples_per_cpu_s": steps * batch / cpu, "adapter": str(res.adapter_dir), "train_loss": res.losses[-1]}
 
 
 def run_trl(data: Path, out: Path, steps: int, batch: int) -> dict:
@@ -87,11 +96,12 @@ def run_trl(data: Path, out: Path, steps: int, batch: int) -> dict:
                           bias="none", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=peft_cfg)
-    t = time.time()
+    t, c = time.time(), cpu_seconds()
     out_metrics = trainer.train()
-    secs = time.time() - t
+    secs, cpu = time.time() - t, cpu_seconds() - c
     trainer.model.save_pretrained(str(out / "adapter"))
-    return {"seconds": secs, "loop_examples_per_s": steps * batch / secs, "adapter": str(out / "adapter"),
+    return {"seconds": secs, "cpu_seconds": cpu, "loop_examples_per_s": steps * batch / secs,
+            "examples_per_cpu_s": steps * batch / cpu, "adapter": str(out / "adapter"),
             "train_loss": out_metrics.training_loss}
 
 
@@ -141,7 +151,8 @@ def main() -> None:
     results = {}
     for which in ([a.only] if a.only else ["gemtune", "trl"]):
         p = subprocess.run([sys.executable, __file__, "--child", which, "--data", str(data), "--out", str(tmp / which),
-                            "--steps", str(a.steps), "--batch", str(a.batch)], capture_output=True, text=True)
+                            "--steps", str(a.steps), "--batch", str(a.batch)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode != 0 or not line:
             print(p.stdout[-3000:], p.stderr[-5000:])
@@ -150,7 +161,7 @@ def main() -> None:
     if "gemtune" in results and a.accuracy_cases:
         p = subprocess.run([sys.executable, __file__, "--child", "accuracy", "--data", str(data), "--out",
                             str(tmp / "gemtune")], capture_output=True, text=True,
-                           env={**os.environ, "CASES": str(a.accuracy_cases)})
+                           env={**os.environ, "CASES": str(a.accuracy_cases), "OMP_WAIT_POLICY": "PASSIVE"})
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode != 0 or not line:
             print(p.stderr[-3000:])
@@ -160,6 +171,7 @@ def main() -> None:
     print(f"\nbanking77 routing, Gemma 3 270M fp32, LoRA r{R} q/k/v/o, batch {a.batch}, {a.steps} steps, max_len {MAXLEN}")
     print(f"{'':22}{'gemtune':>12}{'TRL+PEFT':>12}{'ratio':>10}")
     rows = [("examples/s", "loop_examples_per_s", lambda x, y: x / y),
+            ("examples/CPU-s", "examples_per_cpu_s", lambda x, y: x / y),
             ("peak RSS GiB", "peak_rss_gib", lambda x, y: x / y),
             ("final eval loss", "eval_loss", lambda x, y: x / y),
             ("train seconds", "seconds", lambda x, y: x / y)]
@@ -172,9 +184,10 @@ def main() -> None:
         print(f"{label:22}{gv:12.3f}{tv:12.3f}{r:10.2f}")
     if "accuracy" in results:
         acc = results["accuracy"]
-        print(f"frozen-eval routing accuracy ({acc['cases']} cases, 77 intents): gemtune adapter "
-              f"{acc['adapter_accuracy']:.3f} vs base {acc['base_accuracy']:.3f}")
-    out = write_result("train", {"config": {"steps": a.steps, "batch": a.batch, "train": a.train, "eval": a.eval,
+        print(f"frozen-eval routing accuracy ({acc['cases']} cases, 77 intents): {acc['line']}")
+    import os as _os
+
+    out = write_result("train", {"load_average_at_end": list(_os.getloadavg()), "config": {"steps": a.steps, "batch": a.batch, "train": a.train, "eval": a.eval,
                                             "rank": R, "alpha": ALPHA, "dropout": DROPOUT, "max_len": MAXLEN, "lr": LR},
                                  "results": results, "summary": summary,
                                  "goals": {"examples_per_s_ratio": ">= 3.0", "eval_loss_ratio": "within 2%",
