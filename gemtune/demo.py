@@ -54,6 +54,9 @@ class _Timer:
     def done(self, proved: str, ok: bool = True) -> None:
         self.steps.append(Step(self.name, proved, time.time() - self.t, ok))
 
+    def __exit__(self, *exc) -> bool:
+        return False
+
 
 def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Console | None = None,
              steps_override: int | None = None) -> list[Step]:
