@@ -129,9 +129,7 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
         for ck in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
             summ = json.loads((ck / "eval" / "summary.json").read_text())
             hist.append((ck.name, summ))
-        base_acc = hist[-1][1].get("baseline_accuracy", hist[-1][1].get("comparison", {}).get("baseline_accuracy"))
-        final = hist[-1][1]
-        acc = final.get("accuracy")
+        base_acc = _baseline_accuracy(hist[-1][1])
         s.done(f"{res.steps} steps, loss {res.losses[0]:.2f}→{res.losses[-1]:.2f}; frozen-eval accuracy "
                + ", ".join(f"{n} {h.get('accuracy', 0):.2f}" for n, h in hist)
                + (f" vs base {base_acc:.2f}" if base_acc is not None else "")
@@ -143,9 +141,11 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
 
         o = run_eval(str(res.adapter_dir), data / "eval.jsonl", out / "eval", baseline="base", config=ecfg,
                      echo=console.print)
-        summ = o.summary
-        base_acc = (o.comparison or {}).get("baseline_accuracy", base_acc)
-        gain = (summ["accuracy"] - (base_acc or 0.0)) * 100
+        summ = json.loads((out / "eval" / "summary.json").read_text())
+        base_acc = _baseline_accuracy(summ)
+        if base_acc is None:
+            raise UserError("the eval did not compare against the base", file=str(out / "eval" / "summary.json"))
+        gain = (summ["accuracy"] - base_acc) * 100
         s.done(f"adapter {summ['accuracy']:.2f} vs base {base_acc:.2f} (+{gain:.0f} points), gate "
                f"{'PASS' if o.gate is None or o.gate.passed else 'FAIL'}; report {out / 'eval' / 'report.html'}",
                ok=gain >= 30)
@@ -185,6 +185,11 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
     if failed:
         raise GateFailed(f"demo steps did not prove their point: {', '.join(failed)}")
     return steps
+
+
+def _baseline_accuracy(summary: dict) -> float | None:
+    """The baseline's accuracy from an eval summary.json (`compare.accuracy.baseline`)."""
+    return ((summary.get("compare") or {}).get("accuracy") or {}).get("baseline")
 
 
 def _shippable(adapter_dir: Path) -> bool:
