@@ -73,7 +73,7 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
 
     # 1. base ------------------------------------------------------------------------------------------------
     with _Timer(steps, console, "base") as s:
-        from gemtune.base.provision import pull
+        from gemtune.base.provision import DEFAULT_MODEL, pull
 
         base = pull(progress=lambda m: console.print(f"[dim]{m}[/dim]"))
         s.done(f"embedded Gemma 3 270M converted once and cached ({base})")
@@ -117,7 +117,7 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
 
         n_steps = steps_override or (36 if quick else 90)
         every = n_steps // 2
-        tcfg = load_train_config(proj / "gemtune.yaml", {"base": str(base), "max_steps": n_steps, "save_every": every,
+        tcfg = load_train_config(proj / "gemtune.yaml", {"base": DEFAULT_MODEL, "max_steps": n_steps, "save_every": every,
                                                          "eval_every": every})
         ecfg = load_eval_config(proj / "gemtune.yaml")
         hook = make_checkpoint_evaluator(data / "eval.jsonl", str(base), baseline="base", gate=ecfg.gate,
