@@ -69,18 +69,25 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pack(examples: list[Example], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
-    """Greedy first-fit packing into rows of at most max_len; positions restart per example."""
-    rows: list[list[Example]] = []
-    lens: list[int] = []
-    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
-        for i, L in enumerate(lens):
-            if L + len(e.input_ids) <= max_len:
-                rows[i].append(e)
-                lens[i] += len(e.input_ids)
+    """Pack into as few rows of at most max_len tokens as fit, balanced so the rows are about equally long (the
+    batch is padded to its longest row); positions restart per example."""
+    order = sorted(examples, key=lambda e: -len(e.input_ids))
+    total = sum(len(e.input_ids) for e in examples)
+    k = max(1, -(-total // max_len))
+    while True:  # longest-first onto the currently shortest row; one more row whenever something does not fit
+        rows: list[list[Example]] = [[] for _ in range(k)]
+        lens = [0] * k
+        for e in order:
+            i = min(range(k), key=lens.__getitem__)
+            if lens[i] + len(e.input_ids) > max_len:
                 break
+            rows[i].append(e)
+            lens[i] += len(e.input_ids)
         else:
-            rows.append([e])
-            lens.append(len(e.input_ids))
+            break
+        k += 1
+    rows = [r for r in rows if r]
+    lens = [n for n in lens if n]
     T = max(lens)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)

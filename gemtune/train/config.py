@@ -43,7 +43,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     max_len: int = Field(1024, ge=16)
-    packing: bool = False
+    packing: bool = Field(True, description="pack examples into rows of max_len (no padding); examples never attend "
+                          "to each other, so the loss equals the unpacked one")
     micro_batch_tokens: Optional[int] = Field(
         1024, ge=16, description="split each device batch into micro-batches of at most this many padded tokens; "
         "bounds activation memory without changing the math (the loss is a global token sum)")
@@ -57,6 +58,11 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     quant: Optional[Literal["4bit"]] = None
     gradient_checkpointing: bool = False
+    lean: bool = Field(True, description="memory-lean LoRA/MLP autograd on the frozen base (fp32 math, less saved "
+                       "state); each replaced module is checked against the stock forward first")
+    frozen_storage: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="storage dtype of the frozen base weights; auto = bfloat16 when computing in float32 "
+        "without quantisation or sharding (matmuls still run in float32)")
     report_to: Optional[Literal["mlflow", "wandb", "tensorboard"]] = None
     log_every: int = Field(1, ge=1)
 

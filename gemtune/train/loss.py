@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gemtune.train.collate import IGNORE
+from gemtune.train.lean import linear
 
 
 def _causal_lm(model):
@@ -34,26 +35,31 @@ class _FusedLinearCE(torch.autograd.Function):
     The logits of a chunk live only inside forward; backward is a scale of the saved [n, hidden] gradient. The
     input gradient `(softmax - onehot) @ W` is accumulated over vocabulary blocks: one GEMM with K = 262,144 makes
     the BLAS pack (and keep) a copy of the whole 671 MB lm_head, block-wise GEMMs only pack a block.
-    Only for a frozen W (LoRA never trains the tied embeddings).
+    Only for a frozen W (LoRA never trains the tied embeddings); W may be stored in bf16 (see `lean`), the math
+    runs in h's dtype.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, vblock):
         with torch.no_grad():
-            logits = F.linear(h, weight).float()
+            logits = linear(h, weight).float()
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-            g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            # log-sum-exp and softmax in place: no second [n, vocab] buffer at the step's memory peak
+            picked = logits.gather(1, targets[:, None]).squeeze(1)
+            top = logits.amax(dim=-1)
+            g = logits.sub_(top[:, None]).exp_()
+            total = g.sum(dim=-1)
+            loss = (top + total.log() - picked).sum()
+            g.div_(total[:, None])  # softmax
             g[torch.arange(len(targets)), targets] -= 1.0
             if softcap:
                 g.mul_(1.0 - capped * capped)
-            g = g.to(weight.dtype)
+            g = g.to(h.dtype)
             grad_h = torch.zeros_like(h)
-            for i in range(0, weight.shape[0], vblock):
-                grad_h.addmm_(g[:, i:i + vblock], weight[i:i + vblock])
+            for i in range(0, weight.shape[0], vblock):  # a bf16-stored weight is upcast one block at a time
+                grad_h.addmm_(g[:, i:i + vblock], weight[i:i + vblock].to(h.dtype))
         ctx.save_for_backward(grad_h)
         return loss
 
@@ -63,7 +69,7 @@ class _FusedLinearCE(torch.autograd.Function):
         return grad_h * grad_out, None, None, None, None
 
 
-VOCAB_BLOCK = 16384
+VOCAB_BLOCK = 4096  # rows of lm_head per GEMM: a bf16-stored block upcasts into ~10 MB that stays in cache
 
 
 def _chunk_ce(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -279,6 +279,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     pad_id = tok.pad_token_id
     del tok  # the 262k-entry tokenizer is ~300 MB we no longer need: give it back before activations need room
     _release_memory()
+    lean = _install_lean(model, cfg, acc)
+    _return_freed_memory_to_os()
+    if lean is not None:
+        say(f"lean training: {lean.describe()}")
 
     world = acc.num_processes
     G = cfg.batch_size * cfg.grad_accum * world
@@ -468,6 +472,34 @@ def split_by_tokens(examples: list[Example], budget: int) -> list[list[Example]]
     if cur:
         out.append(cur)
     return out
+
+
+def _install_lean(model, cfg: TrainConfig, acc):
+    """Memory-lean kernels and bf16 storage of the frozen base (see gemtune.train.lean), where they apply."""
+    from accelerate.utils import DistributedType
+
+    from gemtune.train.lean import install
+
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if not cfg.lean or cfg.quant or cfg.dtype != "float32" or sharded:
+        if cfg.frozen_storage == "bfloat16" and (cfg.quant or sharded):
+            raise UserError("frozen_storage: bfloat16 needs an unquantised, unsharded base", field="frozen_storage")
+        return None
+    bf16 = cfg.frozen_storage in ("auto", "bfloat16")
+    rep = install(model, bf16_storage=bf16)
+    _release_memory()
+    return rep
+
+
+def _return_freed_memory_to_os() -> None:
+    """Large tensors get their own mappings (glibc otherwise raises the mmap threshold after the first free and
+    serves activations from the heap, where fragmentation makes the resident peak creep up step after step)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB (fixed: no dynamic raise)
+    except (OSError, AttributeError):
+        pass
 
 
 def _release_memory() -> None:
