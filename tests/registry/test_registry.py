@@ -127,6 +127,29 @@ def test_verify_detects_corruption_and_extra_files(tmp_path, adapters):
         reg.verify("s", "v2")
 
 
+def test_verify_remembers_a_clean_hash_but_not_past_a_rewrite(tmp_path, adapters, monkeypatch):
+    import gemtune.registry.store as store
+
+    reg = Registry(tmp_path / "reg")
+    vi = reg.push("s", adapters[0])
+    reg.verify("s", "v1")
+    hashed = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p) or real(p))
+    reg.verify("s", "v1")
+    assert hashed == []  # unchanged files: no second hash (an alias flip to a served version stays cheap)
+    w = vi.path / "adapter_model.safetensors"
+    st = w.stat()
+    os.chmod(w, 0o644)
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime tells
+    with pytest.raises(CorruptAdapter, match="sha256 mismatch"):
+        reg.verify("s", "v1")
+    assert hashed
+
+
 def test_parse_model():
     assert parse_model("base").is_base
     r = parse_model("support")
