@@ -187,11 +187,11 @@ def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> d
     reg.push("router", paths[1])
     RouteTable(reg).promote("router", "v1")
     tenants = work / "flip-tenants.yaml"
-    tenants.write_text("admin_key: bench-admin-key\ntenants:\n  t: {api_key: bench-user-key, adapters: [router]}\n")
+    tenants.write_text("admin_key: bench-admin-key-0123456789\ntenants:\n  t: {api_key: bench-user-key-0123456789, adapters: [router]}\n")
     gw = build_gateway(str(root), tenants=str(tenants), base=str(base), max_model_len=256, max_batch=8, max_queue=64)
     server = ServerThread(create_app(gw)).start()
-    admin = {"Authorization": "Bearer bench-admin-key"}
-    user = {"Authorization": "Bearer bench-user-key"}
+    admin = {"Authorization": "Bearer bench-admin-key-0123456789"}
+    user = {"Authorization": "Bearer bench-user-key-0123456789"}
     http_ms, rollback_ms, swap_ms = [], [], []
     try:
         with httpx.Client(base_url=server.url, timeout=120) as c:
