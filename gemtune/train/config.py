@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     packing: bool = Field(True, description="pack examples into rows of max_len (no padding); examples never attend "
                           "to each other, so the loss equals the unpacked one")
     micro_batch_tokens: Optional[int] = Field(
-        1024, ge=16, description="split each device batch into micro-batches of at most this many padded tokens; "
+        1024, ge=16, description="without packing: split each device batch into micro-batches of at most this many padded tokens; "
         "bounds activation memory without changing the math (the loss is a global token sum)")
     seed: int = 42
     save_every: Optional[int] = Field(None, ge=1)

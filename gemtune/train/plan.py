@@ -172,11 +172,14 @@ def plan(shape: Shape, *, method: str = "lora", seq_len: int = 2048, batch: int 
     }
 
 
-def cpu_plan(path: str | Path, *, seq_len: int, batch: int, rank: int, supervised_frac: float) -> dict:
-    """The same model, for an fp32 CPU run (what the RSS check in tests measures): fp32 weights and activations,
-    no checkpointing, no CUDA context; the process baseline (Python, torch, tokenizer) is the overhead."""
+def cpu_plan(path: str | Path, *, seq_len: int, batch: int, rank: int, supervised_frac: float,
+             frozen_bytes: float = 2.0) -> dict:
+    """The same model, for an fp32 CPU run (what the RSS check in tests measures): fp32 activations, no
+    checkpointing, no CUDA context; the process baseline (Python, torch, tokenizer) is the overhead. Frozen
+    weights take 2 bytes: the default lean training path stores them in bf16 (`frozen_storage: auto`); pass 4.0
+    for `lean: false` or `frozen_storage: float32`."""
     return plan(shape_from_config(path), method="lora", seq_len=seq_len, batch=batch, rank=rank, grad_ckpt=False,
-                supervised_frac=supervised_frac, weight_bytes=4.0, overhead_gib=0.6, act_bytes=4.0)
+                supervised_frac=supervised_frac, weight_bytes=frozen_bytes, overhead_gib=0.6, act_bytes=4.0)
 
 
 def to_json(p: dict) -> str:
