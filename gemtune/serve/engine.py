@@ -451,9 +451,9 @@ class Engine:
                     pre_start=L(pre_start), pre_len=L(pre_len), logit_idx=L(logit_idx), adapter_keys=keys,
                     copies=copies)
         t0 = time.perf_counter()
-        hidden = self.runner.forward(step, pack)
-        seqs = [rows[r] for r in logit_rows]
-        tokens = choose_tokens(self.runner, hidden, seqs)
+        with self.runner.threads.step(len(ids)):
+            hidden = self.runner.forward(step, pack)
+            tokens = choose_tokens(self.runner, hidden, [rows[r] for r in logit_rows])
         dt = time.perf_counter() - t0
         self.step_log.append((D, sum(pre_len), dt))
         for r in range(D):

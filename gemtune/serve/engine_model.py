@@ -22,6 +22,7 @@ import torch.nn as nn
 from gemtune.errors import UserError
 from gemtune.serve.kv_cache import KVCache, LayerKV, slot_positions, visibility
 from gemtune.serve.lora_batch import LoRAContext, LoRAPack, MultiLoRALinear, wrap_linears
+from gemtune.serve.threads import ThreadPolicy
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,8 @@ class ModelRunner:
         self.dtype, self.device = p.dtype, p.device
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.prefill_chunk = min(prefill_chunk, max_model_len)
-        self.lora = LoRAContext()
+        self.threads = ThreadPolicy(self.device)
+        self.lora = LoRAContext(self.threads)
         self.linears: dict[str, MultiLoRALinear] = wrap_linears(self.text.layers, f"{prefix}.layers", self.lora)
         self.prepacked = prepack and self.device.type == "cpu" and all([m.prepack() for m in self.linears.values()])
         self.is_gemma4 = self.family.startswith("gemma4")
@@ -89,7 +91,7 @@ class ModelRunner:
         if self.dtype == torch.float32 and screen_head:
             from gemtune.serve.engine_sampling import ScreenedHead
 
-            self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap)
+            self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap, threads=self.threads)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _layer_specs(self) -> list[LayerKV]:
@@ -143,10 +145,11 @@ class ModelRunner:
             self.lora.clear()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_packed is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "")
-        else:
-            logits = self.lm_head(hidden)
+        with self.threads.wide():
+            if self.head_packed is not None:
+                logits = torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "")
+            else:
+                logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -204,24 +207,36 @@ class ModelRunner:
         G = H // KVH
         out = q.new_empty(N, H * Dh)
         D = step.n_decode
-        if D:
+        if D:  # strided reads of the cache rows: memory-bound, faster on every thread
             span = kind["dec_span"]
             k, v = kc[:D, :, :span], vc[:D, :, :span]
-            s = torch.matmul(q[:D].view(D, KVH, G, Dh), k.transpose(-1, -2)) * scaling
-            s = s + kind["dec_bias"]
+            with self.threads.wide():
+                s = torch.matmul(q[:D].view(D, KVH, G, Dh), k.transpose(-1, -2))
+            s = s.mul_(scaling).add_(kind["dec_bias"])
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            out[:D] = torch.matmul(p, v).reshape(D, H * Dh)
+            with self.threads.wide():
+                out[:D] = torch.matmul(p, v).reshape(D, H * Dh)
         if len(step.pre_rows):
-            span = kind["pre_span"]
-            P, T = ctx["pre_idx"].shape
-            qp = q[ctx["pre_idx"]].view(P, T, KVH, G, Dh).permute(0, 2, 3, 1, 4).reshape(P, KVH, G * T, Dh)
-            k, v = kc[step.pre_rows, :, :span], vc[step.pre_rows, :, :span]
-            s = torch.matmul(qp, k.transpose(-1, -2)) * scaling  # [P, KVH, G*T, span]
-            bias = kind["pre_bias"][:, None, None].expand(P, 1, G, T, span).reshape(P, 1, G * T, span)
-            p = torch.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
-            o = torch.matmul(p, v).view(P, KVH, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(P, T, H * Dh)
-            out[ctx["pre_flat"]] = o[ctx["pre_valid"]]
+            with self.threads.wide():
+                self._attend_prefill(q, kc, vc, kind, ctx, scaling, out)
         return out
+
+    def _attend_prefill(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, kind: dict, ctx: dict,
+                        scaling: float, out: torch.Tensor) -> None:
+        """Prefill chunks: one padded batched matmul over [P chunks, kv heads, group x chunk length, span]."""
+        step: Step = ctx["step"]
+        H, Dh = q.shape[1], q.shape[2]
+        KVH = kc.shape[1]
+        G = H // KVH
+        span = kind["pre_span"]
+        P, T = ctx["pre_idx"].shape
+        qp = q[ctx["pre_idx"]].view(P, T, KVH, G, Dh).permute(0, 2, 3, 1, 4).reshape(P, KVH, G * T, Dh)
+        k, v = kc[step.pre_rows, :, :span], vc[step.pre_rows, :, :span]
+        s = torch.matmul(qp, k.transpose(-1, -2)) * scaling  # [P, KVH, G*T, span]
+        bias = kind["pre_bias"][:, None, None].expand(P, 1, G, T, span).reshape(P, 1, G * T, span)
+        p = torch.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(p, v).view(P, KVH, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(P, T, H * Dh)
+        out[ctx["pre_flat"]] = o[ctx["pre_valid"]]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + rotate_half(x) * sin

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gemtune.serve.threads import NO_POLICY
+
 SCREEN_K = 64
 
 
@@ -42,7 +44,8 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
 class ScreenedHead:
     """Exact greedy argmax of an fp32 LM head, computed mostly in bf16 (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None, k: int = SCREEN_K):
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None, k: int = SCREEN_K, threads=NO_POLICY):
+        self.threads = threads
         self.weight = weight  # [V, H] fp32
         self.softcap = softcap  # monotone, but applied before tie-breaking exactly as the full head would
         wb = weight.to(torch.bfloat16)
@@ -68,11 +71,12 @@ class ScreenedHead:
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
         """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics)."""
         hb = h.to(torch.bfloat16)
-        if self.packed is not None:  # bf16 output: rounded, relative error <= 2^-8
-            lb = torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
-        else:
-            lb = F.linear(hb, self.wb)
-        vals, idx = lb.topk(self.k, dim=-1)  # descending; bf16 topk is 4x faster than on a float copy
+        with self.threads.wide():
+            if self.packed is not None:  # bf16 output: rounded, relative error <= 2^-8
+                lb = torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
+            else:
+                lb = F.linear(hb, self.wb)
+            vals, idx = lb.topk(self.k, dim=-1)  # descending; bf16 topk is 4x faster than on a float copy
         vals = vals.float()
         e = self.bound(h, hb)
         top, kth = vals[:, 0], vals[:, -1]
@@ -87,7 +91,8 @@ class ScreenedHead:
         if not bool(separated.all()):
             rows = (~separated).nonzero().flatten()
             self.fallbacks += len(rows)
-            full = F.linear(h[rows], self.weight)
+            with self.threads.wide():
+                full = F.linear(h[rows], self.weight)
             if self.softcap is not None:
                 full = torch.tanh(full / self.softcap) * self.softcap
             ids[rows] = full.argmax(-1)

@@ -368,31 +368,46 @@ def test_bfloat16_engine_generates(tiny_gemma3, tmp_path):
     assert a == b and a[0] != a[1] and all(len(t) > 0 for t in a)
 
 
-@pytest.mark.parametrize("n_tokens", [12, 300])  # decode-sized batch (masked layout), prefill-sized (grouped)
-def test_multi_lora_linear_matches_per_token_reference(n_tokens):
-    """Each token gets exactly its own adapter's delta (or none), in both LoRA layouts."""
+def _layout_keys(layout: str) -> list:
+    if layout == "masked-one":  # one adapter (and base tokens)
+        return [(None, "k1")[i % 2] for i in range(12)]
+    if layout == "masked-uneven":  # 10 tokens on k0, 1 each on k1, k2: a padded batched block would be 30 rows
+        return ["k0"] * 10 + ["k1", "k2"]
+    if layout == "batched":  # decode-sized, groups of 3, 3, 2 (padded), and base tokens
+        return [(None, "k0", "k1", "k2")[i % 4] for i in range(11)]
+    if layout == "batched-subset":  # two of the pack's three adapters: their blocks are selected
+        return [("k2", "k0")[i % 2] for i in range(8)]
+    return [(None, "k0", "k1", "k2")[i % 4] for i in range(300)]  # grouped: prefill-sized
+
+
+@pytest.mark.parametrize("layout", ["masked-one", "masked-uneven", "batched", "batched-subset", "grouped"])
+def test_multi_lora_linear_matches_per_token_reference(layout):
+    """Each token gets exactly its own adapter's delta (or none), in every LoRA layout; mixed ranks (4, 8, 2)
+    exercise the zero-padded per-adapter blocks, and q/k/v-style calls sharing one input reuse its gathered rows."""
     import torch.nn as nn
 
     from gemtune.serve.lora_batch import LoadedAdapter, LoRAContext, LoRAPack, MultiLoRALinear
 
     torch.manual_seed(0)
-    base = nn.Linear(24, 40, bias=False)
     ctx = LoRAContext()
-    lin = MultiLoRALinear(base, "m", ctx)
+    bases = [nn.Linear(24, 40, bias=False), nn.Linear(24, 16, bias=False)]
+    lins = [MultiLoRALinear(b, f"m{j}", ctx) for j, b in enumerate(bases)]
     ads = []
     for i, r in enumerate((4, 8, 2)):
-        a, bt = torch.randn(r, 24), torch.randn(r, 40) * (i + 1)
-        ads.append(LoadedAdapter(key=f"k{i}", path="", rank=r, A={"m": a}, BT={"m": bt}))
-    pack = LoRAPack.build(ads, {"m": lin}, torch.float32)
-    keys = [(None, "k0", "k1", "k2")[i % 4] for i in range(n_tokens)]
-    x = torch.randn(n_tokens, 24)
+        A = {f"m{j}": torch.randn(r, 24) for j in range(2)}
+        BT = {f"m{j}": torch.randn(r, b.out_features) * (i + 1) for j, b in enumerate(bases)}
+        ads.append(LoadedAdapter(key=f"k{i}", path="", rank=r, A=A, BT=BT))
+    pack = LoRAPack.build(ads, {f"m{j}": lin for j, lin in enumerate(lins)}, torch.float32)
+    keys = _layout_keys(layout)
+    x = torch.randn(len(keys), 24)
     ctx.set(pack, keys, torch.float32)
-    assert (ctx.perm is not None) == (n_tokens == 300)
+    assert ctx.layout == layout.split("-")[0]
     with torch.inference_mode():
-        got = lin(x)
-    ref = base(x).detach()
-    for t, k in enumerate(keys):
-        if k is not None:
-            ad = ads[int(k[1])]
-            ref[t] += (x[t] @ ad.A["m"].T) @ ad.BT["m"]
-    assert torch.allclose(got, ref, atol=1e-5)
+        got = [lin(x) for lin in lins]
+    for j, (b, g) in enumerate(zip(bases, got)):
+        ref = b(x).detach()
+        for t, k in enumerate(keys):
+            if k is not None:
+                ad = ads[int(k[1])]
+                ref[t] += (x[t] @ ad.A[f"m{j}"].T) @ ad.BT[f"m{j}"]
+        assert torch.allclose(g, ref, atol=1e-5), (layout, j)
