@@ -4,12 +4,14 @@ A seeded request draws only from its own `torch.Generator`, one draw per step on
 in the batch never changes its random stream.
 
 The LM head (262k x 640 for Gemma 3 270M) is most of a decode step's work. For greedy rows of an fp32 model we
-screen the vocabulary with a bf16 GEMM (3-4x faster on CPUs with AVX512-BF16) and then recompute the few tokens
-that could still be the argmax in fp32. The screen is exact, not a heuristic: with unit roundoff u = 2^-8, the bf16
+screen the vocabulary with a bf16 GEMM (3-4x faster on CPUs with AVX512-BF16) and then recompute in fp32 only the
+tokens that could still be the argmax. The screen is exact, not a heuristic: with unit roundoff u = 2^-8, the bf16
 logit of token j differs from the fp32 one by at most E = (2u + u^2 + 2n 2^-24) |h| max_j |w_j| plus the output
-rounding 2u |logit|, so when the K-th best screened logit, raised by that bound, stays below the best one lowered by
-it, the true argmax is among the top K and an fp32 recomputation of those K finds it. Rows where the bound does not
-separate (flat distributions) fall back to the full fp32 head.
+rounding r |logit| (r = 2^-8), so token j can only be the argmax if screen_j + r|screen_j| + E >= top - r|top| - E,
+where top is the best screened logit. x + r|x| is increasing, so that is a threshold on screen_j: one max per
+256-token chunk finds the few chunks that reach it, and only their tokens are compared and recomputed in fp32
+(a full top-k over 262k logits cost 4x more). Rows where too many tokens pass (flat distributions) fall back to the
+full fp32 head.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from gemtune.serve.threads import NO_POLICY
 
-SCREEN_K = 64
+SCREEN_CHUNK = 256  # vocabulary tokens per screened chunk
+SCREEN_MAX_CANDIDATES = 4096  # per row; beyond it the full fp32 head is cheaper
 
 
 def needs_generator(req) -> bool:
@@ -44,7 +47,8 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
 class ScreenedHead:
     """Exact greedy argmax of an fp32 LM head, computed mostly in bf16 (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None, k: int = SCREEN_K, threads=NO_POLICY):
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None, threads=NO_POLICY,
+                 chunk: int = SCREEN_CHUNK, max_candidates: int = SCREEN_MAX_CANDIDATES):
         self.threads = threads
         self.weight = weight  # [V, H] fp32
         self.softcap = softcap  # monotone, but applied before tie-breaking exactly as the full head would
@@ -56,7 +60,9 @@ class ScreenedHead:
             self.wb = None
         except (RuntimeError, AttributeError):
             pass
-        self.k = min(k, weight.shape[0])
+        self.vocab = weight.shape[0]
+        self.chunk = min(chunk, self.vocab)
+        self.max_candidates = max_candidates
         self.wmax = float(weight.norm(dim=1).max())
         self.acc = 2 * weight.shape[1] * 2.0 ** -24  # fp32 accumulation, screen and recomputation
         self.fallbacks = 0
@@ -68,35 +74,53 @@ class ScreenedHead:
         return ((h - hbf).norm(dim=1) * self.wmax + hbf.norm(dim=1) * self.dwmax
                 + self.acc * hbf.norm(dim=1) * self.wmax * 1.01)
 
-    def argmax(self, h: torch.Tensor) -> torch.Tensor:
-        """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics)."""
-        hb = h.to(torch.bfloat16)
+    def _screen(self, hb: torch.Tensor) -> torch.Tensor:
         with self.threads.wide():
             if self.packed is not None:  # bf16 output: rounded, relative error <= 2^-8
-                lb = torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
-            else:
-                lb = F.linear(hb, self.wb)
-            vals, idx = lb.topk(self.k, dim=-1)  # descending; bf16 topk is 4x faster than on a float copy
-        vals = vals.float()
-        e = self.bound(h, hb)
-        top, kth = vals[:, 0], vals[:, -1]
+                return torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
+            return F.linear(hb, self.wb)
+
+    def argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics; ties: lowest id)."""
+        M, V, C = h.shape[0], self.vocab, self.chunk
+        hb = h.to(torch.bfloat16)
+        lb = self._screen(hb)  # [M, V] bf16
+        n_chunks = -(-V // C)
+        if n_chunks * C != V:  # pad the last chunk with -inf (only vocabularies that are not a multiple of C)
+            lb = torch.cat([lb, lb.new_full((M, n_chunks * C - V), float("-inf"))], dim=1)
+        chunks = lb.view(M, n_chunks, C)
+        with self.threads.wide():
+            cmax = chunks.amax(dim=-1).float()  # [M, n_chunks]
+        top = cmax.amax(dim=-1)
         r = 2.0 ** -8 * 1.01
-        # every token outside the top k has screen <= kth, so true logit <= kth + r|kth| + e (x + r|x| is increasing)
-        separated = kth + r * kth.abs() + e < top - r * top.abs() - e
-        exact = torch.einsum("mkh,mh->mk", self.weight[idx], h)  # fp32 logits of the candidates
+        c = top - r * top.abs() - 2 * self.bound(h, hb)  # a candidate j needs screen_j + r|screen_j| >= c
+        t = torch.where(c >= 0, c / (1 + r), c / (1 - r))  # the screen threshold (x + r|x| inverted) ...
+        t = t - t.abs() * 1e-6 - 1e-30  # ... lowered past its own fp32 rounding
+        crow, cidx = (cmax >= t[:, None]).nonzero(as_tuple=True)  # chunks holding a candidate
+        vals = chunks[crow, cidx].float()  # [P, C]
+        prow, pcol = (vals >= t[crow, None]).nonzero(as_tuple=True)
+        rows, ids = crow[prow], cidx[prow] * C + pcol  # candidate (row, token) pairs, row-major
+        counts = torch.bincount(rows, minlength=M)
+        flat = counts > self.max_candidates
+        if bool(flat.any()):  # drop those rows' candidates; they take the full fp32 head below
+            keep = ~flat[rows]
+            rows, ids = rows[keep], ids[keep]
+        exact = (self.weight[ids] * h[rows]).sum(dim=-1)  # fp32 logits of the candidates
         if self.softcap is not None:
             exact = torch.tanh(exact / self.softcap) * self.softcap
-        best = exact.max(dim=-1, keepdim=True).values
-        ids = torch.where(exact == best, idx, torch.iinfo(idx.dtype).max).min(dim=-1).values  # ties: lowest id
-        if not bool(separated.all()):
-            rows = (~separated).nonzero().flatten()
-            self.fallbacks += len(rows)
+        best = torch.full((M,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, rows, exact, "amax")
+        win = exact == best[rows]
+        out = torch.full((M,), torch.iinfo(torch.long).max, dtype=torch.long)
+        out = out.scatter_reduce(0, rows[win], ids[win], "amin")
+        if bool(flat.any()):
+            fb = flat.nonzero().flatten()
+            self.fallbacks += len(fb)
             with self.threads.wide():
-                full = F.linear(h[rows], self.weight)
+                full = F.linear(h[fb], self.weight)
             if self.softcap is not None:
                 full = torch.tanh(full / self.softcap) * self.softcap
-            ids[rows] = full.argmax(-1)
-        return ids
+            out[fb] = full.argmax(-1)
+        return out
 
 
 def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> list[int]:

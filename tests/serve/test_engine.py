@@ -411,3 +411,32 @@ def test_multi_lora_linear_matches_per_token_reference(layout):
                 ad = ads[int(k[1])]
                 ref[t] += (x[t] @ ad.A[f"m{j}"].T) @ ad.BT[f"m{j}"]
         assert torch.allclose(g, ref, atol=1e-5), (layout, j)
+
+
+@pytest.mark.parametrize("vocab,softcap", [(1000, None), (1024, 500.0)])
+def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap):
+    """The bf16 screen + fp32 recomputation returns the full fp32 head's argmax: on peaked rows, on rows whose top
+    two logits differ by less than the bf16 rounding (both must survive the screen), on flat rows (fallback) and on
+    a vocabulary that is not a multiple of the chunk size."""
+    from gemtune.serve.engine_sampling import ScreenedHead
+
+    torch.manual_seed(0)
+    w = torch.randn(vocab, 64)
+    w[100:400] = w[100] + 1e-4 * torch.randn(300, 64)  # 300 near-identical tokens
+    h = torch.randn(40, 64) * 3
+    h[:10] = w[torch.arange(10) * 7] * 4  # peaked
+    d = 0.05 * torch.randn(64)
+    w[6] = w[5] + d  # rows 10-19: logit(6) - logit(5) = h.d = +-1e-4, far inside the bf16 rounding
+    for i in range(10, 20):
+        b = w[5] * 0.05 + 0.05 * torch.randn(64)
+        h[i] = b - (float(b @ d) - 1e-4 * (-1) ** i) * d / float(d @ d)
+    h[20:25] = w[100] * 3 + 1e-3 * torch.randn(5, 64)  # flat among tokens 100-399: too many candidates
+    head = ScreenedHead(w, softcap, chunk=128, max_candidates=200)
+    ref = torch.nn.functional.linear(h, w)
+    if softcap:
+        ref = torch.tanh(ref / softcap) * softcap
+    got = head.argmax(h)
+    assert got.tolist() == ref.argmax(-1).tolist()
+    assert head.fallbacks >= 5  # the flat rows took the full head
+    bf16_pick = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float().argmax(-1)
+    assert bool((bf16_pick[10:20] != ref.argmax(-1)[10:20]).any())  # a bf16 head alone gets some close calls wrong
