@@ -67,7 +67,12 @@ class KVCache:
             self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
             self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
             return
-        idx = torch.remainder(torch.arange(max(0, n - spec.window), n), spec.size)
+        lo = max(0, n - spec.window)
+        if n <= spec.size:  # no wrap: one contiguous run of slots
+            self.k[layer][dst, :, lo:n] = self.k[layer][src, :, lo:n]
+            self.v[layer][dst, :, lo:n] = self.v[layer][src, :, lo:n]
+            return
+        idx = torch.remainder(torch.arange(lo, n), spec.size)
         self.k[layer][dst, :, idx] = self.k[layer][src, :, idx]
         self.v[layer][dst, :, idx] = self.v[layer][src, :, idx]
 
