@@ -311,6 +311,7 @@ def test_shared_prompt_prefixes_are_reused_exactly(family_setup):
     system = "You are a routing assistant for a bank. Answer with one word. "
     texts = ["card lost", "card lost yesterday", "refund please", "hello"]
     combos = [(system + t, a) for t in texts for a in ("a0", "a1", None)]
+    combos += [("card lost", "a1"), ("card lost today", "a1")]  # a short shared prefix: the window ring unwrapped
     n = 10
     with Engine(base, max_batch=12, max_model_len=256, prefill_chunk=8, prefill_budget=64, prefix_share_min=4) as eng:
         for k, path in ads.items():
