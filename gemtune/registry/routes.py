@@ -373,6 +373,8 @@ class RouteWatcher:
         return dict(self.table.get(name, {}))
 
     def resolve(self, name: str, alias: str, user: str | None) -> str | None:
+        if self._thread is not None and time.monotonic() - self._checked > 3 * self.poll_s:
+            self.refresh(throttle=False)  # the poller thread is late (a starved CPU): never route on a stale table
         w = self.weights(name, alias)
         if not w:
             return None

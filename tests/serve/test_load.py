@@ -241,7 +241,9 @@ def test_load_routes_flip_under_120_concurrent_clients(server):
             wrong_route.append(r)
         if r["text"] != expected[r["model"]]:
             wrong_text.append(r)
-    assert not wrong_route, f"{len(wrong_route)} responses from a version not routed at admission: {wrong_route[:3]}"
+    assert not wrong_route, (f"{len(wrong_route)} responses from a version not routed at admission: {wrong_route[:3]}; "
+                             f"timeline of {wrong_route[0]['name']} (t, weights): "
+                             f"{timeline.events[wrong_route[0]['name']]}" if wrong_route else "")
     assert not wrong_text, f"{len(wrong_text)} responses whose text is not their version's: {wrong_text[:3]}"
     served = {r["model"] for r in ok}
     assert {f"{n}@v1" for n in NAMES} <= served and any(m.endswith("@v2") for m in served)
