@@ -5,7 +5,9 @@ test prompts (shuffled with seed 0) in the Gemma 3 template, 32 greedy tokens ea
 (`ignore_eos`), spread round-robin over 8 random r16 q/k/v/o PEFT adapters (`make_random_adapters`, seeds 0-7,
 non-zero B), all submitted at once. tokens/s = generated tokens / wall time of the whole batch, prefill included.
 
-Measured in this one process, on the same inputs:
+Measured in one run of this script, on the same inputs, each system in its own process (PEFT first, in a child
+process, then gemtune here, never overlapping): with both fp32 models resident in one process, whichever ran second
+measured 5-13 % slower (PEFT's freed generate buffers), which is no property of either system.
   - PEFT fp32 mixed batch: one `generate(adapter_names=...)` over all 64 requests (left-padded)
   - PEFT fp32 `set_adapter` per group: one `generate` per adapter over its 8 requests
   - gemtune fp32, 8 adapters and 1 adapter (every request on adapter 0); 8 adapters without prefix sharing
@@ -226,6 +228,41 @@ def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> d
             "in_memory_swap_ms": {"median": round(statistics.median(swap_ms), 3), "p95": round(q(swap_ms, 0.95), 3)}}
 
 
+def peft_part(args) -> dict:
+    """The PEFT side, run in a child process (`--part peft`): adapter load latency and every round of both modes."""
+    from gemtune.base.loader import load_tokenizer
+    from gemtune.base.provision import pull
+
+    base = pull()
+    tok = load_tokenizer(base)
+    pad = tok.pad_token_id
+    prompts = workload(tok, args.requests)
+    paths = make_adapters(base, Path(tempfile.mkdtemp(prefix="gemtune-serve-bench-peft-")), args.adapters)
+    names = [f"a{i}" for i in range(args.adapters)]
+    mixed = [names[i % len(names)] for i in range(len(prompts))]
+    peft, load = load_peft(base, paths)
+    _peft_generate(peft, prompts[:2], 2, pad, adapter_names=mixed[:2])  # warm-up
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        runs.setdefault("peft_fp32_mixed", []).append(run_peft_mixed(peft, prompts, mixed, args.tokens, pad))
+        print(f"  PEFT mixed batch      {runs['peft_fp32_mixed'][-1]['tok_s']:7.1f} tok/s", flush=True)
+        runs.setdefault("peft_fp32_swap", []).append(run_peft_swap(peft, prompts, mixed, args.tokens, pad))
+        print(f"  PEFT set_adapter      {runs['peft_fp32_swap'][-1]['tok_s']:7.1f} tok/s", flush=True)
+    return {"peft_load": load, "runs": runs}
+
+
+def run_peft_child(args) -> dict:
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "peft.json"
+        subprocess.run([sys.executable, __file__, "--part", "peft", "--requests", str(args.requests), "--tokens",
+                        str(args.tokens), "--adapters", str(args.adapters), "--repeats", str(args.repeats),
+                        "--part-out", str(out)], check=True)
+        return json.loads(out.read_text())
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["tok_s"])
 
@@ -238,7 +275,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per system; the best is reported")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--part", choices=["peft"], help=argparse.SUPPRESS)  # the child process's side
+    ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.part == "peft":
+        import json
+
+        Path(args.part_out).write_text(json.dumps(peft_part(args)))
+        return
 
     import torch
 
@@ -248,7 +292,6 @@ def main() -> None:
 
     base = pull()
     tok = load_tokenizer(base)
-    pad = tok.pad_token_id
     prompts = workload(tok, args.requests)
     work = Path(tempfile.mkdtemp(prefix="gemtune-serve-bench-"))
     paths = make_adapters(base, work, args.adapters)
@@ -269,8 +312,10 @@ def main() -> None:
 
     peft = None
     if not args.skip_peft:
-        peft, res["peft_load"] = load_peft(base, paths)
-        _peft_generate(peft, prompts[:2], 2, pad, adapter_names=mixed[:2])  # warm-up
+        print("PEFT (child process)", flush=True)
+        peft = run_peft_child(args)
+        res["peft_load"] = peft["peft_load"]
+        runs.update(peft["runs"])
     eng = Engine(base, max_batch=len(prompts), max_loras=len(names), max_lora_rank=RANK, max_model_len=max_len)
     eng.start()
     for name, p in zip(names, paths):
@@ -278,14 +323,8 @@ def main() -> None:
     run_gemtune(eng, prompts[:4], mixed[:4], 2)  # warm-up
     for rep in range(args.repeats):
         print(f"round {rep + 1}/{args.repeats}", flush=True)
-        if peft is not None:
-            runs.setdefault("peft_fp32_mixed", []).append(run_peft_mixed(peft, prompts, mixed, args.tokens, pad))
-            print(f"  PEFT mixed batch      {runs['peft_fp32_mixed'][-1]['tok_s']:7.1f} tok/s", flush=True)
         runs.setdefault("gemtune_fp32_8", []).append(run_gemtune(eng, prompts, mixed, args.tokens))
         print(f"  gemtune 8 adapters    {runs['gemtune_fp32_8'][-1]['tok_s']:7.1f} tok/s", flush=True)
-        if peft is not None:
-            runs.setdefault("peft_fp32_swap", []).append(run_peft_swap(peft, prompts, mixed, args.tokens, pad))
-            print(f"  PEFT set_adapter      {runs['peft_fp32_swap'][-1]['tok_s']:7.1f} tok/s", flush=True)
         runs.setdefault("gemtune_fp32_1", []).append(run_gemtune(eng, prompts, single, args.tokens))
         print(f"  gemtune 1 adapter     {runs['gemtune_fp32_1'][-1]['tok_s']:7.1f} tok/s", flush=True)
         eng.prefix_share_min = 0
