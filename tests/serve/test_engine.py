@@ -441,3 +441,31 @@ def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap):
     assert head.fallbacks >= 5  # the flat rows took the full head
     bf16_pick = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float().argmax(-1)
     assert bool((bf16_pick[10:20] != ref.argmax(-1)[10:20]).any())  # a bf16 head alone gets some close calls wrong
+
+
+def test_thread_policy_narrows_small_steps_and_widens_gemms():
+    """A small step runs on one thread, GEMMs inside it on all, a prefill-sized step on all throughout, and the
+    thread count is restored after (also when the step raises)."""
+    from gemtune.serve.threads import ThreadPolicy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pol = ThreadPolicy(torch.device("cpu"))
+        with pol.step(64):
+            assert torch.get_num_threads() == 1
+            with pol.wide():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pol.step(ThreadPolicy.SMALL_STEP_TOKENS):
+            assert torch.get_num_threads() == 2
+            with pol.wide():
+                assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with pol.step(8):
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2 and not pol.narrow
+        assert not ThreadPolicy(torch.device("meta")).enabled
+    finally:
+        torch.set_num_threads(before)
