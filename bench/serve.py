@@ -6,8 +6,9 @@ test prompts (shuffled with seed 0) in the Gemma 3 template, 32 greedy tokens ea
 non-zero B), all submitted at once. tokens/s = generated tokens / wall time of the whole batch, prefill included.
 
 Measured in one run of this script, on the same inputs, each system in its own process (PEFT first, in a child
-process, then gemtune here, never overlapping): with both fp32 models resident in one process, whichever ran second
-measured 5-13 % slower (PEFT's freed generate buffers), which is no property of either system.
+process, then gemtune here, never overlapping): with both fp32 models resident in one process, gemtune measured
+5-13 % slower than alone (cause not pinned down: a second resident model and PEFT's generate allocations), which
+is no property of either system.
   - PEFT fp32 mixed batch: one `generate(adapter_names=...)` over all 64 requests (left-padded)
   - PEFT fp32 `set_adapter` per group: one `generate` per adapter over its 8 requests
   - gemtune fp32, 8 adapters and 1 adapter (every request on adapter 0); 8 adapters without prefix sharing
