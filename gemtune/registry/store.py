@@ -3,8 +3,8 @@
 A push copies a PEFT adapter into the next version directory (built under a temp name, fsynced, renamed into
 place), with `manifest.json` holding every file's size and sha256. Versions are never rewritten: a regression is
 fixed by routing (see routes.py), not by editing weights in place. A push refuses what vLLM would refuse to load
-(DoRA, `modules_to_save`, per-layer ranks, ranks outside vLLM's punica sizes) and adapters whose eval gate said no,
-unless forced; a forced push records why it was forced. Loading re-hashes every file against the manifest and
+(DoRA, `modules_to_save`, per-layer ranks, ranks outside vLLM's punica sizes) and adapters whose eval gate or
+privacy probe said no, unless forced; a forced push records why it was forced. Loading re-hashes every file against the manifest and
 accepts safetensors only, so a flipped bit or a pickle never reaches the engine.
 
 Concurrent writers (two CLI pushes, the server's admin API) serialise on one file lock in the registry root.
@@ -111,8 +111,10 @@ def check_adapter_config(cfg: dict, where: str) -> list[str]:
     return problems
 
 
-def gate_problems(sidecar: dict | None) -> list[str]:
-    """Why the adapter's own eval says it must not ship (from the `gemtune.json` sidecar)."""
+def gate_problems(sidecar: dict | None, weights: Path | None = None) -> list[str]:
+    """Why the adapter's own checks say it must not ship (from the `gemtune.json` sidecar): a failed eval gate,
+    or a failed privacy probe made for these weights (`privacy.adapter_sha256` against `weights` when both exist;
+    a report made for other weights does not describe this adapter and is not held against it)."""
     if not sidecar:
         return []
     problems = []
@@ -121,6 +123,13 @@ def gate_problems(sidecar: dict | None) -> list[str]:
     ev = sidecar.get("eval") or {}
     if isinstance(ev, dict) and ev.get("gate_passed") is False:
         problems.append('gemtune.json says eval.gate_passed: false')
+    pv = sidecar.get("privacy") or {}
+    if isinstance(pv, dict) and pv.get("passed") is False:
+        probed = pv.get("adapter_sha256")
+        if not (probed and weights is not None and weights.is_file() and sha256_file(weights) != probed):
+            failed = [c.get("name") for c in pv.get("checks") or [] if isinstance(c, dict) and not c.get("passed")]
+            problems.append("gemtune.json says privacy.passed: false"
+                            + (f" ({', '.join(str(f) for f in failed)})" if failed else ""))
     return problems
 
 
@@ -151,7 +160,7 @@ def inspect_adapter(path: str | Path) -> tuple[dict, dict | None, list[str], lis
     sidecar = _read_json(p / SIDECAR) if (p / SIDECAR).is_file() else None
     problems = check_adapter_config(cfg, str(p / ADAPTER_CONFIG))
     problems += _check_safetensors(p / ADAPTER_WEIGHTS)
-    return cfg, sidecar, problems, gate_problems(sidecar)
+    return cfg, sidecar, problems, gate_problems(sidecar, p / ADAPTER_WEIGHTS)
 
 
 def _check_safetensors(path: Path) -> list[str]:
@@ -310,7 +319,7 @@ class Registry:
             if problems:
                 what.append("not servable unchanged by vLLM/gemtune: " + "; ".join(problems))
             if gate:
-                what.append("its eval gate failed: " + "; ".join(gate))
+                what.append("its own checks say it must not ship: " + "; ".join(gate))
             raise UserError(" | ".join(what) + " (use --force to push anyway; it will be recorded)",
                             file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
         with self.locked():

@@ -78,13 +78,41 @@ def test_push_refuses_failed_gate_unless_forced(tmp_path, adapters, sidecar):
     shutil.copytree(adapters[0], src)
     (src / "gemtune.json").write_text(json.dumps(sidecar))
     reg = Registry(tmp_path / "reg")
-    with pytest.raises(UserError, match="eval gate failed") as e:
+    with pytest.raises(UserError, match="must not ship: gemtune.json says") as e:
         reg.push("x", src)
     assert "gemtune.json" in str(e.value)
     vi = reg.push("x", src, force=True)
     assert vi.manifest["forced"] and (vi.path / "gemtune.json").is_file()
     forced = [e for e in read_routes(reg.routes_path)["log"] if e["event"] == "push"]
     assert forced[-1]["forced"] is True and forced[-1]["reasons"]
+
+
+def _privacy(passed: bool, sha: str | None) -> dict:
+    return {"privacy": {"passed": passed, "adapter_sha256": sha,
+                        "checks": [{"name": "extraction rate", "passed": passed}, {"name": "PII hits", "passed": True}]}}
+
+
+def test_push_refuses_failed_privacy_probe_for_these_weights(tmp_path, adapters):
+    from gemtune.utils import sha256_file
+
+    src = tmp_path / "probed"
+    shutil.copytree(adapters[0], src)
+    sha = sha256_file(src / "adapter_model.safetensors")
+    reg = Registry(tmp_path / "reg")
+    for recorded in (sha, None):  # the probe named these weights, or named none: the failure stands
+        (src / "gemtune.json").write_text(json.dumps(_privacy(False, recorded)))
+        with pytest.raises(UserError, match=r"privacy.passed: false \(extraction rate\)") as e:
+            reg.push("x", src)
+        assert "gemtune.json" in str(e.value) and reg.versions("x") == []
+    # a failed report made for other weights does not describe this adapter; a passed one never blocks
+    (src / "gemtune.json").write_text(json.dumps(_privacy(False, "0" * 64)))
+    assert reg.push("x", src).manifest["forced"] is False
+    (src / "gemtune.json").write_text(json.dumps(_privacy(True, sha)))
+    assert reg.push("x", src).version == "v2"
+    (src / "gemtune.json").write_text(json.dumps(_privacy(False, sha)))
+    vi = reg.push("x", src, force=True)
+    assert vi.version == "v3" and vi.manifest["forced"] is True
+    assert any("privacy.passed: false" in r for r in vi.manifest["forced_reasons"])
 
 
 def test_push_refuses_non_peft_and_pickles(tmp_path, adapters):
