@@ -49,6 +49,10 @@ def register(app: typer.Typer) -> None:
         judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint for the pairwise judge."),
         judge_model: str = typer.Option("judge", "--judge-model", help="`model` field sent to the judge endpoint."),
         config: Optional[str] = typer.Option(None, "--config", help="gemtune.yaml whose `eval:` section sets the defaults."),
+        record: bool = typer.Option(False, "--record",
+                                    help="Write the summary and the gate verdict (`shippable`) into the adapter's "
+                                         "gemtune.json, as the per-checkpoint eval does; `registry push` then "
+                                         "refuses a failed adapter. Needs a gate (a baseline) and the full suite."),
     ):
         """Evaluate --adapter on --suite, compare with --baseline, write --out; exit 1 when the gate fails."""
         if ctx.invoked_subcommand is not None:
@@ -56,6 +60,15 @@ def register(app: typer.Typer) -> None:
         missing = [f for f, v in (("--adapter", adapter), ("--suite", suite), ("--out", out)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (see `gemtune eval --help`)", field=missing[0].lstrip("-"))
+        if record:  # refuse before generating anything: a verdict must come from a gate over the whole suite
+            if adapter == "base":
+                raise UserError("--record writes into an adapter's gemtune.json; `base` has none", field="record")
+            if baseline in ("none", ""):
+                raise UserError("--record needs a gate: drop --baseline none (an ungated run has no verdict)",
+                                field="baseline")
+            if max_cases is not None:
+                raise UserError("--record needs the full suite: a --max-cases smoke run cannot vouch for an adapter",
+                                field="max_cases")
         from gemtune.evals.gate import enforce
         from gemtune.evals.pipeline import run_eval
 
@@ -64,6 +77,17 @@ def register(app: typer.Typer) -> None:
                            no_cache=no_cache, latency=latency, base=base, judge_url=judge_url, judge_model=judge_model,
                            max_cases=max_cases, progress=_progress)
         _progress(f"wrote {outcome.out}/results.json, summary.json, report.html")
+        if record:
+            from pathlib import Path
+
+            from gemtune.evals.checkpoint import update_sidecar
+            from gemtune.evals.pipeline import resolve_adapter
+
+            if outcome.gate is None:
+                raise UserError("--record needs a gate, and this run compared against no baseline", field="baseline")
+            adapter_dir = Path(resolve_adapter(adapter))
+            side = update_sidecar(adapter_dir, outcome.summary)
+            _progress(f"recorded eval verdict in {adapter_dir / 'gemtune.json'}: shippable {side['shippable']}")
         if outcome.gate is not None:
             enforce(outcome.gate, outcome.line)
 

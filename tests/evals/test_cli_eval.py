@@ -1,10 +1,12 @@
 """`gemtune eval` end to end on a tiny model: exit 0 pass, 1 gate failed, 2 input error."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 from gemtune.evals.suite import load_suite
+from gemtune.registry.store import inspect_adapter
 
 
 def baseline_results(suite, passed: bool, path):
@@ -77,3 +79,29 @@ def test_cli_rerun_with_no_cache_gives_identical_outputs(adapter4, tmp_path, cli
     assert b["summary"]["generation"]["cases_generated"] == 5 and b["summary"]["generation"]["cache_hits"] == 0
     assert [c["output"] for c in a["cases"]] == [c["output"] for c in b["cases"]]
     assert [c["pass"] for c in a["cases"]] == [c["pass"] for c in b["cases"]]
+
+
+def test_eval_record_writes_verdict_the_registry_honours(adapter3, tmp_path, cli, suite_writer, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter3, adapter)
+    suite = suite_writer(tmp_path / "s.jsonl", n=4, scorers=["exact"])  # expected "x": the adapter never passes
+    args = ["eval", "--adapter", str(adapter), "--suite", str(suite), "--max-new-tokens", "2", "--record"]
+    before = json.loads((adapter / "gemtune.json").read_text())
+    # refused before anything runs: no gate, a smoke run, or the base
+    for extra, needle in ((["--baseline", "none"], "needs a gate"), (["--max-cases", "2"], "needs the full suite")):
+        assert cli(args + ["--out", str(tmp_path / "x")] + extra) == 2
+        assert needle in " ".join(capsys.readouterr().err.split())
+    assert cli(["eval", "--adapter", "base", "--suite", str(suite), "--out", str(tmp_path / "x"), "--record"]) == 2
+    assert not (tmp_path / "x").exists() and json.loads((adapter / "gemtune.json").read_text()) == before
+    # a baseline that got everything right: 100 % regressions, exit 1, verdict recorded, push refused
+    rc = cli(args + ["--out", str(tmp_path / "bad"), "--baseline", str(baseline_results(suite, True, tmp_path / "b1.json"))])
+    side = json.loads((adapter / "gemtune.json").read_text())
+    assert rc == 1 and side["shippable"] is False and side["eval"]["gate_passed"] is False
+    assert side["base_model"] == before["base_model"]  # what training wrote is kept
+    assert inspect_adapter(adapter)[3] == ['gemtune.json says "shippable": false',
+                                           "gemtune.json says eval.gate_passed: false"]  # what push refuses on
+    # a baseline that got nothing right: exit 0, the verdict flips, the push goes through
+    rc = cli(args + ["--out", str(tmp_path / "ok"), "--baseline", str(baseline_results(suite, False, tmp_path / "b0.json"))])
+    side = json.loads((adapter / "gemtune.json").read_text())
+    assert rc == 0 and side["shippable"] is True and side["eval"]["compare"]["baseline"] == "prod"
+    assert inspect_adapter(adapter)[3] == []
