@@ -81,12 +81,33 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                yield json.loads(line)
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file the user handed us.
+
+    A missing or unreadable file, a line that is not JSON, or one that is not a JSON object raises `UserError`
+    naming the file and the line, so every JSONL input fails the same way (exit 2, file:line).
+    """
+    from gemtune.errors import UserError
+
+    try:
+        f = open(path, "rb")  # decoded line by line, so a bad byte is reported on its own line
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(path), line=n) from None
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"not valid JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
+            if not isinstance(rec, dict):
+                raise UserError("each line must be a JSON object", file=str(path), line=n)
+            yield n, rec
 
 
 @contextlib.contextmanager

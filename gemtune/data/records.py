@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gemtune.errors import UserError
-from gemtune.utils import sha256_file, sha256_text
+from gemtune.utils import iter_jsonl, sha256_file, sha256_text
 
 DATASET_FILES = ("train.jsonl", "eval.jsonl", "eval.lock.json", "quarantine.jsonl", "report.json", "dataset.json")
 PROVENANCE_FIELDS = ("source", "reviewer", "review_status", "license", "collected_at")
@@ -43,22 +43,11 @@ def make_record(rid: str, task: str, messages: list[dict], provenance: dict, lab
 
 def _read_records(path: Path) -> list[dict]:
     rows = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read: {e.strerror or e}", file=str(path)) from None
-    with f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg}); was this file edited by hand?", file=str(path), line=i) from None
-            for k in ("id", "task", "messages", "sha256"):
-                if k not in rec:
-                    raise UserError("record misses a required key", file=str(path), line=i, field=k)
-            rows.append(rec)
+    for i, rec in iter_jsonl(path):
+        for k in ("id", "task", "messages", "sha256"):
+            if k not in rec:
+                raise UserError("record misses a required key", file=str(path), line=i, field=k)
+        rows.append(rec)
     return rows
 
 

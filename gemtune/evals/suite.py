@@ -17,7 +17,7 @@ from gemtune.base.templates import validate_messages
 from gemtune.errors import UserError
 from gemtune.evals.config import EvalConfig
 from gemtune.evals.scorers import ScorerSpec, normalize_label, parse_scorer
-from gemtune.utils import sha256_text
+from gemtune.utils import iter_jsonl, sha256_text
 
 
 @dataclass
@@ -67,17 +67,7 @@ def suite_file(path: str | Path) -> Path:
 
 
 def _read_records(p: Path):
-    with open(p, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise UserError(f"not valid JSON: {e.msg} (column {e.colno})", file=str(p), line=n) from None
-            if not isinstance(rec, dict):
-                raise UserError("each line must be a JSON object", file=str(p), line=n)
-            yield n, rec
+    return iter_jsonl(p)
 
 
 def _messages_and_expected(rec: dict, file: str, n: int) -> tuple[list[dict], Any]:

@@ -37,7 +37,7 @@ from gemtune.privacy import canary as canary_probe
 from gemtune.privacy import extraction
 from gemtune.privacy import regurgitation as pii_probe
 from gemtune.privacy.config import PrivacyConfig
-from gemtune.utils import atomic_write_json
+from gemtune.utils import atomic_write_json, iter_jsonl
 
 REPORT_VERSION = 1
 
@@ -52,23 +52,16 @@ def load_train(data_dir: str | Path) -> tuple[list[dict], dict]:
     if not f.is_file():
         raise UserError("not a dataset directory: train.jsonl is missing", file=str(d), field="--data")
     records = []
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg})", file=str(f), line=n) from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not rec["messages"]:
-                raise UserError("record has no messages list", file=str(f), line=n, field="messages")
-            for k, m in enumerate(rec["messages"]):
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                        "system", "user", "assistant"):
-                    raise UserError("each message needs a role (system/user/assistant) and a string content",
-                                    file=str(f), line=n, field=f"messages[{k}]")
-            rec.setdefault("id", f"line-{n}")
-            records.append(rec)
+    for n, rec in iter_jsonl(f):
+        if not isinstance(rec.get("messages"), list) or not rec["messages"]:
+            raise UserError("record has no messages list", file=str(f), line=n, field="messages")
+        for k, m in enumerate(rec["messages"]):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                    "system", "user", "assistant"):
+                raise UserError("each message needs a role (system/user/assistant) and a string content",
+                                file=str(f), line=n, field=f"messages[{k}]")
+        rec.setdefault("id", f"line-{n}")
+        records.append(rec)
     if not records:
         raise UserError("train.jsonl has no records", file=str(f))
     meta = {}

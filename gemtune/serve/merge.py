@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from gemtune.errors import GateFailed, UserError
-from gemtune.utils import atomic_dir, sha256_file
+from gemtune.utils import atomic_dir, iter_jsonl, sha256_file
 
 SAMPLE_PROMPTS = [
     [{"role": "user", "content": "My card payment was declined at the shop. What should I do?"}],
@@ -50,25 +50,18 @@ def load_prompts(path: str | Path | None) -> list[list[dict]]:
     if path is None:
         return SAMPLE_PROMPTS
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=i) from None
-            if isinstance(row.get("messages"), list):
-                msgs = [m for m in row["messages"] if isinstance(m, dict)]
-                while msgs and msgs[-1].get("role") == "assistant":
-                    msgs.pop()
-            elif isinstance(row.get("prompt"), str):
-                msgs = [{"role": "user", "content": row["prompt"]}]
-            else:
-                raise UserError("expected 'messages' or 'prompt'", file=str(path), line=i, field="messages")
-            if not msgs:
-                raise UserError("no user turn", file=str(path), line=i, field="messages")
-            out.append(msgs)
+    for i, row in iter_jsonl(path):
+        if isinstance(row.get("messages"), list):
+            msgs = [m for m in row["messages"] if isinstance(m, dict)]
+            while msgs and msgs[-1].get("role") == "assistant":
+                msgs.pop()
+        elif isinstance(row.get("prompt"), str):
+            msgs = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise UserError("expected 'messages' or 'prompt'", file=str(path), line=i, field="messages")
+        if not msgs:
+            raise UserError("no user turn", file=str(path), line=i, field="messages")
+        out.append(msgs)
     if not out:
         raise UserError("no prompts", file=str(path))
     return out

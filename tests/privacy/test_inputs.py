@@ -29,7 +29,7 @@ CASES = {
     "not a dataset": (lambda d, c, t: ["--data", t], ['field "--data"', "train.jsonl is missing"]),
     "malformed train line": (
         lambda d, c, t: (d.joinpath("train.jsonl").write_text(d.joinpath("train.jsonl").read_text() + "{oops\n"),
-                         ["--data", d])[1], ["train.jsonl:40:", "malformed JSON"]),
+                         ["--data", d])[1], ["train.jsonl:40:", "not valid JSON"]),
     "message without role": (
         lambda d, c, t: (d.joinpath("train.jsonl").write_text(json.dumps({"messages": [{"content": "x"}]}) + "\n"),
                          ["--data", d])[1], ["train.jsonl:1:", 'field "messages[0]"']),
