@@ -98,6 +98,10 @@ def test_card_body_is_filled_from_the_sidecars(pipeline):
     # training: preset, rank, steps, trainable %
     assert "| preset | default |" in card and "| LoRA rank / alpha / dropout | 16 / 32 / 0.05 |" in card
     assert "| steps | 2 (planned 7) |" in card and f"({side['trainable_pct']}%)" in card
+    # hardware the trainer recorded (this machine has no GPU)
+    hw = side["hardware"]
+    assert hw["device"] == "cpu" and hw["processes"] == 1 and hw["cpu_cores"] >= 1 and "gpu" not in hw
+    assert f"- **Hardware:** device: cpu, cpu: {hw['cpu']}, cpu_cores: {hw['cpu_cores']}," in card
     # evaluation: accuracy vs baseline, McNemar, CI, gate
     cmp = side["eval"]["compare"]
     assert f"| accuracy | {100 * cmp['accuracy']['candidate']:.1f}% | {100 * cmp['accuracy']['baseline']:.1f}% |" in card

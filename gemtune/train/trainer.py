@@ -27,14 +27,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from gemtune.base.families import ATTENTION, family_of, linear_leaf_names, matched_modules, target_modules
+from gemtune.base.families import family_of, linear_leaf_names, matched_modules, target_modules
 from gemtune.base.provision import pull
 from gemtune.errors import UserError
 from gemtune.train.collate import Example, collate, encode_records, pack
 from gemtune.train.config import TrainConfig
-from gemtune.train.loss import SupervisedLM, _causal_lm
+from gemtune.train.loss import SupervisedLM
 from gemtune.train.presets import get_preset
-from gemtune.utils import atomic_dir, atomic_write_json, read_jsonl, sha256_file
+from gemtune.utils import atomic_dir, atomic_write_json, iter_jsonl, sha256_file
 
 CheckpointHook = Callable[[Path, int], Optional[dict]]
 STATE_FILE = "trainer_state.pt"
@@ -79,13 +79,7 @@ def read_dataset_dir(data_dir: Path, base_path: Path) -> tuple[list[dict], list[
 
     def load(f: Path) -> list[dict]:
         rows = []
-        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"invalid JSON ({e})", file=str(f), line=i) from None
+        for i, rec in iter_jsonl(f):
             if not isinstance(rec.get("messages"), list):
                 raise UserError("record has no messages list", file=str(f), line=i, field="messages")
             rows.append(rec)
@@ -224,6 +218,28 @@ def sidecar(cfg: TrainConfig, base_path: Path, meta: dict, lora_cfg, *, step: in
     }
 
 
+def hardware_record(device: torch.device, processes: int) -> dict:
+    """What the run trained on, for the model card: device kind and name, CPU model, cores, threads, processes."""
+    import platform
+
+    hw: dict = {"device": device.type}
+    if device.type == "cuda" and torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(device)
+        hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw.update({"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": processes,
+               "torch": torch.__version__.split("+")[0]})
+    return hw
+
+
 def save_adapter(peft_model, out: Path, side: dict) -> None:
     """PEFT-format adapter + gemtune.json, written atomically."""
     with atomic_dir(out) as tmp:
@@ -284,6 +300,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
         say(f"lean training: {lean.describe()}")
 
     world = acc.num_processes
+    hardware = hardware_record(acc.device, world)
     G = cfg.batch_size * cfg.grad_accum * world
     horizon = planned_steps(cfg, len(train_ex), G)
     stop_at = min(max_steps, horizon) if max_steps else horizon
@@ -327,7 +344,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
 
     if main:
         atomic_write_json(run_dir / "run.json", {"data": str(Path(data_dir).resolve()), "config": cfg.model_dump(),
-                                                 "horizon": horizon, "processes": world})
+                                                 "horizon": horizon, "processes": world,
+                                                 "hardware": hardware})
     if log_with:
         acc.init_trackers("gemtune", config=cfg.model_dump())
 
@@ -339,7 +357,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     def do_checkpoint(s: int) -> None:
         rng_all = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if world > 1 else [_rng_state()]
         if main:
-            side = sidecar(cfg, base_path, meta, lora_cfg, step=s, trainable=trainable, total=total)
+            side = sidecar(cfg, base_path, meta, lora_cfg, step=s, trainable=trainable, total=total,
+                           extra={"hardware": hardware})
             ck = run_dir / f"checkpoint-{s}"
             with atomic_dir(ck) as tmp:
                 peft_model.save_pretrained(tmp, safe_serialization=True)
@@ -422,7 +441,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     if main:
         final_eval = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size) if eval_ex else None
         side = sidecar(cfg, base_path, meta, lora_cfg, step=step, trainable=trainable, total=total,
-                       extra={"final_train_loss": result.losses[-1] if result.losses else None,
+                       extra={"hardware": hardware,
+                              "final_train_loss": result.losses[-1] if result.losses else None,
                               "final_eval_loss": final_eval})
         ck = run_dir / f"checkpoint-{step}"
         if (ck / "gemtune.json").is_file():  # carry the eval hook's verdict onto the final adapter
