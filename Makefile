@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.gemtune-installed
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install bench clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ else
 TEST_DEPS := $(STAMP) $(VLLM_STAMP)
 export GEMTUNE_REQUIRE_VLLM := 1
 endif
+
+# Headless Chromium renders report.html in two tests; installed from Debian when absent (GEMTUNE_SKIP_CHROMIUM=1:
+# those tests skip instead, and say why).
+ifneq ($(GEMTUNE_SKIP_CHROMIUM),1)
+TEST_DEPS += chromium
+export GEMTUNE_REQUIRE_CHROMIUM := 1
+endif
+
+chromium:
+	@bash tests/setup_chromium.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/gemtune demo $(DEMO_ARGS)

@@ -6,7 +6,6 @@ Skips when the dataset folder is absent. The `slow` test uses the real Gemma 3 2
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -41,7 +40,7 @@ def test_banking77_builds_as_routing(banking77, tiny_gemma3, tmp_path):
     assert report["tokens"]["all"]["max"] <= 2048 and report["guidance"]["domain_examples"] == c["train"] + c["eval"]
 
 
-def test_cli_map_flags_and_report_html_renders(banking77, tiny_gemma3, tmp_path):
+def test_cli_map_flags_and_report_html_renders(banking77, tiny_gemma3, tmp_path, chromium):
     out = tmp_path / "cli"
     try:
         main(["data", "build", str(banking77 / "test.csv"), "--out", str(out), "--base", str(tiny_gemma3), "-q",
@@ -50,9 +49,6 @@ def test_cli_map_flags_and_report_html_renders(banking77, tiny_gemma3, tmp_path)
         assert e.code == 0
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("<svg") >= 3 and "Accounting holds" in html and "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not chromium:
-        pytest.skip("no chromium to render report.html headless")
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (out / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=60).stdout
     assert "Dataset report" in dom and dom.count("<rect") > 77  # histogram bars + one bar per queue
