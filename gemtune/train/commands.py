@@ -80,17 +80,29 @@ def plan_cmd(
     grad_ckpt: bool = typer.Option(True, "--grad-ckpt/--no-grad-ckpt"),
     supervised_frac: float = typer.Option(1.0, "--supervised-frac", help="Share of tokens that carry loss."),
     train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens per epoch, for hours/epoch."),
+    price: Optional[list[str]] = typer.Option(None, "--price",
+                                              help="GPU=USD per GPU-hour, overriding the indicative list price "
+                                                   "(repeatable), e.g. --price H100-80GB=2.10."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """GPU memory plan for a LoRA/QLoRA run, and the GPUs it fits on."""
+    """GPU memory plan for a LoRA/QLoRA run: the GPUs it fits on, and the one to rent."""
     from gemtune.errors import UserError
     from gemtune.train.plan import plan, shape_from_config, shape_from_params
 
     if bool(model) == bool(params):
         raise UserError("give exactly one of --model or --params", field="model")
+    prices = {}
+    for item in price or []:
+        gpu, _, usd = item.partition("=")
+        try:
+            prices[gpu.strip()] = float(usd)
+        except ValueError:
+            raise UserError(f"--price {item!r}: expected GPU=USD, e.g. H100-80GB=2.10", field="price") from None
+        if prices[gpu.strip()] <= 0:
+            raise UserError(f"--price {item!r}: the price must be positive", field="price")
     shape = shape_from_params(params) if params else shape_from_config(model)
     p = plan(shape, method=method, seq_len=seq_len, batch=batch, rank=rank, grad_ckpt=grad_ckpt,
-             supervised_frac=supervised_frac, mlp=mlp, train_tokens=train_tokens)
+             supervised_frac=supervised_frac, mlp=mlp, train_tokens=train_tokens, prices=prices)
     if as_json:
         print(json.dumps(p, indent=2))
         return
@@ -99,15 +111,24 @@ def plan_cmd(
     for k, v in p["breakdown"].items():
         console.print(f"  {k[:-4]:<26} {v:8.2f} GiB")
     t = Table(title="minimum GPUs")
-    t.add_column("GPU")
-    t.add_column("count", justify="right")
-    if train_tokens:
-        t.add_column("hours/epoch", justify="right")
+    for col in ("GPU", "count", "GiB/GPU", "headroom", "$/h") + (("h/epoch", "$/epoch") if train_tokens else ("$/1B tok",)):
+        t.add_column(col, justify="left" if col == "GPU" else "right")
+    rec = p["recommended"] or {}
     for f in p["fits"]:
-        t.add_row(f["gpu"], str(f["count"]), *( [f"{f['hours_per_epoch']:.2f}"] if train_tokens else []))
+        mark = " *" if f["gpu"] == rec.get("gpu") else ""
+        t.add_row(f["gpu"] + mark, str(f["count"]), f"{f['per_gpu_gib']:.1f}", f"{100 * f['headroom']:.0f}%",
+                  f"{f['usd_per_hour']:.2f}",
+                  *([f"{f['hours_per_epoch']:.2f}", f"{f['usd_per_epoch']:.2f}"] if train_tokens
+                    else [f"{f['usd_per_1b_tokens']:.2f}"]))
     for g in p["does_not_fit"]:
-        t.add_row(g, "does not fit on 8", *(["-"] if train_tokens else []))
+        t.add_row(g, "does not fit on 8", "-", "-", "-", "-", *(["-"] if train_tokens else []))
     console.print(t)
+    if rec:
+        console.print(f"recommended: {rec['count']} x {rec['gpu']} — {rec['why']} "
+                      "(indicative on-demand prices; --price GPU=USD to use yours)", highlight=False)
+    else:
+        console.print("[red]does not fit on up to 8 of any listed GPU[/red]: lower --seq-len or --batch, or use "
+                      "--method qlora")
 
 
 def register(app: typer.Typer) -> None:

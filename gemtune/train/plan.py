@@ -10,6 +10,10 @@ The estimate adds up what a LoRA/QLoRA step keeps resident:
 - framework overhead: CUDA context + allocator fragmentation, 1.0 GiB + 8 %.
 
 Throughput: FLOPs ≈ 6·N·tokens (forward + backward through the frozen base), at a stated MFU per GPU.
+
+Recommendation: among the GPUs that fit with at least 10 % memory headroom (all that fit, if none has it), the one
+with the lowest cost per trained token (price x count / throughput: what an epoch costs, whatever its size), at
+indicative on-demand prices that `prices` (the CLI's `--price GPU=USD`) overrides; ties go to more headroom.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ GPUS = {
     "H100-80GB": (80, 989, 0.35),
     "H200-141GB": (141, 989, 0.35),
 }
+
+# indicative on-demand USD per GPU-hour (late-2026 list prices of the large clouds, rounded); `--price` overrides
+PRICES_USD_H = {
+    "L4-24GB": 0.80,
+    "A10G-24GB": 1.00,
+    "A100-40GB": 1.60,
+    "A100-80GB": 2.00,
+    "H100-80GB": 3.00,
+    "H200-141GB": 3.80,
+}
+MIN_HEADROOM = 0.10
 
 
 @dataclass
@@ -109,9 +124,13 @@ def lora_params(s: Shape, rank: int, mlp: bool = False) -> int:
 def plan(shape: Shape, *, method: str = "lora", seq_len: int = 2048, batch: int = 1, rank: int = 16,
          grad_ckpt: bool = True, supervised_frac: float = 1.0, weight_bytes: float | None = None,
          mlp: bool = False, train_tokens: float | None = None, overhead_gib: float = 1.0,
-         act_bytes: float = 2.0, loss_chunk: int | None = 1024) -> dict:
+         act_bytes: float = 2.0, loss_chunk: int | None = 1024, prices: dict[str, float] | None = None) -> dict:
     if method not in ("lora", "qlora"):
         raise UserError(f"--method {method!r}: expected lora or qlora", field="method")
+    unknown = sorted(set(prices or {}) - set(GPUS))
+    if unknown:
+        raise UserError(f"--price {unknown[0]}: unknown GPU; known: {', '.join(GPUS)}", field="price")
+    price_of = {**PRICES_USD_H, **(prices or {})}
     wb = weight_bytes if weight_bytes is not None else (0.5 + 0.03 if method == "qlora" else 2.0)
     weights = shape.params * wb
     if method == "qlora":
@@ -142,7 +161,7 @@ def plan(shape: Shape, *, method: str = "lora", seq_len: int = 2048, batch: int 
     fits = []
     for name, (mem, tflops, mfu) in GPUS.items():
         usable = mem * 0.95
-        count = None
+        count, per_gpu = None, None
         for n in (1, 2, 4, 8):
             # weights shard across GPUs (FSDP); activations/logits per GPU for its micro-batch
             per_gpu = (weights + lora_state) / n + activations + logits + overhead
@@ -150,12 +169,21 @@ def plan(shape: Shape, *, method: str = "lora", seq_len: int = 2048, batch: int 
                 count = n
                 break
         row = {"gpu": name, "count": count, "memory_gib": mem}
+        if count is not None:
+            row["per_gpu_gib"] = round(per_gpu / GIB, 3)
+            row["headroom"] = round(1 - per_gpu / GIB / mem, 3)
+            row["usd_per_hour"] = round(price_of[name] * count, 2)
+            hours_per_1b = 6 * shape.params * 1e9 / (tflops * 1e12 * mfu * count) / 3600
+            row["usd_per_1b_tokens"] = round(hours_per_1b * price_of[name] * count, 2)
         if train_tokens:
             flops = 6 * shape.params * train_tokens
             hours = flops / (tflops * 1e12 * mfu * (count or 1)) / 3600
             row["hours_per_epoch"] = round(hours, 3)
             row["mfu"] = mfu
+            if count is not None:
+                row["usd_per_epoch"] = round(hours * price_of[name] * count, 2)
         fits.append(row)
+    fitting = [f for f in fits if f["count"] is not None]
     return {
         "params": shape.params,
         "method": method,
@@ -166,10 +194,28 @@ def plan(shape: Shape, *, method: str = "lora", seq_len: int = 2048, batch: int 
         "lora_params": lp,
         "total_gib": round(total / GIB, 3),
         "breakdown": {k: round(v, 3) for k, v in breakdown.items()},
-        "fits": [f for f in fits if f["count"] is not None],
+        "fits": fitting,
         "does_not_fit": [f["gpu"] for f in fits if f["count"] is None],
+        "recommended": recommend(fitting, by_epoch=bool(train_tokens)),
+        "prices_usd_per_gpu_hour": {k: price_of[k] for k in GPUS},
         "shape": asdict(shape),
     }
+
+
+def recommend(fits: list[dict], *, by_epoch: bool) -> dict | None:
+    """The fitting GPU with the lowest cost per trained token among those with ≥ 10 % memory headroom (so the run
+    survives a longer batch or a fragmented allocator); ties go to more headroom, then fewer GPUs."""
+    if not fits:
+        return None
+    roomy = [f for f in fits if f["headroom"] >= MIN_HEADROOM]
+    pool = roomy or fits
+    best = min(pool, key=lambda f: (f["usd_per_1b_tokens"], -f["headroom"], f["count"]))
+    why = (f"cheapest per epoch (${best['usd_per_epoch']:.2f}, {best['hours_per_epoch']:.2f} h)" if by_epoch
+           else f"cheapest per trained token (${best['usd_per_1b_tokens']:.2f} per 1B tokens)")
+    why += f" with {100 * best['headroom']:.0f}% memory headroom"
+    if not roomy:
+        why += f"; no GPU fits with {100 * MIN_HEADROOM:.0f}% headroom, so this one is tight"
+    return {"gpu": best["gpu"], "count": best["count"], "usd_per_1b_tokens": best["usd_per_1b_tokens"], "why": why}
 
 
 def cpu_plan(path: str | Path, *, seq_len: int, batch: int, rank: int, supervised_frac: float,

@@ -32,11 +32,44 @@ def test_plan_reproduces_the_playbook():
     assert h["H100-80GB"] < h["A100-80GB"] < h["L4-24GB"]
 
 
+def test_plan_recommends_the_cheapest_roomy_gpu_per_token():
+    p = plan(shape_from_params("9b"), method="qlora", train_tokens=1e7)
+    fits = {f["gpu"]: f for f in p["fits"]}
+    # cost per 1B tokens = price x count x hours; at list prices H100's speed beats its price
+    for f in p["fits"]:
+        hours_1b = f["hours_per_epoch"] * 100  # 1e7 tokens -> 1e9
+        assert abs(f["usd_per_1b_tokens"] - hours_1b * p["prices_usd_per_gpu_hour"][f["gpu"]] * f["count"]) < 0.5
+        assert abs(f["headroom"] - (1 - f["per_gpu_gib"] / f["memory_gib"])) < 1e-3
+    assert p["recommended"]["gpu"] == min(fits, key=lambda g: fits[g]["usd_per_1b_tokens"]) == "H100-80GB"
+    assert "cheapest per epoch" in p["recommended"]["why"]
+    # a user's own prices change the answer
+    cheap = plan(shape_from_params("9b"), method="qlora", prices={"A100-80GB": 0.50})
+    assert cheap["recommended"]["gpu"] == "A100-80GB" and cheap["prices_usd_per_gpu_hour"]["A100-80GB"] == 0.5
+    # a GPU that fits with under 10 % headroom is passed over while a roomy one exists, even when cheaper
+    tight = plan(shape_from_params("27b"), method="qlora")  # 22.7 GiB: 5 % headroom on a 24 GB card
+    l4 = next(f for f in tight["fits"] if f["gpu"] == "L4-24GB")
+    assert l4["headroom"] < 0.10
+    free_l4 = plan(shape_from_params("27b"), method="qlora", prices={"L4-24GB": 0.01})
+    assert free_l4["recommended"]["gpu"] != "L4-24GB"
+    # nothing fits: no recommendation, and the CLI says what to change
+    huge = plan(shape_from_params("27b"), method="lora", seq_len=8192, batch=8)
+    assert huge["fits"] == [] and huge["recommended"] is None
+    r = subprocess.run(GEMTUNE + ["plan", "--params", "27b", "--method", "lora", "--seq-len", "8192", "--batch", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "does not fit on up to 8" in " ".join(r.stdout.split())
+    r = subprocess.run(GEMTUNE + ["plan", "--params", "9b", "--method", "qlora", "--price", "H100-80GB=0.10"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "recommended: 1 x H100-80GB" in " ".join(r.stdout.split())
+
+
 def test_plan_bad_input_exit_2():
     r = subprocess.run(GEMTUNE + ["plan", "--params", "nine", "--method", "qlora"], capture_output=True, text=True)
     assert r.returncode == 2 and "--params" in r.stderr
     r = subprocess.run(GEMTUNE + ["plan", "--params", "9b", "--method", "full"], capture_output=True, text=True)
     assert r.returncode == 2 and "method" in r.stderr
+    for bad, needle in (("B200=3", "unknown GPU"), ("H100-80GB=cheap", "expected GPU=USD"), ("L4-24GB=0", "positive")):
+        r = subprocess.run(GEMTUNE + ["plan", "--params", "9b", "--price", bad], capture_output=True, text=True)
+        assert r.returncode == 2 and needle in " ".join(r.stderr.split()) and 'field "price"' in r.stderr
 
 
 DIST_SCRIPT = """
