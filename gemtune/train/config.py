@@ -45,9 +45,11 @@ class TrainConfig(BaseModel):
     max_len: int = Field(1024, ge=16)
     packing: bool = Field(True, description="pack examples into rows of max_len (no padding); examples never attend "
                           "to each other, so the loss equals the unpacked one")
-    micro_batch_tokens: Optional[int] = Field(
-        1024, ge=16, description="without packing: split each device batch into micro-batches of at most this many padded tokens; "
-        "bounds activation memory without changing the math (the loss is a global token sum)")
+    micro_batch_tokens: Optional[int | Literal["auto"]] = Field(
+        "auto", description="split each device batch into micro-batches of at most this many tokens (padded "
+        "tokens without packing, packed tokens with it; an example longer than the budget goes alone); bounds "
+        "activation memory without changing the math (the loss is a global token sum). `auto`: 1024 on a CPU, "
+        "no split on a GPU (size batch_size x max_len with `gemtune plan`); null: never split")
     seed: int = 42
     save_every: Optional[int] = Field(None, ge=1)
     save_total_limit: Optional[int] = Field(None, ge=1)
@@ -65,6 +67,13 @@ class TrainConfig(BaseModel):
         "without quantisation or sharding (matmuls still run in float32)")
     report_to: Optional[Literal["mlflow", "wandb", "tensorboard"]] = None
     log_every: int = Field(1, ge=1)
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _budget(cls, v):
+        if isinstance(v, int) and v < 16:
+            raise ValueError("must be at least 16 tokens, `auto`, or null")
+        return v
 
 
 def load_yaml_section(path: str | Path | None, section: str) -> dict:

@@ -301,6 +301,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
 
     world = acc.num_processes
     hardware = hardware_record(acc.device, world)
+    budget = micro_batch_budget(cfg, acc.device)
     G = cfg.batch_size * cfg.grad_accum * world
     horizon = planned_steps(cfg, len(train_ex), G)
     stop_at = min(max_steps, horizon) if max_steps else horizon
@@ -380,8 +381,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
                 for mb in micro]
         n_global = sum(train_ex[i].n_supervised for i in idx)
         loss_sum_local = 0.0
-        if not cfg.packing and cfg.micro_batch_tokens:
-            mine = [piece for mb in mine for piece in split_by_tokens(mb, cfg.micro_batch_tokens)]
+        if budget:
+            split = split_packed if cfg.packing else split_by_tokens
+            mine = [piece for mb in mine for piece in split(mb, budget)]
         for mb in mine:
             batch = pack(mb, pad_id, cfg.max_len) if cfg.packing else collate(mb, pad_id)
             with acc.no_sync(wrapper) if mb is not mine[-1] and world > 1 else _null():
@@ -391,8 +393,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
             loss_sum_local += float(loss_sum.detach())
             tokens_done += sum(len(e.input_ids) for e in mb)
             examples_done += len(mb)
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = None
+        if cfg.max_grad_norm:  # the norm before clipping, as TRL/Axolotl log it
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -404,6 +407,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
         tok_s = tokens_done * world / elapsed
         rec = {"step": step, "loss": round(loss, 6), "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_s, 1),
                "examples_per_s": round(examples_done * world / elapsed, 3), "time": round(time.time() - t_start, 2)}
+        if grad_norm is not None:
+            rec["grad_norm"] = round(grad_norm, 6)
         result.losses.append(loss)
         if cfg.eval_loss_every and eval_ex and step % cfg.eval_loss_every == 0:
             rec["eval_loss"] = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size)
@@ -491,6 +496,34 @@ def split_by_tokens(examples: list[Example], budget: int) -> list[list[Example]]
     if cur:
         out.append(cur)
     return out
+
+
+def micro_batch_budget(cfg: TrainConfig, device: torch.device) -> Optional[int]:
+    """Tokens per micro-batch: `micro_batch_tokens`, where `auto` is 1024 on a CPU (activation memory is the
+    limit there and small GEMMs cost little) and no split on an accelerator (size the batch with `gemtune plan`)."""
+    if cfg.micro_batch_tokens == "auto":
+        return 1024 if device.type == "cpu" else None
+    return cfg.micro_batch_tokens
+
+
+def split_packed(examples: list[Example], budget: int) -> list[list[Example]]:
+    """Cut a batch that will be packed into pieces of at most `budget` tokens (first-fit by decreasing length, so
+    the pieces are few and full); an example longer than the budget is a piece of its own. A batch within budget
+    stays one piece, in its order."""
+    if sum(len(e.input_ids) for e in examples) <= budget:
+        return [examples] if examples else []
+    bins: list[list[Example]] = []
+    used: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        i = next((i for i, u in enumerate(used) if u + n <= budget), None)
+        if i is None:
+            bins.append([e])
+            used.append(n)
+        else:
+            bins[i].append(e)
+            used[i] += n
+    return bins
 
 
 def _install_lean(model, cfg: TrainConfig, acc):

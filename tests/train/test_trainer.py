@@ -190,3 +190,64 @@ def test_bad_inputs_exit_2(tiny_gemma3, route_data, tmp_path):
     assert r.returncode == 2 and "train.jsonl" in r.stderr
     with pytest.raises(UserError):
         TrainConfig(base="x", preset="nope") and train(route_data, tmp_path / "z", TrainConfig(base=str(tiny_gemma3), preset="nope"))
+
+
+def test_split_packed_keeps_every_example_within_budget():
+    from gemtune.train.collate import Example
+    from gemtune.train.trainer import split_packed
+
+    exs = [Example(f"e{n}", list(range(n)), list(range(n))) for n in (70, 10, 40, 120, 30, 60, 5)]
+    assert split_packed(exs[:3], 200) == [exs[:3]]  # within budget: one piece, order kept
+    pieces = split_packed(exs, 100)
+    assert sorted(id(e) for p in pieces for e in p) == sorted(id(e) for e in exs)
+    sizes = [sum(len(e.input_ids) for e in p) for p in pieces]
+    assert all(s <= 100 for s, p in zip(sizes, pieces) if len(p) > 1)
+    assert [len(e.input_ids) for e in pieces[0]] == [120]  # longer than the budget: alone
+    assert len(pieces) == 4  # first-fit decreasing: 120 | 70+30 | 60+40 | 10+5
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_micro_batch_token_budget_does_not_change_the_math(tiny_gemma3, route_data, tmp_path, packing, monkeypatch):
+    """Splitting a batch into token-bounded micro-batches sums the same token losses: same weights, same losses."""
+    import gemtune.train.trainer as trainer
+
+    seen = []
+    for name in ("pack", "collate"):
+        real = getattr(trainer, name)
+
+        def counted(mb, *a, _real=real, **k):
+            out = _real(mb, *a, **k)
+            seen.append((len(mb), out["input_ids"].numel()))
+            return out
+
+        monkeypatch.setattr(trainer, name, counted)
+    kw = dict(packing=packing, lora={"dropout": 0.0})
+    whole = train(route_data, tmp_path / "whole", cfg(tiny_gemma3, micro_batch_tokens=None, **kw), max_steps=3,
+                  progress=False)
+    steps, final_eval = seen[:-2], seen[-2:]  # the final eval loss: 8 eval examples in batches of 4, never split
+    assert len(steps) == 3 and all(n == 4 for n, _ in steps)
+    seen.clear()
+    split = train(route_data, tmp_path / "split", cfg(tiny_gemma3, micro_batch_tokens=96, **kw), max_steps=3,
+                  progress=False)
+    steps = seen[:-2]
+    assert seen[-2:] == final_eval and len(steps) > 3 and sum(n for n, _ in steps) == 12
+    assert all(tokens <= 96 for n, tokens in steps if n > 1)  # the budget holds wherever it can
+    # the same summed loss and the same gradient at every step (its norm, before clipping, is logged); Adam's
+    # sign-like first updates amplify float-order noise in near-zero gradients, so the weights get a looser bound
+    norms = [[json.loads(l)["grad_norm"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+             for d in ("whole", "split")]
+    assert all(abs(a - b) <= 1e-5 * max(a, 1e-3) for a, b in zip(*norms)) and min(norms[0]) > 0
+    assert [round(x, 5) for x in whole.losses] == [round(x, 5) for x in split.losses]
+    assert max_diff(weights(whole.adapter_dir), weights(split.adapter_dir)) < 1e-3
+
+
+def test_micro_batch_budget_auto_and_validation():
+    from gemtune.train.trainer import micro_batch_budget
+
+    base = dict(base="x")
+    assert micro_batch_budget(TrainConfig(**base), torch.device("cpu")) == 1024
+    assert micro_batch_budget(TrainConfig(**base), torch.device("cuda")) is None  # a GPU run is sized by plan
+    assert micro_batch_budget(TrainConfig(**base, micro_batch_tokens=512), torch.device("cuda")) == 512
+    assert micro_batch_budget(TrainConfig(**base, micro_batch_tokens=None), torch.device("cpu")) is None
+    with pytest.raises(Exception, match="at least 16 tokens"):
+        TrainConfig(**base, micro_batch_tokens=8)
