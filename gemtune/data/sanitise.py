@@ -273,7 +273,8 @@ def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact
         instruction = _text(data, "instruction")
         inp = _text(data, "input")
         system = _text(data, "system")
-        if instruction and instruction.strip():
+        own_instruction = bool(instruction and instruction.strip())
+        if own_instruction:
             instruction = clean(instruction.strip())
         else:
             instruction = cfg.instruction.strip() if cfg.instruction else None  # the user's own text: no scan needed
@@ -281,6 +282,10 @@ def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact
         if not instruction and not inp:
             raise Reject("row has neither an instruction nor an input (set `instruction` in the config for "
                          "instruction-less data)", "input")
+        if not inp and not own_instruction:
+            # the configured instruction ("Route the ticket.") is a task over an input; without one the example
+            # teaches the model to answer an empty ticket. A row with its own instruction may stand alone.
+            raise Reject("empty input: the configured instruction has nothing to act on", "input")
         user = f"{instruction}\n\n{inp}" if instruction and inp else (inp or instruction)
         messages = [{"role": "system", "content": clean(system.strip())}] if system and system.strip() else []
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": clean(output.strip())}]

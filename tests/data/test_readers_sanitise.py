@@ -87,6 +87,12 @@ def test_instruction_rows_become_explicit_conversations():
     assert ex.provenance == {"source": "f.jsonl", "reviewer": "kim"}
     ex = _row({"instruction": "Say hi", "input": "", "output": "hi", "system": "Be brief."})
     assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"] and ex.key_text == "Say hi"
+    # its own instruction may stand alone; the configured one is a task over an input and may not
+    assert _row({"instruction": "Say hi", "output": "hi"}, cfg).messages[0]["content"] == "Say hi"
+    for empty in ("", "   \n", None):
+        with pytest.raises(Reject) as e:
+            _row({"text": empty, "category": "billing"}, cfg)
+        assert e.value.field == "input" and "empty input" in e.value.reason
 
 
 def test_control_tokens_are_made_inert_but_placeholders_and_html_are_not():
