@@ -101,10 +101,13 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
 
         rows = []
         for size in ("9b", "27b"):
-            p = plan(shape_from_params(size), method="qlora", seq_len=2048, batch=1)
+            p = plan(shape_from_params(size), method="qlora", seq_len=2048, batch=1, train_tokens=1e7)
             fit = {f["gpu"]: f["count"] for f in p["fits"]}
+            rec = p["recommended"]
+            usd = next(f["usd_per_epoch"] for f in p["fits"] if f["gpu"] == rec["gpu"])
             rows.append(f"{size} QLoRA {p['total_gib']:.1f} GiB: A100-80GB x{fit.get('A100-80GB')}, "
-                        f"H100-80GB x{fit.get('H100-80GB')}, L4-24GB x{fit.get('L4-24GB')}")
+                        f"H100-80GB x{fit.get('H100-80GB')}, L4-24GB x{fit.get('L4-24GB')}; rent "
+                        f"{rec['count']} x {rec['gpu']} (${usd:.2f} per 10M tokens)")
             console.print(rows[-1])
         s.done("; ".join(rows))
 
