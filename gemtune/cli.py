@@ -105,10 +105,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        # one unwrapped line: a `file:line: field "x"` reference must survive a narrow or piped terminal intact
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except GateFailed as e:
-        err_console.print(f"[bold yellow]gate:[/bold yellow] {e}", highlight=False)
+        err_console.print(f"[bold yellow]gate:[/bold yellow] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -40,3 +40,16 @@ def test_iter_jsonl_bad_byte_deep_in_a_file_names_its_line(tmp_path):
 def test_iter_jsonl_missing_file(tmp_path):
     with pytest.raises(UserError, match="cannot read: No such file"):
         list(iter_jsonl(tmp_path / "nope.jsonl"))
+
+
+def test_cli_errors_are_one_unwrapped_line(tmp_path):
+    """file:line: field "x" must survive a narrow or piped terminal: rich would otherwise wrap it at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    nope = tmp_path / ("deep-" * 20) / "nope"
+    r = subprocess.run([sys.executable, "-m", "gemtune.cli", "card", "--adapter", str(nope), "--out",
+                        str(tmp_path / "r.md")], capture_output=True, text=True, env={**os.environ, "COLUMNS": "60"})
+    assert r.returncode == 2
+    assert r.stderr == f'error: {nope}: field "--adapter": adapter directory not found\n'
