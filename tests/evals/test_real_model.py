@@ -16,12 +16,14 @@ def _random_adapter(ev, out):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator: without a seed the test's outcome
+    # depended on what ran before it in the process (a weak draw once left every greedy output unchanged)
     pm = get_peft_model(ev.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     pm.save_pretrained(out)
     ev.model = pm.unload()
     return out
