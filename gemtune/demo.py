@@ -1,9 +1,9 @@
 """`gemtune demo`: the whole playbook on the embedded Gemma 3 270M and a sample support-ticket project.
 
 data build (PII, dedup, frozen eval, generic mix, canaries) → GPU plan → train (default preset) with eval and the
-regression gate on every checkpoint → registry push + promote → an in-process OpenAI-compatible server answering for
-two adapter versions, an A/B split and a rollback → privacy probe → model card. The closing table says what each
-step proved. `--quick` trains fewer steps (≈5 min on 2 CPU cores); the adapter must still beat the base.
+regression gate on every checkpoint → privacy probe → model card (into the adapter, so both travel with the version)
+→ registry push + promote → an in-process OpenAI-compatible server answering for two adapter versions, an A/B split
+and a rollback. The closing table says what each step proved. `--quick` trains fewer steps (≈5 min on 2 CPU cores); the adapter must still beat the base.
 """
 
 from __future__ import annotations
@@ -153,7 +153,10 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
                f"{'PASS' if o.gate is None or o.gate.passed else 'FAIL'}; report {out / 'eval' / 'report.html'}",
                ok=gain >= 30)
 
-    # 6. registry --------------------------------------------------------------------------------------------
+    # 6. privacy probe + card: proved before shipping, and carried by the version ----------------------------
+    private = _privacy_and_card(steps, console, out, res.adapter_dir, data, base)
+
+    # 7. registry --------------------------------------------------------------------------------------------
     with _Timer(steps, console, "registry") as s:
         from gemtune.registry.routes import RouteTable
         from gemtune.registry.store import Registry
@@ -161,20 +164,20 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
         reg = Registry(out / "registry")
         first_ck = run / hist[0][0]
         v1 = reg.push("support-router", first_ck, force=not _shippable(first_ck))
-        v2 = reg.push("support-router", res.adapter_dir)
+        # a failed probe makes push refuse; the demo pushes anyway, recorded as forced, and says so
+        v2 = reg.push("support-router", res.adapter_dir, force=not private)
         routes = RouteTable(reg)
         routes.promote("support-router", v1.version)
         routes.promote("support-router", v2.version)
-        s.done(f"support-router {v1.version} ({hist[0][0]}) and {v2.version} (final) stored immutable with sha256; "
-               f"prod → {v2.version}")
+        carried = [f for f in ("gemtune.json", "README.md") if (v2.path / f).is_file()]
+        s.done(f"support-router {v1.version} ({hist[0][0]}) and {v2.version} (final) stored immutable with sha256, "
+               f"{v2.version} carrying its probe verdict and card ({', '.join(carried)}); prod → {v2.version}"
+               + ("" if private else " — pushed with --force: the privacy probe failed"), ok=private)
 
-    # 7. serve -----------------------------------------------------------------------------------------------
+    # 8. serve -----------------------------------------------------------------------------------------------
     with _Timer(steps, console, "serve") as s:
         proved = _serve_round_trip(out / "registry", str(base), data, console)
         s.done(proved)
-
-    # 8. privacy probe + card ----------------------------------------------------------------------------------
-    _privacy_and_card(steps, console, out, res.adapter_dir, data, base)
 
     table = Table(title=f"gemtune demo — {time.time() - t0:.0f} s, everything in {out}")
     table.add_column("step", style="bold")
@@ -241,11 +244,15 @@ def _serve_round_trip(registry_dir: Path, base: str, data: Path, console: Consol
     return "; ".join(facts)
 
 
-def _privacy_and_card(steps: list[Step], console: Console, out: Path, adapter: Path, data: Path, base: Path) -> None:
+def _privacy_and_card(steps: list[Step], console: Console, out: Path, adapter: Path, data: Path, base: Path) -> bool:
+    """Probe the final adapter (the verdict lands in its gemtune.json) and write its card, also as the adapter's
+    README.md (replacing PEFT's template), so the registry version carries both. True when the probe passed."""
     from gemtune.card import write_card
     from gemtune.privacy.config import PrivacyConfig
     from gemtune.privacy.probe import enforce, run_probe
+    from gemtune.utils import atomic_write_text
 
+    passed = True
     with _Timer(steps, console, "privacy probe") as s:
         rep = run_probe(adapter, data, out / "probe.json", base=str(base),
                         config=PrivacyConfig(samples=24, pii_samples=8), progress=lambda m: console.print(f"[dim]{m}[/dim]"))
@@ -253,10 +260,14 @@ def _privacy_and_card(steps: list[Step], console: Console, out: Path, adapter: P
             enforce(rep)
             s.done(_probe_line(rep))
         except GateFailed as e:
+            passed = False
             s.done(f"{_probe_line(rep)} — {e}", ok=False)
     with _Timer(steps, console, "model card") as s:
         card = write_card(adapter, out / "MODEL_CARD.md", data=data, eval_dir=out / "eval", probe=out / "probe.json")
-        s.done(f"{card}: base_model, library_name: peft, eval vs base with significance, probe numbers, residual risk")
+        atomic_write_text(adapter / "README.md", Path(card).read_text(encoding="utf-8"))
+        s.done(f"{card} (and {adapter.name}/README.md): base_model, library_name: peft, eval vs base with "
+               "significance, probe numbers, residual risk")
+    return passed
 
 
 def _probe_line(rep: dict) -> str:
