@@ -52,6 +52,19 @@ def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str 
     return Gateway(reg, backend, ten, poll_s=poll_s)
 
 
+def embedded_engine_note(engine: str) -> str | None:
+    """The embedded engine computes on the CPU; on a host with a GPU, say where the GPU path is."""
+    if engine != "embedded":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return (f"the embedded engine runs on the CPU and leaves this host's GPU ({torch.cuda.get_device_name(0)}) "
+            "idle; to serve on the GPU, start vLLM (gemtune serve --registry R --print-vllm-command) and run "
+            "gemtune serve --engine vllm --vllm-url URL, which keeps the same tenants, routes and metrics")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -100,6 +113,9 @@ def register(app: typer.Typer) -> None:
                            max_queue=max_queue, max_model_len=max_model_len)
         if engine == "vllm":
             gw.backend.check()
+        note = embedded_engine_note(engine)
+        if note:
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         err.print(f"gemtune serving {registry} with the {engine} engine on http://{host}:{port}", highlight=False)
         # keep-alive longer than clients' pools (httpx: 5 s) so a reused idle connection is never closed under them
         uvicorn.run(create_app(gw), host=host, port=port, log_level="info", backlog=2048, timeout_keep_alive=30)

@@ -404,3 +404,16 @@ def test_gemma4_base_serves_through_the_gateway(tiny_gemma4, tmp_path):
     assert a.status_code == b.status_code == 200
     assert a.json()["model"] == "g4@v1" and a.json()["usage"]["completion_tokens"] >= 1
     assert a.json()["choices"][0]["message"]["content"] != b.json()["choices"][0]["message"]["content"]
+
+
+def test_embedded_engine_says_where_the_gpu_path_is(monkeypatch):
+    import torch
+
+    from gemtune.serve.commands import embedded_engine_note
+
+    assert embedded_engine_note("embedded") is None  # this host has no GPU: nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    note = embedded_engine_note("embedded")
+    assert "runs on the CPU" in note and "H100" in note and "--engine vllm" in note
+    assert embedded_engine_note("vllm") is None
