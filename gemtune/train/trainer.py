@@ -133,12 +133,21 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_model_for_training(cfg: TrainConfig, base_path: Path):
+def quant_device(device: torch.device) -> str:
+    """Where a 4-bit base must be loaded: bitsandbytes weights cannot be moved after quantisation, and accelerate
+    refuses a 4-bit model that sits on another device than the process's (`device_map={"": this process's GPU}`)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def load_model_for_training(cfg: TrainConfig, base_path: Path, device: torch.device | None = None):
     from peft import get_peft_model
 
     from gemtune.base.loader import load_base
 
-    model, tok = load_base(base_path, dtype=cfg.dtype, quant=cfg.quant)
+    kw = {"device": quant_device(device)} if cfg.quant and device is not None else {}
+    model, tok = load_base(base_path, dtype=cfg.dtype, quant=cfg.quant, **kw)
     if cfg.quant:
         from peft import prepare_model_for_kbit_training
 
@@ -277,7 +286,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     base_path = pull(cfg.base)
     train_recs, eval_recs, meta = read_dataset_dir(Path(data_dir), base_path)
     meta["_dir"] = str(Path(data_dir).resolve())
-    model, tok, lora_cfg = load_model_for_training(cfg, base_path)
+    model, tok, lora_cfg = load_model_for_training(cfg, base_path, acc.device)
     fam = family_of(model)
     trainable, total = count_params(model)
     pct = 100 * trainable / total

@@ -251,3 +251,29 @@ def test_micro_batch_budget_auto_and_validation():
     assert micro_batch_budget(TrainConfig(**base, micro_batch_tokens=None), torch.device("cpu")) is None
     with pytest.raises(Exception, match="at least 16 tokens"):
         TrainConfig(**base, micro_batch_tokens=8)
+
+
+def test_4bit_base_is_loaded_on_the_training_device(monkeypatch):
+    """accelerate refuses a 4-bit model on another device than the process's, and bnb weights cannot move after
+    quantisation: QLoRA must load straight onto this process's device (a GPU's index included)."""
+    import gemtune.base.loader as loader
+    from gemtune.train.trainer import load_model_for_training, quant_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert quant_device(torch.device("cuda")) == "cuda:1" and quant_device(torch.device("cuda", 3)) == "cuda:3"
+    assert quant_device(torch.device("cpu")) == "cpu"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_base(path, **kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(loader, "load_base", fake_load_base)
+    for quant, device, want in (("4bit", torch.device("cuda"), "cuda:1"), ("4bit", torch.device("cpu"), "cpu"),
+                                (None, torch.device("cuda"), None)):
+        with pytest.raises(Stop):
+            load_model_for_training(cfg("x", quant=quant), Path("x"), device)
+        assert seen[-1].get("device") == want and seen[-1]["quant"] == quant
