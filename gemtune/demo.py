@@ -3,7 +3,8 @@
 data build (PII, dedup, frozen eval, generic mix, canaries) → GPU plan → train (default preset) with eval and the
 regression gate on every checkpoint → privacy probe → model card (into the adapter, so both travel with the version)
 → registry push + promote → an in-process OpenAI-compatible server answering for two adapter versions, an A/B split
-and a rollback. The closing table says what each step proved. `--quick` trains fewer steps (≈5 min on 2 CPU cores); the adapter must still beat the base.
+and a rollback. The closing table says what each step proved. `--quick` trains fewer steps (≈5 min on 2 CPU
+cores); the adapter must still beat the base.
 """
 
 from __future__ import annotations

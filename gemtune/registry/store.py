@@ -4,8 +4,8 @@ A push copies a PEFT adapter into the next version directory (built under a temp
 place), with `manifest.json` holding every file's size and sha256. Versions are never rewritten: a regression is
 fixed by routing (see routes.py), not by editing weights in place. A push refuses what vLLM would refuse to load
 (DoRA, `modules_to_save`, per-layer ranks, ranks outside vLLM's punica sizes) and adapters whose eval gate or
-privacy probe said no, unless forced; a forced push records why it was forced. Loading re-hashes every file against the manifest and
-accepts safetensors only, so a flipped bit or a pickle never reaches the engine.
+privacy probe said no, unless forced; a forced push records why it was forced. Loading re-hashes every file against
+the manifest and accepts safetensors only, so a flipped bit or a pickle never reaches the engine.
 
 Concurrent writers (two CLI pushes, the server's admin API) serialise on one file lock in the registry root.
 """
