@@ -18,6 +18,7 @@ import sys  # noqa: E402
 from typing import Optional
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from gemtune.errors import GateFailed, UserError  # noqa: E402
@@ -25,7 +26,21 @@ from gemtune.errors import GateFailed, UserError  # noqa: E402
 console = Console()
 err_console = Console(stderr=True)
 
+# `--help` lists the verbs in the order of the playbook; a verb not named here follows, in registration order.
+PLAYBOOK_ORDER = ("base", "data", "plan", "train", "eval", "probe", "card", "registry", "serve", "merge", "demo")
+
+
+class PlaybookGroup(typer.core.TyperGroup):
+    """The top-level group: commands listed in PLAYBOOK_ORDER, wherever each stage registers them."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {n: i for i, n in enumerate(PLAYBOOK_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
 app = typer.Typer(
+    cls=PlaybookGroup,
     name="gemtune",
     help="From raw domain examples to a shipped, gated, served Gemma LoRA adapter.",
     no_args_is_help=True,
@@ -35,7 +50,7 @@ app = typer.Typer(
 base_app = typer.Typer(help="Provision and inspect base models.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 
-# Stage modules exposing `register(app)`; order is the order of --help.
+# Stage modules exposing `register(app)`; PLAYBOOK_ORDER, not this order, is the order of --help.
 STAGE_COMMANDS = (
     "gemtune.data.commands",
     "gemtune.train.commands",

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gemtune.errors import UserError
+from gemtune.config import load_section
 
 SCORER_NAMES = ("exact", "label", "contains", "regex", "json_schema", "latency")
 
@@ -47,30 +47,6 @@ class EvalConfig(BaseModel):
 
 
 def load_eval_config(path: str | Path | None = None, **overrides) -> EvalConfig:
-    """The `eval:` section of a gemtune.yaml (absent file or section = defaults), then non-None overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError("config file not found", file=str(p))
-        import yaml
-
-        try:
-            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise UserError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(p),
-                            line=None if line is None else line + 1) from None
-        if not isinstance(doc, dict):
-            raise UserError("expected a mapping at the top level", file=str(p))
-        section = doc.get("eval") or {}
-        if not isinstance(section, dict):
-            raise UserError("expected a mapping", file=str(p), field="eval")
-        data.update(section)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return EvalConfig(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise UserError(err["msg"], file=str(path) if path else None, field=f"eval.{loc}" if loc else "eval") from None
+    """The `eval:` section of the project file (explicit path, else ./gemtune.yaml when present; absent file or
+    section = defaults), then non-None overrides. Errors: `file:line: field "eval.gate": ...`, or the flag."""
+    return load_section(path, "eval", EvalConfig, overrides)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from gemtune.errors import UserError
+from gemtune.config import load_section
 
 
 class PrivacyConfig(BaseModel):
@@ -62,36 +62,9 @@ class PrivacyConfig(BaseModel):
                                          "the raw input files or in train.jsonl")
 
 
-def _yaml_line(path: Path, loc: tuple) -> Optional[int]:
-    from gemtune.data.config import _yaml_line as find
-
-    return find(path, loc)
-
-
 def load_privacy_config(config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> PrivacyConfig:
     """`privacy:` of the YAML file (an explicit --config must exist; else ./gemtune.yaml when present), then flags.
 
     Errors name `privacy.<field>` and the YAML line when the value came from the file, or the flag otherwise.
     """
-    from gemtune.data.config import _read_yaml, resolve_config_path
-
-    path = resolve_config_path(config)
-    doc = _read_yaml(path) if path else {}
-    section = doc.get("privacy") or {}
-    if not isinstance(section, dict):
-        raise UserError("`privacy:` must be a mapping", file=str(path), line=_yaml_line(path, ("privacy",)),
-                        field="privacy")
-    values = dict(section)
-    flagged = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values.update(flagged)
-    try:
-        return PrivacyConfig.model_validate(values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
-        msg = err["msg"]
-        dotted = ".".join(str(p) for p in loc)
-        if loc and loc[0] in flagged:
-            raise UserError(f"{msg} (from --{str(loc[0]).replace('_', '-')})", field=f"privacy.{dotted}") from None
-        line = _yaml_line(path, ("privacy",) + loc) if path else None
-        raise UserError(msg, file=str(path) if path else None, line=line, field=f"privacy.{dotted}") from None
+    return load_section(config, "privacy", PrivacyConfig, overrides)

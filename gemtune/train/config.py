@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gemtune.config import load_section, project_base, read_section, validate
 from gemtune.errors import UserError
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256)
@@ -77,44 +77,22 @@ class TrainConfig(BaseModel):
 
 
 def load_yaml_section(path: str | Path | None, section: str) -> dict:
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("config file not found", file=str(p))
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(p), line=(mark.line + 1) if mark else None) from None
-    if not isinstance(doc, dict):
-        raise UserError("top level must be a mapping", file=str(p))
-    sec = doc.get(section) or {}
-    if not isinstance(sec, dict):
-        raise UserError(f"section {section!r} must be a mapping", file=str(p), field=section)
-    if section == "train" and "base" not in sec and isinstance(doc.get("base"), (str, dict)):
-        base = doc["base"]
-        sec = {**sec, "base": base if isinstance(base, str) else base.get("model", "gemma-3-270m")}
+    """The raw `section:` mapping of a project file (kept for callers of the old name; see gemtune.config)."""
+    doc, sec = read_section(path, section)
+    if section == "train" and sec.get("base") is None and (b := project_base(doc)) is not None:
+        sec["base"] = b
     return sec
 
 
 def validated(model_cls, data: dict, source: str, section: str):
     """Build a pydantic model; turn its errors into one UserError naming file and field."""
     try:
-        return model_cls(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in (section, *err["loc"]))
-        raise UserError(f"{err['msg']} (got {err.get('input')!r})", file=source, field=loc) from None
+        return validate(model_cls, data, section)
+    except UserError as e:
+        raise UserError(str(e).removeprefix(f'field "{e.field}": '), file=source, field=e.field) from None
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    data = load_yaml_section(path, "train")
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k.startswith("lora."):
-            data.setdefault("lora", {})[k[5:]] = v
-        else:
-            data[k] = v
-    return validated(TrainConfig, data, str(path) if path else "<flags>", "train")
+    """`train:` of the project file (explicit path, else ./gemtune.yaml when present), then overrides such as
+    {"lr": 1e-4, "lora.r": 16} (None = not given). Errors: `file:line: field "train.lr": ...`, or the flag."""
+    return load_section(path, "train", TrainConfig, overrides, flags={"lora.r": "--rank"})

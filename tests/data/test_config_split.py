@@ -18,7 +18,7 @@ def test_yaml_section_flags_override_and_field_errors(tmp_path):
     cfg = load_data_config(y, {"eval_fraction": 0.13, "columns": {"output": "category"}, "seed": None})
     assert cfg.eval_fraction == 0.13 and cfg.instruction == "Route it." and cfg.base == "my-base"
     assert cfg.columns == {"input": "text", "output": "category"}
-    y.write_text("data:\n  instruction: Route it.\n  eval_fraction: 0.5\n")
+    y.write_text("data:\n  instruction: Route it.\n  eval_fraction: 1.5\n")  # 0.5 is only advised against
     with pytest.raises(UserError) as e:
         load_data_config(y)
     assert str(e.value).startswith(f"{y}:3: field \"data.eval_fraction\"")
@@ -29,7 +29,7 @@ def test_yaml_section_flags_override_and_field_errors(tmp_path):
     with pytest.raises(UserError, match="invalid YAML"):
         load_data_config(y)
     with pytest.raises(UserError, match="--generic-fraction"):
-        load_data_config(None, {"generic_fraction": 0.5})
+        load_data_config(None, {"generic_fraction": 1.0})  # 0.5 is only advised against
     with pytest.raises(UserError, match="config file not found"):
         load_data_config(tmp_path / "missing.yaml")
 

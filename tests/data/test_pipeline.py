@@ -216,9 +216,9 @@ def test_bad_rows_exit_0_and_summary_points_to_quarantine(messy, tiny_gemma3, tm
 
 def test_bad_option_names_the_field_and_exits_2(messy, tiny_gemma3, tmp_path, capsys):
     assert _cli("data", "build", str(messy.path), "--out", str(tmp_path / "o"), "--base", str(tiny_gemma3),
-                "--eval-fraction", "0.4") == 2
+                "--eval-fraction", "1.5") == 2  # 0.4 is only advised against (a warning), 1.5 is no fraction
     err = capsys.readouterr().err
-    assert 'field "eval_fraction"' in err and "--eval-fraction" in err
+    assert 'field "--eval-fraction"' in err and "data.eval_fraction" in err
 
 
 def test_generic_mix_fraction_and_never_in_eval(messy, tiny_gemma3, tmp_path):

@@ -86,11 +86,11 @@ def test_eval_section_of_gemtune_yaml(tmp_path):
     cfg = load_eval_config(y, batch_size=4, gate=None)
     assert (cfg.max_new_tokens, cfg.gate, cfg.labels, cfg.batch_size) == (8, 0.05, ["a", "b"], 4)
     y.write_text("eval:\n  gate: 2\n")
-    with pytest.raises(UserError, match=r'gemtune.yaml: field "eval.gate"'):
+    with pytest.raises(UserError, match=r'gemtune.yaml:2: field "eval.gate"'):
         load_eval_config(y)
     y.write_text("eval:\n  scorers: [bleu]\n")
     with pytest.raises(UserError, match="unknown scorer"):
         load_eval_config(y)
     y.write_text("eval: [1\n")
-    with pytest.raises(UserError, match=r"gemtune.yaml:\d+: not valid YAML"):
+    with pytest.raises(UserError, match=r"gemtune.yaml:\d+: invalid YAML"):
         load_eval_config(y)

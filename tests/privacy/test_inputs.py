@@ -41,7 +41,7 @@ CASES = {
                          ["--canaries", c])[1], ['field "canaries[0].secret"', "does not match its format"]),
     "canaries not JSON": (lambda d, c, t: (c.write_text("{"), ["--canaries", c])[1], ["canaries.json", "cannot read"]),
     "canaries file missing": (lambda d, c, t: ["--canaries", t / "none.json"], ["none.json", 'field "--canaries"']),
-    "candidates below 2": (lambda d, c, t: ["--candidates", "1"], ['field "privacy.candidates"', "from --candidates"]),
+    "candidates below 2": (lambda d, c, t: ["--candidates", "1"], ['field "--candidates"', "sets privacy.candidates"]),
     "out is a directory": (lambda d, c, t: ["--out", t], ['field "--out"', "not a directory"]),
 }
 
@@ -91,7 +91,7 @@ def test_privacy_config_errors_name_the_yaml_line_and_field(tmp_path):
     cfg.write_text("privacy:\n  sample: 8\n")
     with pytest.raises(UserError) as e:
         load_privacy_config(cfg)
-    assert e.value.line == 2 and e.value.field == "privacy.sample" and "Extra inputs" in str(e.value)
+    assert e.value.line == 2 and e.value.field == "privacy.sample" and "unknown key" in str(e.value)
     cfg.write_text("privacy: [1]\n")
     with pytest.raises(UserError, match="must be a mapping"):
         load_privacy_config(cfg)
