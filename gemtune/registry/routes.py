@@ -10,8 +10,9 @@
 Every change is a read-modify-write under the registry lock, written atomically (temp, fsync, rename), so a reader
 (the server polls the file's stat) sees the old table or the new one, never half of one. A promote or split pushes
 the alias's current weights onto its history; `rollback` pops the last entry back, so repeated rollbacks walk the
-history backwards. Versions are sha256-verified before they are routed to: a corrupt version is refused and the
-alias keeps serving what it served before.
+history backwards. Every change (promote, split and rollback alike) sha256-verifies each version it would route to,
+under the lock, before writing: a corrupt version is refused, routes.json is left as it was and the alias keeps
+serving what it served before, so no command can make the table name a version that fails verification.
 """
 
 from __future__ import annotations
@@ -152,7 +153,6 @@ class RouteTable:
         validate_name(name)
         validate_alias(alias)
         version = normalize_version(version)
-        self.verify(name, version)
         return self._change(name, alias, {version: 100}, "promote")
 
     def split(self, name: str, alias: str, weights: dict) -> dict:
@@ -160,8 +160,6 @@ class RouteTable:
         validate_name(name)
         validate_alias(alias)
         weights = validate_weights(weights)
-        for v in weights:
-            self.verify(name, v)
         return self._change(name, alias, weights, "split")
 
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict:
@@ -178,14 +176,28 @@ class RouteTable:
                                 f"(it serves {entry['weights']})", field="alias")
             prev = entry["history"].pop()
             before = entry["weights"]
+            try:
+                self._verify_all(name, prev["weights"])
+            except UserError as e:
+                raise type(e)(f"refusing to roll back {name}@{alias} from {before} to {prev['weights']}, routes.json "
+                              f"is unchanged: {e}") from None
             entry["weights"], entry["updated_at"] = prev["weights"], _now()
             self._append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
                                     "to": entry["weights"]})
             atomic_write_json(self.path, data)
             return _public(name, alias, entry)
 
+    def _verify_all(self, name: str, weights: dict[str, int]) -> None:
+        """Every version the weights name must pass sha256 verification (the CorruptAdapter names the file)."""
+        for v in weights:
+            try:
+                self.verify(name, v)
+            except UserError as e:
+                raise type(e)(f"{name}@{v} fails verification: {e}") from None
+
     def _change(self, name: str, alias: str, weights: dict[str, int], event: str) -> dict:
         with self.registry.locked():
+            self._verify_all(name, weights)
             data = self.read()
             aliases = data["routes"].setdefault(name, {})
             entry = aliases.get(alias)

@@ -8,14 +8,27 @@ privacy probe said no, unless forced; a forced push records why it was forced. L
 the manifest and accepts safetensors only, so a flipped bit or a pickle never reaches the engine.
 
 Concurrent writers (two CLI pushes, the server's admin API) serialise on one file lock in the registry root.
+
+A push is atomic end to end: everything that could refuse it (the adapter, its entries, a damaged `routes.json`)
+is checked before anything is written; the version is built under `.vN.tmp-*` and renamed into place, and if
+recording the push in `routes.json` then fails the rename is undone. Every push holds the lock while its temp
+directory exists, so a temp directory seen while holding the lock was left by a killed push: it is removed.
+
+Nothing in the registry follows a symlink: a push refuses an adapter directory holding one (or anything that is
+not a regular file or directory), copies with O_NOFOLLOW, and verification refuses a version directory holding
+anything but regular files, so a planted link can neither copy a server file into the registry nor be served.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +36,13 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from gemtune.errors import UserError
-from gemtune.utils import atomic_dir, atomic_write_json, sha256_file
+from gemtune.utils import atomic_write_json, fsync_dir, sha256_file
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+# what a push builds beside the versions (and what utils.atomic_dir left in older releases): never loaded
+TEMP_RE = re.compile(r"^\.v[1-9][0-9]{0,8}\.(tmp|old)-")
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -133,11 +148,60 @@ def gate_problems(sidecar: dict | None, weights: Path | None = None) -> list[str
     return problems
 
 
-def _read_json(path: Path, field_name: str | None = None) -> dict:
+def _open_regular(path: Path, error=UserError) -> int:
+    """An fd for `path` opened without following a symlink, refusing anything but a regular file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error("is a symbolic link: the registry never follows links", file=str(path)) from None
+        if e.errno == errno.ENOENT:
+            raise error("file not found", file=str(path)) from None
+        raise error(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error("is not a regular file", file=str(path))
+    return fd
+
+
+def _read_bytes(path: Path, error=UserError) -> bytes:
+    with os.fdopen(_open_regular(path, error), "rb") as f:
+        return f.read()
+
+
+def _sha256_nofollow(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with os.fdopen(_open_regular(path, CorruptAdapter), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _is_real_dir(p: Path) -> bool:
+    """A directory that is not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _read_json(path: Path, field_name: str | None = None, *, follow: bool = True) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8") if follow else _read_bytes(path).decode("utf-8")
+        data = json.loads(text)
     except FileNotFoundError:
         raise UserError("file not found", file=str(path), field=field_name) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=str(path), field=field_name) from None
     except json.JSONDecodeError as e:
         raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno, field=field_name) from None
     if not isinstance(data, dict):
@@ -180,17 +244,41 @@ def _check_safetensors(path: Path) -> list[str]:
     return []
 
 
+def check_entries(src: Path) -> None:
+    """Refuse an adapter directory holding a symlink or anything that is not a regular file or directory (a
+    FIFO, a socket, a device): a link named README.md would copy any file the pushing process can read into
+    the registry, and a FIFO would block the push."""
+    with os.scandir(src) as it:
+        for entry in sorted(it, key=lambda e: e.name):
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                raise UserError("is a symbolic link: links inside an adapter directory are refused (they could copy "
+                                "any file this process can read into the registry); replace it with the real file "
+                                "(cp -L)", file=str(src / entry.name))
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UserError("is not a regular file or directory (a FIFO, socket or device): refused",
+                                file=str(src / entry.name))
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy one regular file without following a symlink (a link swapped in after the check is refused too)."""
+    with os.fdopen(_open_regular(src), "rb") as fin, open(dst, "xb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
 def _manifest_files(d: Path) -> dict[str, dict]:
-    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256_nofollow(p)}
+            for p in sorted(d.iterdir()) if _is_regular(p) and p.name != MANIFEST}
 
 
 def _stat_sig(p: Path) -> tuple:
     try:
-        st = p.stat()
+        st = os.lstat(p)
     except FileNotFoundError:
         return (None,)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Registry:
@@ -206,6 +294,7 @@ class Registry:
         self.routes_path = self.root / "routes.json"
         # (name, version) -> the stat signature of every file when its sha256 last matched the manifest
         self._verified: dict[tuple[str, str], tuple] = {}
+        self._clean_stale_if_free()
 
     def lock(self) -> FileLock:
         """The one writer lock: pushes and route changes from any process serialise on it."""
@@ -220,33 +309,74 @@ class Registry:
                             file=str(self.root / ".registry.lock")) from None
         return _Held(lock)
 
+    # ---- stale temp directories ----------------------------------------------------------------------------
+    def _stale_dirs(self) -> list[Path]:
+        if not self.adapters_dir.is_dir():
+            return []
+        out = []
+        for d in self.adapters_dir.iterdir():
+            if _is_real_dir(d) and NAME_RE.match(d.name):
+                out += [p for p in d.iterdir() if TEMP_RE.match(p.name)]
+        return sorted(out)
+
+    def clean_stale_locked(self) -> list[Path]:
+        """Remove the `.vN.tmp-*` (and `.vN.old-*`) directories killed pushes left. The caller holds the lock:
+        every push holds it while its temp directory exists, so any one seen now belongs to no live push."""
+        removed = []
+        for p in self._stale_dirs():
+            if _is_real_dir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            if not os.path.lexists(p):
+                removed.append(p)
+        return removed
+
+    def _clean_stale_if_free(self) -> None:
+        """On open: clean up after killed pushes when no writer holds the lock (never wait for one, and never
+        touch the temp directory of a push in progress: it holds the lock, so this does nothing then)."""
+        try:
+            if not self._stale_dirs():
+                return
+            lock = FileLock(str(self.root / ".registry.lock"), timeout=0)
+            lock.acquire()
+        except (Timeout, OSError):
+            return
+        try:
+            self.clean_stale_locked()
+        finally:
+            lock.release()
+
     # ---- reading -------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         if not self.adapters_dir.is_dir():
             return []
-        return sorted(p.name for p in self.adapters_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.adapters_dir.iterdir() if _is_real_dir(p) and NAME_RE.match(p.name))
 
     def versions(self, name: str) -> list[str]:
         d = self.adapters_dir / name
-        if not d.is_dir():
+        if not _is_real_dir(d):
             return []
-        vs = [p.name for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+        vs = [p.name for p in d.iterdir()
+              if VERSION_RE.match(p.name) and _is_real_dir(p) and _is_regular(p / MANIFEST)]
         return sorted(vs, key=version_number)
 
     def exists(self, name: str, version: str | None = None) -> bool:
         if version is None:
             return bool(self.versions(name))
-        return (self.adapters_dir / name / version / MANIFEST).is_file()
+        d = self.adapters_dir / name
+        return _is_real_dir(d) and _is_real_dir(d / version) and _is_regular(d / version / MANIFEST)
 
     def info(self, name: str, version: str) -> VersionInfo:
         validate_name(name)
         version = normalize_version(version)
         d = self.adapters_dir / name / version
-        if not (d / MANIFEST).is_file():
+        if not self.exists(name, version):
             known = ", ".join(self.versions(name)) or "none"
             raise UserError(f"adapter {name}@{version} is not in the registry (versions: {known})",
                             file=str(self.root), field="version")
-        return VersionInfo(name, version, d, _read_json(d / MANIFEST))
+        return VersionInfo(name, version, d, _read_json(d / MANIFEST, follow=False))
 
     def latest(self, name: str) -> VersionInfo:
         vs = self.versions(validate_name(name))
@@ -259,19 +389,25 @@ class Registry:
         out = []
         for name in self.names():
             for v in self.versions(name):
-                m = _read_json(self.adapters_dir / name / v / MANIFEST)
+                m = _read_json(self.adapters_dir / name / v / MANIFEST, follow=False)
                 out.append({"name": name, "version": v, "ref": f"{name}@{v}", "rank": m.get("rank"),
                             "target_modules": m.get("target_modules"), "pushed_at": m.get("pushed_at"),
                             "forced": m.get("forced", False), "base_model": m.get("base_model")})
         return out
 
     def verify(self, name: str, version: str) -> VersionInfo:
-        """Re-hash every file against the manifest; refuse anything missing, extra, changed or not safetensors."""
+        """Re-hash every file against the manifest; refuse anything missing, extra, changed or not safetensors,
+        and anything in the version directory that is not a regular file (a planted symlink is never read)."""
         vi = self.info(name, version)
         files = vi.manifest.get("files") or {}
-        if ADAPTER_WEIGHTS not in files or ADAPTER_CONFIG not in files:
+        if not isinstance(files, dict) or ADAPTER_WEIGHTS not in files or ADAPTER_CONFIG not in files:
             raise CorruptAdapter("manifest lists no adapter weights/config", file=str(vi.path / MANIFEST))
-        present = {p.name for p in vi.path.iterdir() if p.is_file() and p.name != MANIFEST}
+        for p in sorted(vi.path.iterdir()):
+            if not _is_regular(p):
+                kind = "a symbolic link" if p.is_symlink() else "not a regular file"
+                raise CorruptAdapter(f"{kind} inside a version directory: refusing to load {name}@{vi.version}",
+                                     file=str(p))
+        present = {p.name for p in vi.path.iterdir() if p.name != MANIFEST}
         extra = present - set(files)
         if extra:
             raise CorruptAdapter(f"files not in the manifest: {sorted(extra)}", file=str(vi.path))
@@ -281,10 +417,10 @@ class Registry:
             if fname.endswith((".bin", ".pt", ".pth", ".pkl")):
                 raise CorruptAdapter("pickled weights are never loaded", file=str(fp))
             try:
-                st = fp.stat()
+                st = os.lstat(fp)
             except FileNotFoundError:
                 raise CorruptAdapter("file listed in the manifest is missing", file=str(fp)) from None
-            signature.append((fname, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            signature.append((fname, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         signature.append((MANIFEST, *_stat_sig(vi.path / MANIFEST)))
         key = (name, vi.version)
         if self._verified.get(key) == tuple(signature):
@@ -292,9 +428,10 @@ class Registry:
             return vi
         for fname, meta in files.items():
             fp = vi.path / fname
-            if not fp.is_file():
+            if not _is_regular(fp):
                 raise CorruptAdapter("file listed in the manifest is missing", file=str(fp))
-            if fp.stat().st_size != meta.get("size") or sha256_file(fp) != meta.get("sha256"):
+            meta = meta if isinstance(meta, dict) else {}
+            if os.lstat(fp).st_size != meta.get("size") or _sha256_nofollow(fp) != meta.get("sha256"):
                 self._verified.pop(key, None)
                 raise CorruptAdapter(f"sha256 mismatch against {MANIFEST}: the stored adapter was modified or "
                                      "corrupted; refusing to load it", file=str(fp), field="sha256")
@@ -310,6 +447,8 @@ class Registry:
         """
         validate_name(name)
         src = Path(path).expanduser()
+        if src.is_dir():
+            check_entries(src)
         cfg, sidecar, problems, gate = inspect_adapter(src)
         hard = [p for p in problems if "not a readable safetensors" in p or "holds no tensors" in p]
         if hard:
@@ -322,15 +461,30 @@ class Registry:
                 what.append("its own checks say it must not ship: " + "; ".join(gate))
             raise UserError(" | ".join(what) + " (use --force to push anyway; it will be recorded)",
                             file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
+        from gemtune.registry.routes import RouteTable  # routes imports store; import here to avoid a cycle
+
         with self.locked():
-            existing = self.versions(name)
-            n = version_number(existing[-1]) + 1 if existing else 1
-            version = f"v{n}"
-            final = self.adapters_dir / name / version
-            with atomic_dir(final) as tmp:
+            self.clean_stale_locked()
+            # the push is recorded in routes.json's audit log: a damaged file refuses the push before anything
+            # exists, instead of failing after the version was made (a retry would then make a second one)
+            try:
+                routes = RouteTable(self).read()
+            except UserError as e:
+                raise UserError(f"{e} (nothing was pushed: a push is recorded in routes.json, so fix or restore it "
+                                "first)") from None
+            parent = self.adapters_dir / name
+            parent.mkdir(parents=True, exist_ok=True)
+            if not _is_real_dir(parent):
+                raise UserError("is not a directory (a symlink?): refusing to push into it", file=str(parent))
+            taken = [version_number(p.name) for p in parent.iterdir() if VERSION_RE.match(p.name)]
+            version = f"v{max(taken, default=0) + 1}"  # a half-broken vN without a manifest is never reused
+            final = parent / version
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=str(parent)))
+            try:
+                os.chmod(tmp, 0o755)
                 for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *OPTIONAL_FILES):
-                    if (src / fname).is_file():
-                        shutil.copyfile(src / fname, tmp / fname)
+                    if os.path.lexists(src / fname):
+                        _copy_file(src / fname, tmp / fname)
                 manifest = {
                     "name": name, "version": version, "pushed_at": _now(), "source": str(src.resolve()),
                     "rank": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
@@ -342,10 +496,22 @@ class Registry:
                 }
                 atomic_write_json(tmp / MANIFEST, manifest)
                 _make_read_only(tmp)
-            from gemtune.registry.routes import RouteTable  # routes imports store; import here to avoid a cycle
-
-            RouteTable(self).log_event_locked({"event": "push", "ref": f"{name}@{version}",
-                                               "forced": manifest["forced"], "reasons": manifest["forced_reasons"]})
+                RouteTable._append_log(routes, {"event": "push", "ref": f"{name}@{version}",
+                                                "forced": manifest["forced"], "reasons": manifest["forced_reasons"]})
+                os.rename(tmp, final)  # the commit point: the version exists from here on
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            try:
+                fsync_dir(parent)
+                atomic_write_json(self.routes_path, routes)
+            except BaseException:
+                # not recorded, so not pushed: take the version back (the lock is held, so no route names it)
+                undo = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=str(parent)))
+                with contextlib.suppress(OSError):
+                    os.rename(final, undo / version)
+                shutil.rmtree(undo, ignore_errors=True)
+                raise
         return VersionInfo(name, version, final, manifest)
 
 

@@ -162,8 +162,8 @@ def test_verify_remembers_a_clean_hash_but_not_past_a_rewrite(tmp_path, adapters
     vi = reg.push("s", adapters[0])
     reg.verify("s", "v1")
     hashed = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = store._sha256_nofollow
+    monkeypatch.setattr(store, "_sha256_nofollow", lambda p: hashed.append(p) or real(p))
     reg.verify("s", "v1")
     assert hashed == []  # unchanged files: no second hash (an alias flip to a served version stays cheap)
     w = vi.path / "adapter_model.safetensors"
