@@ -57,6 +57,7 @@ class Gen:
     seed: int | None = None
     stop_ids: list[int] | None = None
     ignore_eos: bool = False
+    tenant: str | None = None  # who asked (engine admission shares batch slots round-robin across tenants)
 
 
 @dataclass
@@ -66,6 +67,13 @@ class Event:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+def _has_field(cls, name: str) -> bool:
+    """Whether the engine's request type knows `name` (engines without tenant-aware admission ignore tenants)."""
+    import dataclasses
+
+    return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))
 
 
 # --------------------------------------------------------------------------------------------------- embedded
@@ -110,9 +118,10 @@ class EmbeddedBackend:
     async def submit(self, g: Gen):
         from gemtune.serve.engine import AdapterError, GenRequest, QueueFull
 
+        extra = {"tenant": g.tenant} if _has_field(GenRequest, "tenant") else {}
         req = GenRequest(prompt_ids=list(g.prompt_ids), adapter=g.adapter, max_tokens=g.max_tokens,
                          temperature=g.temperature, top_p=g.top_p, seed=g.seed, stop_ids=g.stop_ids,
-                         ignore_eos=g.ignore_eos)
+                         ignore_eos=g.ignore_eos, **extra)
         try:
             return self.engine.submit(req)
         except QueueFull as e:

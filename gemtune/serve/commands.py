@@ -87,6 +87,11 @@ def register(app: typer.Typer) -> None:
         print_vllm_command: bool = typer.Option(False, "--print-vllm-command",
                                                 help="Print the `vllm serve` line for this registry and exit."),
         vllm_port: int = typer.Option(8001, "--vllm-port", help="Port used in --print-vllm-command."),
+        max_body_mib: float = typer.Option(2.0, "--max-body-mib", help="Largest request body (413 beyond)."),
+        header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds for a request's headers to "
+                                             "arrive before the connection is closed (slowloris)."),
+        body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds for a request's body to arrive "
+                                           "after its headers (408 beyond)."),
     ):
         """Serve the registry's adapters over an OpenAI-compatible API (routes, A/B, tenants, metrics)."""
         from gemtune.base.provision import DEFAULT_MODEL, pull
@@ -98,6 +103,10 @@ def register(app: typer.Typer) -> None:
             print(vllm_command(Registry(registry, create=True), pull(base or DEFAULT_MODEL), port=vllm_port,
                                dtype=dtype, max_loras=max_loras, max_model_len=max_model_len))
             return
+        for flag, v in (("max_body_mib", max_body_mib), ("header_timeout", header_timeout),
+                        ("body_timeout", body_timeout)):
+            if not v > 0:
+                raise UserError(f"must be > 0, got {v}", field=flag)
         if tenants is None and not is_loopback(host):
             raise UserError(f"refusing to listen on {host} without --tenants: anyone could call the admin API; "
                             "pass --tenants FILE, or use --host 127.0.0.1", field="host")
@@ -106,7 +115,7 @@ def register(app: typer.Typer) -> None:
                       f"{host} (loopback) only[/yellow]", highlight=False)
         import uvicorn
 
-        from gemtune.serve.api import create_app
+        from gemtune.serve.api import create_app, uvicorn_config
 
         gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
                            max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
@@ -117,8 +126,9 @@ def register(app: typer.Typer) -> None:
         if note:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         err.print(f"gemtune serving {registry} with the {engine} engine on http://{host}:{port}", highlight=False)
-        # keep-alive longer than clients' pools (httpx: 5 s) so a reused idle connection is never closed under them
-        uvicorn.run(create_app(gw), host=host, port=port, log_level="info", backlog=2048, timeout_keep_alive=30)
+        app = create_app(gw, max_body_bytes=int(max_body_mib * 1024 * 1024), body_timeout_s=body_timeout)
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info",
+                                      header_timeout_s=header_timeout)).run()
 
     @app.command("merge")
     def merge(

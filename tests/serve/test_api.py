@@ -307,7 +307,8 @@ def test_corrupt_version_is_refused_and_alias_keeps_serving(setup):
     time.sleep(0.6)
     assert _chat(c, ACME, "acme-support").json()["model"] == before
     metrics = c.get("/metrics", headers=h).text
-    assert re.search(r'^gemtune_route_rejections_total\{name="acme-support",alias="prod"\} [1-9]', metrics, re.M)
+    # prometheus_client writes labels in name order
+    assert re.search(r'^gemtune_route_rejections_total\{alias="prod",name="acme-support"\} [1-9]', metrics, re.M)
     RouteTable(reg).promote("acme-support", before.split("@")[1])  # restore a clean file for later tests
 
 
@@ -417,3 +418,281 @@ def test_embedded_engine_says_where_the_gpu_path_is(monkeypatch):
     note = embedded_engine_note("embedded")
     assert "runs on the CPU" in note and "H100" in note and "--engine vllm" in note
     assert embedded_engine_note("vllm") is None
+
+
+# --------------------------------------------------------------------------------- hostile input (issue #12)
+def _shape(r, status: int) -> dict:
+    """The answer is `status` with OpenAI's error shape and nothing else."""
+    assert r.status_code == status, r.text[:500]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    assert isinstance(err["message"], str) and len(err["message"]) <= 1000
+    assert "detail" not in r.json()
+    return err
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (b"{not json", "invalid JSON"),
+    (b"[" * 5000 + b"]" * 5000, "nest"),  # json.loads: RecursionError
+    (b'{"model": "acme-support", "messages": ' + b"[" * 40 + b"]" * 40 + b"}", "nests deeper"),
+    (b'{"model": "acme-support", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', "too many digits"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone surrogate"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": "ok"}], "\\udc80": 1}', "lone surrogate"),
+    (b'\xff\xfe{"model"', "invalid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b"", "empty"),
+    (b'{"model": "acme-support", "messages": "hello"}', "messages"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": 5}]}', "messages.0.content"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+     "temperature"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+     "temperature"),
+    (b'{"model": "acme-support", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e999}',
+     "max_tokens"),
+])
+def test_hostile_bodies_are_400_in_openai_shape(setup, raw, needle):
+    r = setup["client"].post("/v1/chat/completions", content=raw,
+                             headers={"Authorization": f"Bearer {ACME}", "content-type": "application/json"})
+    err = _shape(r, 400)
+    assert needle in err["message"], err
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"temperature": 1e-50}, "temperature"), ({"temperature": 5e-324}, "temperature"),
+    ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"seed": 2**63}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
+    ({"max_tokens": 10**40}, "max_tokens"),
+])
+def test_sampling_parameters_out_of_range_are_400(setup, extra, param):
+    err = _shape(_chat(setup["client"], ACME, "acme-support", **extra), 400)
+    assert err["param"] == param, err
+
+
+def test_seed_edges_of_int64_are_served(setup):
+    c = setup["client"]
+    for seed in (2**63 - 1, -(2**63), 0):
+        r = _chat(c, ACME, "acme-support@v1", temperature=1.0, seed=seed, max_tokens=4)
+        assert r.status_code == 200, r.text
+    a = _chat(c, ACME, "acme-support@v1", temperature=1.0, seed=2**63 - 1, max_tokens=6)
+    assert _text(a) == _text(_chat(c, ACME, "acme-support@v1", temperature=1.0, seed=2**63 - 1, max_tokens=6))
+
+
+def test_huge_model_name_is_not_echoed(setup):
+    model = "q" * 100_000
+    err = _shape(_chat(setup["client"], ACME, model), 400)
+    assert err["param"] == "model" and "q" * 100 not in err["message"] and "100000 characters" in err["message"]
+    err = _shape(_chat(setup["client"], ACME, "acme-" + "z" * 50), 404)  # valid-looking, missing: clipped echo
+    assert len(err["message"]) < 300
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(setup):
+    c = setup["client"]
+    assert _shape(c.get("/v1/nothing"), 404)["type"] == "not_found_error"
+    r = c.get("/v1/chat/completions")
+    _shape(r, 405)
+    assert "POST" in r.headers["allow"]
+
+
+def test_key_is_checked_before_the_body_is_read(setup):
+    """No key: 401 even for a body that would be refused as too large (it is never read)."""
+    r = setup["client"].post("/v1/chat/completions", content=b"x" * (3 * 1024 * 1024),
+                             headers={"content-type": "application/json"})
+    _shape(r, 401)
+
+
+def test_body_over_the_cap_is_413(setup):
+    c = setup["client"]
+    h = {"Authorization": f"Bearer {ACME}", "content-type": "application/json"}
+    big = json.dumps({"model": "acme-support", "messages": [{"role": "user", "content": "x" * (3 << 20)}]})
+    _shape(c.post("/v1/chat/completions", content=big, headers=h), 413)
+
+    def chunks():  # no Content-Length: chunked, so the cap is enforced while reading
+        yield b'{"model": "acme-support", "messages": [{"role": "user", "content": "'
+        for _ in range(64):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    _shape(c.post("/v1/chat/completions", content=chunks(), headers=h), 413)
+    assert c.get("/healthz").status_code == 200
+
+
+def test_prompt_beyond_any_tokenisation_of_the_context_is_refused_by_length(setup):
+    """A prompt with more characters than max_model_len tokens can hold is refused before tokenising."""
+    gw = setup["gw"]
+    n = gw.max_prompt_chars + 1
+    r = setup["client"].post("/v1/completions", json={"model": "acme-support", "prompt": "x" * n},
+                             headers={"Authorization": f"Bearer {ACME}"})
+    err = _shape(r, 400)
+    assert err["param"] == "prompt" and f"{n} characters" in err["message"]
+    r = _chat(setup["client"], ACME, "acme-support", messages=[{"role": "user", "content": "y" * n}])
+    assert _shape(r, 400)["param"] == "messages"
+
+
+def test_tokenisation_runs_off_the_event_loop(setup):
+    """While one prompt is being tokenised (held here on an event), the server still answers /healthz."""
+    gw = setup["gw"]
+    real = gw.backend.tokenizer
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *a, **kw):
+            entered.set()
+            release.wait(60)
+            return real(*a, **kw)
+
+    gw.backend.tokenizer = Slow()
+    out = {}
+    try:
+        def one():
+            with httpx.Client(base_url=setup["url"], timeout=120) as c2:
+                out["r"] = c2.post("/v1/completions", json={"model": "acme-support@v1", "prompt": "abc",
+                                                            "max_tokens": 3, "temperature": 0},
+                                   headers={"Authorization": f"Bearer {ACME}"})
+
+        t = threading.Thread(target=one)
+        t.start()
+        assert entered.wait(60), "the prompt was never tokenised"
+        with httpx.Client(base_url=setup["url"], timeout=30) as c3:
+            assert c3.get("/healthz").json()["status"] == "ok"  # the loop is free while tokenising
+    finally:
+        release.set()
+        gw.backend.tokenizer = real
+    t.join(120)
+    assert out["r"].status_code == 200, out["r"].text
+
+
+def test_openapi_schema_describes_the_bodies(setup):
+    doc = setup["client"].get("/openapi.json").json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    body = chat["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages"} <= set(body["required"]) and "temperature" in body["properties"]
+    assert "$ref" not in json.dumps(body)
+    assert chat["security"] == [{"bearer": []}]
+    for path in ("/v1/completions", "/v1/load_lora_adapter", "/admin/routes/promote", "/admin/routes/split"):
+        assert "requestBody" in doc["paths"][path]["post"], path
+
+
+# ------------------------------------------------------- timeouts and per-tenant limits (a second, strict server)
+HOG = "hog-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_gemma3, setup, tmp_path_factory):
+    """A server with short header/body timeouts, a small body cap and a tenant limited to 1 running + 1 queued."""
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.commands import build_gateway
+
+    d = tmp_path_factory.mktemp("strict")
+    shutil.copytree(setup["root"], d / "reg", ignore=shutil.ignore_patterns(".registry.lock"))
+    (d / "tenants.yaml").write_text(
+        f"admin_key: {ADMIN}\n"
+        "tenants:\n"
+        f"  acme: {{api_key: {ACME}, adapters: ['acme-*']}}\n"
+        f"  hog: {{api_key: {HOG}, adapters: ['acme-*'], max_concurrent: 1, max_queued: 1}}\n")
+    gw = build_gateway(str(d / "reg"), tenants=str(d / "tenants.yaml"), base=str(tiny_gemma3), max_model_len=256,
+                       max_batch=8, max_queue=64)
+    server = ServerThread(create_app(gw, max_body_bytes=64 * 1024, body_timeout_s=1.0), header_timeout_s=1.0)
+    server.start()
+    yield {"url": server.url, "gw": gw}
+    server.stop()
+
+
+def _recv_all(sock) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    out = b""
+    while True:
+        try:
+            b = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not b:
+            return out
+        out += b
+
+
+@pytest.mark.parametrize("keep_alive_first", [False, True])
+def test_partial_request_headers_are_closed(strict, keep_alive_first):
+    """Slowloris: half a request line or half the headers, then nothing; the server closes the connection (after
+    its 1 s header timeout; 60 s here is only the test's own bound on waiting)."""
+    import socket
+
+    host, port = strict["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        if keep_alive_first:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while b"\r\n\r\n" not in first or not first.rstrip().endswith(b"}"):
+                first += s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bea")
+        try:
+            rest = _recv_all(s)
+        except socket.timeout:
+            raise AssertionError("the server kept a partial request open for 60 s") from None
+    assert rest == b""  # closed without an answer
+    with httpx.Client(base_url=strict["url"], timeout=30) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_slow_body_is_408_and_unauthenticated_body_is_never_waited_for(strict):
+    import socket
+
+    host, port = strict["url"].removeprefix("http://").split(":")
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n{auth}\r\n")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head.format(auth=f"Authorization: Bearer {ACME}\r\n").encode() + b'{"model": ')
+        try:
+            answer = _recv_all(s)
+        except socket.timeout:
+            raise AssertionError("the server waited 60 s for a body") from None
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 408
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head.format(auth="").encode() + b'{"model": ')
+        first = s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+
+
+def test_tenant_over_its_own_limit_gets_429_others_do_not(strict):
+    """hog may run 1 request and queue 1: a third is refused with Retry-After while acme is served."""
+    url = strict["url"]
+    hog = {"Authorization": f"Bearer {HOG}"}
+    long_body = {"model": "acme-support@v1", "messages": MSG, "max_tokens": 200, "temperature": 0, "stream": True,
+                 "ignore_eos": True}
+
+    def queued() -> float:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            text = c.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        m = re.search(r'^gemtune_tenant_queued\{tenant="hog"\} (\S+)', text, re.M)
+        return float(m.group(1)) if m else -1
+
+    with httpx.Client(base_url=url, timeout=120) as c1, c1.stream("POST", "/v1/chat/completions", json=long_body,
+                                                                    headers=hog) as r1:
+        assert r1.status_code == 200
+        lines = r1.iter_lines()
+        next(line for line in lines if '"content"' in line and '"content": ""' not in line)  # it is generating
+        second = {}
+
+        def two():
+            with httpx.Client(base_url=url, timeout=120) as c2:
+                second["r"] = _chat(c2, HOG, "acme-support@v1", max_tokens=4)
+
+        t = threading.Thread(target=two)
+        t.start()
+        deadline = time.monotonic() + 60
+        while queued() != 1:
+            assert time.monotonic() < deadline, "the second hog request never queued"
+            time.sleep(0.05)
+        with httpx.Client(base_url=url, timeout=120) as c3:
+            third = _chat(c3, HOG, "acme-support@v1", max_tokens=4)
+            err = _shape(third, 429)
+            assert "hog" in err["message"] and int(third.headers["retry-after"]) >= 1
+            victim = _chat(c3, ACME, "acme-support@v1", max_tokens=4)
+            assert victim.status_code == 200, victim.text
+    t.join(120)  # the stream closed: its slot passed to the queued request
+    assert second["r"].status_code == 200, second["r"].text
+    assert queued() == 0

@@ -67,14 +67,58 @@ def test_bearer_key_extraction():
     assert bearer_key({}) is None
 
 
-def test_metrics_text_format_escapes_labels():
+def test_metrics_exposition_through_prometheus_client():
+    from prometheus_client.parser import text_string_to_metric_families
+
     m = Metrics(queue_depth=lambda: 3, loaded=lambda: ['we"ird@v1'])
     m.requests.inc("/v1/models", "200")
     m.latency.observe(0.3, "chat")
-    text = m.render()
-    assert "gemtune_queue_depth 3\n" in text
-    assert 'gemtune_loaded_adapters{adapter="we\\"ird@v1"} 1' in text
-    assert 'gemtune_request_latency_seconds_bucket{endpoint="chat",le="0.25"} 0' in text
-    assert 'gemtune_request_latency_seconds_bucket{endpoint="chat",le="0.5"} 1' in text
-    assert 'gemtune_request_latency_seconds_bucket{endpoint="chat",le="+Inf"} 1' in text
+    other = Metrics()  # each gateway has its own registry: a second one neither collides nor shares counts
+    other.requests.inc("/v1/models", "200", by=5)
+    text = m.render().decode()
     assert "# TYPE gemtune_requests_total counter" in text
+    assert 'gemtune_loaded_adapters{adapter="we\\"ird@v1"} 1.0' in text  # escaped per the format
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("gemtune_queue_depth", ())] == 3
+    assert samples[("gemtune_loaded_adapters", (("adapter", 'we"ird@v1'),))] == 1
+    assert samples[("gemtune_requests_total", (("endpoint", "/v1/models"), ("status", "200")))] == 1
+    assert m.requests.get("/v1/models", "200") == 1 and other.requests.get("/v1/models", "200") == 5
+    le = {k[1][1][1]: v for k, v in samples.items() if k[0] == "gemtune_request_latency_seconds_bucket"}
+    assert le["0.25"] == 0 and le["0.5"] == 1 and le["+Inf"] == 1
+
+
+def test_metrics_callback_failure_keeps_the_rest():
+    def boom():
+        raise RuntimeError("engine gone")
+
+    m = Metrics(queue_depth=boom)
+    m.requests.inc("/healthz", "200")
+    text = m.render().decode()
+    assert 'gemtune_requests_total{endpoint="/healthz",status="200"} 1.0' in text
+    assert "# TYPE gemtune_queue_depth gauge" in text
+
+
+@pytest.mark.parametrize("text,needle", [
+    (f"max_concurrent: 0\ntenants: {{a: {{api_key: {KEY_A}, adapters: [x]}}}}",
+     'tenants.yaml:1: field "max_concurrent": max_concurrent must be an integer from 1'),
+    (f"tenants:\n  a:\n    api_key: {KEY_A}\n    adapters: [x]\n    max_queued: many\n",
+     'tenants.yaml:5: field "tenants.a.max_queued": max_queued must be an integer from 0'),
+    (f"tenants:\n  a: {{api_key: {KEY_A}, adapters: [x], max_concurrent: true}}\n",
+     'tenants.yaml:2: field "tenants.a.max_concurrent"'),
+])
+def test_bad_tenant_limits_name_file_line_field(tmp_path, text, needle):
+    with pytest.raises(UserError) as e:
+        load_tenants(_write(tmp_path, text))
+    assert needle in str(e.value)
+
+
+def test_tenant_limits_default_and_override(tmp_path):
+    from gemtune.serve.auth import DEFAULT_MAX_CONCURRENT, Limits
+
+    t = load_tenants(_write(tmp_path, f"max_queued: 5\ntenants:\n  a: {{api_key: {KEY_A}, adapters: [x]}}\n"
+                                      f"  b: {{api_key: {KEY_B}, adapters: [y], max_concurrent: 2, max_queued: 0}}\n"
+                                      f"admin_key: {ADMIN}\n"))
+    assert t.authenticate(KEY_A).limits == Limits(DEFAULT_MAX_CONCURRENT, 5)
+    assert t.authenticate(KEY_B).limits == Limits(2, 0)
+    assert t.authenticate(ADMIN).limits is None  # the operator is not rationed
