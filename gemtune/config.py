@@ -57,7 +57,7 @@ class YamlDoc:
 
     def line(self, *keys: Any) -> Optional[int]:
         """1-based line of the key path (mapping keys, list indices), or of its deepest existing parent; None
-        when not even the first key exists."""
+        when not even the first key exists. No keys: the line where the document starts."""
         import yaml
 
         if self._root is False:
@@ -65,7 +65,8 @@ class YamlDoc:
                 self._root = yaml.compose(self.text)
             except yaml.YAMLError:
                 self._root = None
-        node, line = self._root, None
+        node = self._root
+        line = node.start_mark.line + self.first_line if node is not None and not keys else None
         for part in keys:
             if isinstance(node, yaml.MappingNode):
                 for k, v in node.value:
@@ -160,7 +161,7 @@ def read_section(path: str | Path | None, section: str, *, warn: Callable[[str],
     top = doc.data if doc.data is not None else {}
     if not isinstance(top, dict):
         raise UserError("the config must be a mapping with sections such as `data:` and `train:`", file=str(p),
-                        line=1)
+                        line=doc.line())
     for key in top:
         if key not in KNOWN_SECTIONS:
             close = difflib.get_close_matches(str(key), KNOWN_SECTIONS, n=1)
@@ -181,7 +182,7 @@ def _flag(key: str) -> str:
 
 def apply_overrides(values: dict, overrides: Optional[Mapping[str, Any]]) -> dict[tuple[str, ...], str]:
     """Put the given overrides (None = not given) on top of `values`, in place. Dotted keys (`lora.r`) reach
-    into nested sections; a mapping merges into the mapping it overrides. Returns {key path: flag name}."""
+    into nested sections; a mapping merges into the mapping it overrides. Returns {key path: key} of those given."""
     given: dict[tuple[str, ...], str] = {}
     for key, v in (overrides or {}).items():
         if v is None:

@@ -70,8 +70,8 @@ def test_file_shape_errors_are_the_same_in_every_stage(section, tmp_path):
     assert load(y) == load(None)  # an empty file is all defaults (no ./gemtune.yaml in the test's cwd)
     y.write_text(f"{section}:\n", encoding="utf-8")
     assert load(y) == load(None)
-    y.write_text("- data\n- train\n", encoding="utf-8")
-    assert str(_raises(lambda: load(y))).startswith(f"{y}:1: the config must be a mapping")
+    y.write_text("# not a project file\n- data\n- train\n", encoding="utf-8")
+    assert str(_raises(lambda: load(y))).startswith(f"{y}:2: the config must be a mapping")
     y.write_text(f"base: gemma-3-270m\n{section}: [1, 2]\n", encoding="utf-8")
     assert str(_raises(lambda: load(y))) == f'{y}:2: field "{section}": `{section}:` must be a mapping of options'
     y.write_text(f"{section}:\n  seed: [1, 2\n", encoding="utf-8")
@@ -168,7 +168,8 @@ def test_unknown_section_is_a_warning_with_its_line(tmp_path, capsys):
     y = tmp_path / "gemtune.yaml"
     y.write_text("train:\n  lr: 0.001\ntrian:\n  lr: 0.1\n", encoding="utf-8")
     assert load_train_config(y).lr == 0.001
-    assert f"warning: {y}:3: field \"trian\": unknown section, ignored (did you mean 'train'?)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: {y}:3: field \"trian\": unknown section, ignored (did you mean 'train'?)" in err
 
 
 def test_read_yaml_gives_lines_of_key_paths(tmp_path):
