@@ -38,6 +38,9 @@ from gemtune.utils import atomic_dir, atomic_write_json, iter_jsonl, sha256_file
 
 CheckpointHook = Callable[[Path, int], Optional[dict]]
 STATE_FILE = "trainer_state.pt"
+# trainer_state.pt holds tensors and plain containers only, so resume loads it with torch.load(weights_only=True):
+# nothing in a checkpoint directory can run code. Files without this format were pickled by older releases.
+STATE_FORMAT = "gemtune.trainer_state/2"
 _STEP_DELAY = float(os.environ.get("GEMTUNE_TEST_STEP_DELAY", "0") or 0)
 
 
@@ -185,13 +188,57 @@ def planned_steps(cfg: TrainConfig, n_train: int, global_batch: int) -> int:
 # ---------------------------------------------------------------- checkpoints
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG the loop draws from, as tensors and plain lists (what `weights_only=True` accepts)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": int(py_version), "internal": [int(x) for x in py_internal],
+                       "gauss_next": None if py_gauss is None else float(py_gauss)},
+            "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+
+
+def _plain(obj):
+    """JSON-shaped copy (an eval hook's summary may hold numpy scalars, which weights_only=True would refuse)."""
+    def default(x):
+        return x.item() if hasattr(x, "item") else str(x)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def load_trainer_state(path: Path) -> dict:
+    """trainer_state.pt, unpickled with `weights_only=True`: tensors and plain containers load, anything that
+    would construct an arbitrary object (and so could run code) is refused with an error naming the file."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else ""
+        raise UserError("--resume: refused to unpickle it: it holds objects other than tensors and plain containers "
+                        f"({'it names ' + what[:200] + ', ' if what else ''}refused by torch.load weights_only=True), "
+                        "so it was written by an earlier gemtune "
+                        "(which pickled numpy RNG state) or not by gemtune at all; nothing in it was run. Start the "
+                        "run again without --resume, or finish it with the release that wrote it.",
+                        file=str(path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"--resume: unreadable checkpoint state ({type(e).__name__}: {str(e)[:300]}); truncated or "
+                        "corrupted: delete this checkpoint directory to resume from the one before",
+                        file=str(path)) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume: not a {STATE_FORMAT} checkpoint state (written by an older gemtune release?); "
+                        "start the run again without --resume", file=str(path))
+    return state
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -340,7 +387,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(peft_model, load_file(str(ck / "adapter_model.safetensors")))
-        state = torch.load(ck / STATE_FILE, weights_only=False)
+        state = load_trainer_state(ck / STATE_FILE)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         rng = state["rng"][acc.process_index] if acc.process_index < len(state["rng"]) else state["rng"][0]
@@ -373,8 +420,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
             with atomic_dir(ck) as tmp:
                 peft_model.save_pretrained(tmp, safe_serialization=True)
                 atomic_write_json(tmp / "gemtune.json", side)
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_all,
-                            "step": s, "history": history}, tmp / STATE_FILE)
+                torch.save({"format": STATE_FORMAT, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "rng": rng_all, "step": s, "history": _plain(history)}, tmp / STATE_FILE)
             _prune(run_dir, cfg.save_total_limit)
             if on_checkpoint is not None:
                 summary = on_checkpoint(ck, s)

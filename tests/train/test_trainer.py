@@ -277,3 +277,41 @@ def test_4bit_base_is_loaded_on_the_training_device(monkeypatch):
         with pytest.raises(Stop):
             load_model_for_training(cfg("x", quant=quant), Path("x"), device)
         assert seen[-1].get("device") == want and seen[-1]["quant"] == quant
+
+
+class _Payload:
+    """Unpickling this creates `path` (by calling open(path, "w")): proof that a pickle ran code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles_code_and_refuses_old_pickled_states(tiny_gemma3, route_data, tmp_path):
+    import numpy as np
+
+    from gemtune.train.trainer import STATE_FILE, STATE_FORMAT
+
+    run = tmp_path / "run"
+    train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=2, progress=False)
+    state_file = run / "checkpoint-2" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)  # what the trainer writes loads without any pickle
+    assert state["format"] == STATE_FORMAT and state["step"] == 2
+    assert isinstance(state["rng"][0]["numpy"]["key"], torch.Tensor)
+    assert isinstance(state["rng"][0]["python"]["internal"], list)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "optimizer": _Payload(marker)}, state_file)
+    with pytest.raises(UserError, match="refused to unpickle it") as e:
+        train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=4, resume=True, progress=False)
+    assert str(state_file) in str(e.value) and "io.open" in str(e.value)
+    assert not marker.exists()
+    # a state pickled the old way (numpy RNG state as an ndarray): refused with a clear message, not unpickled
+    old = {k: v for k, v in state.items() if k != "format"}
+    old["rng"] = [{"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+                   "numpy": np.random.get_state()}]
+    torch.save(old, state_file)
+    with pytest.raises(UserError, match="earlier gemtune") as e:
+        train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=4, resume=True, progress=False)
+    assert "numpy" in str(e.value) and not (run / "checkpoint-4").exists()
