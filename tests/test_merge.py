@@ -94,3 +94,36 @@ def test_merge_parity_on_real_gemma3_270m(real_base, tmp_path):
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as st:
         keys = list(st.keys())
     assert any(k.endswith("q_proj.weight") for k in keys) and not any("lora" in k for k in keys)
+
+
+def test_merge_out_refuses_a_foreign_directory_and_an_adapter_inside_it(tiny_gemma3, adapter, tmp_path, capsys):
+    """Checked before any model is loaded; nothing in the refused directory is touched (issue #12)."""
+    from gemtune.cli import main
+
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--adapter", str(adapter), "--out", str(foreign), "--base", str(tiny_gemma3)])
+    assert e.value.code == 2
+    assert f'{foreign}: field "--out": is not empty and was not written by gemtune' in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+    with pytest.raises(UserError, match=f"input {adapter} lies inside the output directory"):
+        merge_adapter(adapter, adapter.parent, base=str(tiny_gemma3), overwrite=True)
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_merge_replaces_its_own_output_and_overwrite_replaces_a_foreign_one(tiny_gemma3, adapter, tmp_path):
+    from gemtune.utils import OUTPUT_MARKER
+
+    out = tmp_path / "m"
+    merge_adapter(adapter, out, base=str(tiny_gemma3), max_new_tokens=2)
+    assert json.loads((out / OUTPUT_MARKER).read_text())["writer"] == "gemtune merge"
+    (out / "stale.bin").write_text("old")
+    merge_adapter(adapter, out, base=str(tiny_gemma3), max_new_tokens=2)  # its own output: replaced whole
+    assert not (out / "stale.bin").exists()
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / "x").write_text("x")
+    merge_adapter(adapter, foreign, base=str(tiny_gemma3), max_new_tokens=2, overwrite=True)
+    assert not (foreign / "x").exists() and (foreign / "gemtune-merge.json").is_file()

@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         canary_file: Optional[str] = typer.Option(None, "--canary-file", help="Where to record canaries (default OUT.canaries.json, outside OUT)."),
         seed: Optional[int] = typer.Option(None, "--seed"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it is a non-empty directory "
+                                       "gemtune did not write (everything in it is deleted)."),
     ):
         """Build a dataset directory: sanitise, redact PII, dedup, freeze eval, balance, mix, report."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -114,11 +116,11 @@ def register(app: typer.Typer) -> None:
         }
         cfg = load_data_config(config, overrides)
         if quiet:
-            report = build(inputs, out, cfg)
+            report = build(inputs, out, cfg, overwrite=overwrite)
         else:
             with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err_console, transient=False) as p:
-                report = build(inputs, out, cfg, progress=RichProgress(p))
+                report = build(inputs, out, cfg, progress=RichProgress(p), overwrite=overwrite)
         _print_summary(report, out)
 
     @data_app.command("report")

@@ -28,13 +28,14 @@ from gemtune.data.dedup import NearDup, normalise_key
 from gemtune.data.mix import GENERIC_TASK, choose_generic, generic_count, read_generic
 from gemtune.data.pii import Redactor
 from gemtune.data.readers import expand_inputs, read_rows
-from gemtune.data.records import content_sha256, make_record, tokenizer_sha256
+from gemtune.data.records import DATASET_FILES, content_sha256, make_record, tokenizer_sha256
 from gemtune.data.report import build_report, render_html
 from gemtune.data.sanitise import ControlTokens, Example, Reject, sanitise_row
 from gemtune.data.split import make_lock, read_lock, resolve_locked, stratified_split, rank_key
 from gemtune.data.tokens import TokenCounter
 from gemtune.errors import UserError
-from gemtune.utils import atomic_dir, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from gemtune.utils import (atomic_dir, atomic_write_json, atomic_write_text, check_out_dir, sha256_bytes,
+                           sha256_file)
 
 Progress = Callable[[str, int, Optional[int]], None]  # (stage, rows done so far, total or None)
 
@@ -94,6 +95,11 @@ def _read(run: _Run, files: Sequence[Path], control: ControlTokens, *, generic: 
             except Reject as r:
                 q += 1
                 run.quarantine_row(row.file, row.line, r.reason, row.raw, "sanitise", generic)
+            except (RecursionError, ValueError, TypeError, UnicodeError, OverflowError) as e:
+                # a row no rule foresaw must cost one quarantine line, never the build
+                q += 1
+                run.quarantine_row(row.file, row.line, f"unusable row ({type(e).__name__}: {str(e)[:200]})",
+                                   row.raw, "sanitise", generic)
             if n % 2000 == 0:
                 run.progress(stage, total + n, None)
         total += n
@@ -179,12 +185,27 @@ def _no_usable_rows(run: _Run, files: Sequence[Path], input_rows: int) -> UserEr
 
 
 # ------------------------------------------------------------------------------------------------ build
+OUTPUT_FILES = frozenset(DATASET_FILES) | {"report.html"}
+WRITER = "gemtune data build"
+
+
+def is_dataset_output(d: Path) -> bool:
+    """A dataset directory written before gemtune marked its outputs: only build files, dataset.json among them."""
+    try:
+        names = {p.name for p in d.iterdir()}
+    except OSError:
+        return False
+    return "dataset.json" in names and names <= OUTPUT_FILES
+
+
 def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataConfig] = None, *,
-          progress: Optional[Progress] = None) -> dict:
+          progress: Optional[Progress] = None, overwrite: bool = False) -> dict:
     """Build a dataset directory from raw files; return the report (also written to `out/report.json`).
 
     Raises UserError (CLI exit 2) for missing/unreadable inputs, bad options, a broken eval lock, or when no row
     at all is usable. Bad rows never raise: they are quarantined and counted.
+    `out` is replaced whole; it must be missing, empty or a gemtune output (see `utils.check_out_dir`) unless
+    `overwrite`, and no input may lie inside it.
     """
     cfg = config or DataConfig()
     out = Path(out)
@@ -192,6 +213,9 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     run = _Run(cfg=cfg, progress=progress or _no_progress, redactor=Redactor(cfg.pii_engine, cfg.pii_region))
     files = expand_inputs(list(inputs))
     generic_files = expand_inputs(cfg.generic) if cfg.generic else []
+    guard = {"writer": WRITER, "overwrite": overwrite, "inputs": [*files, *generic_files],
+             "recognise": is_dataset_output}
+    check_out_dir(out, **{k: v for k, v in guard.items() if k != "writer"})
     lock_path = _resolve_lock_path(cfg, out)
     lock = read_lock(lock_path) if lock_path else None
 
@@ -351,7 +375,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     canary_path = Path(cfg.canary_file) if cfg.canary_file else canary_mod.default_canary_path(out)
     with _Timer(run, "write"):
         run.progress("write", 0, None)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, **guard) as tmp:
             _write_jsonl(tmp / "train.jsonl", train_records)
             eval_bytes = _write_jsonl(tmp / "eval.jsonl", eval_records)
             lock_doc = make_lock(eval_records, lock.get("fraction", cfg.eval_fraction) if lock else cfg.eval_fraction, eval_bytes)

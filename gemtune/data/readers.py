@@ -1,7 +1,10 @@
 """Readers for JSONL, CSV and Parquet that keep the file and line of every row.
 
 A reader never raises for a bad row: it yields a `RawRow` with `error` set and the raw text, so the pipeline can
-quarantine it with its position and keep going. Only a file that cannot be opened at all is a `UserError`.
+quarantine it with its position and keep going — whatever is wrong with the row: bytes that are not UTF-8, JSON that
+is malformed, nested too deeply for Python or holds a number over Python's digit limit, a Parquet value Python cannot
+hold, an unreadable Parquet row group. Only a file that cannot be opened at all (or a CSV header that cannot be read)
+is a `UserError`. A file that starts with a UTF-16 or UTF-32 byte-order mark is read in that encoding.
 Line numbers are 1-based physical lines for JSONL and CSV (a CSV record spanning lines gets its first line; the
 header is line 1) and 1-based row numbers for Parquet.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gemtune.errors import UserError
+from gemtune.utils import json_line_error
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -69,9 +73,33 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
     return _parquet_rows(str(path), data)
 
 
-def _jsonl_rows(name: str, data: bytes) -> Iterator[RawRow]:
+_BOMS_32 = {b"\xff\xfe\x00\x00": "utf-32-le", b"\x00\x00\xfe\xff": "utf-32-be"}
+_BOMS_16 = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}
+
+
+def _as_utf8(data: bytes) -> bytes:
+    """File bytes as UTF-8: a UTF-8 byte-order mark dropped, a UTF-16/32 file (told by its mark) transcoded.
+
+    Line breaks survive transcoding, so line numbers hold. A code unit that does not decode (a lone surrogate, a
+    truncated last unit) stays invalid UTF-8 in the result, so only its own line is quarantined.
+    """
     if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+        return data[3:]
+    for boms, width in ((_BOMS_32, 4), (_BOMS_16, 2)):
+        codec = boms.get(data[:width])
+        if codec:
+            body = data[width:]
+            cut = len(body) - len(body) % width
+            try:
+                text = body[:cut].decode(codec, "surrogatepass")
+            except UnicodeDecodeError:  # UTF-32 beyond U+10FFFF: decode line by line instead
+                text = body[:cut].decode(codec, "replace")
+            return text.encode("utf-8", "surrogatepass") + (b"\xff" if cut < len(body) else b"")
+    return data
+
+
+def _jsonl_rows(name: str, data: bytes) -> Iterator[RawRow]:
+    data = _as_utf8(data)
     for lineno, bline in enumerate(data.split(b"\n"), 1):
         if not bline.strip():
             continue
@@ -85,6 +113,9 @@ def _jsonl_rows(name: str, data: bytes) -> Iterator[RawRow]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             yield RawRow(name, lineno, None, text, f"malformed JSON: {e.msg} at column {e.colno}")
+            continue
+        except (RecursionError, ValueError) as e:  # nested too deeply; a number over Python's digit limit
+            yield RawRow(name, lineno, None, text, json_line_error(e))
             continue
         if not isinstance(obj, dict):
             yield RawRow(name, lineno, None, text, f"row is a JSON {type(obj).__name__}, expected an object")
@@ -102,8 +133,7 @@ def _has_surrogates(s: str) -> bool:
 
 def _csv_rows(name: str, data: bytes) -> Iterator[RawRow]:
     """Decode with surrogateescape so one bad byte quarantines its row instead of the whole file."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    data = _as_utf8(data)
     text = data.decode("utf-8", "surrogateescape")
     lines = io.StringIO(text, newline="").readlines()  # split exactly as the csv reader does
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -150,12 +180,36 @@ def _display(raw: str) -> str:
 
 
 def _parquet_rows(name: str, data: bytes) -> Iterator[RawRow]:
+    """Row group by row group, so one corrupt group quarantines its own rows (counted from the file's metadata)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        groups = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise UserError(f"unreadable Parquet file ({type(e).__name__}: {e})", file=name) from None
-    for i, obj in enumerate(table.to_pylist(), 1):
-        yield RawRow(name, i, obj, json.dumps(obj, ensure_ascii=False, default=str))
+    line = 0
+    for g, n_rows in enumerate(groups):
+        try:
+            table = pf.read_row_group(g)
+        except Exception as e:
+            reason = f"unreadable Parquet row group {g} ({type(e).__name__}: {e})"
+            for _ in range(n_rows):
+                line += 1
+                yield RawRow(name, line, None, "", reason)
+            continue
+        for batch in table.to_batches():
+            try:
+                rows: Optional[list] = batch.to_pylist()
+            except Exception:  # one value Python cannot hold (a date out of range, bad UTF-8): go row by row
+                rows = None
+            for i in range(batch.num_rows):
+                line += 1
+                try:
+                    obj = rows[i] if rows is not None else batch.slice(i, 1).to_pylist()[0]
+                    raw = json.dumps(obj, ensure_ascii=False, default=str)
+                except Exception as e:
+                    yield RawRow(name, line, None, "", f"unreadable Parquet row ({type(e).__name__}: {e})")
+                    continue
+                yield RawRow(name, line, obj, raw)

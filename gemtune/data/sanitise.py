@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from gemtune.data.config import DataConfig
 from gemtune.data.readers import RawRow
 from gemtune.data.records import PROVENANCE_FIELDS
+from gemtune.utils import json_line_error
 
 ROLES = ("system", "user", "assistant")
 SPLITS = {"train": "train", "eval": "eval", "test": "eval", "validation": "eval", "valid": "eval"}
@@ -161,6 +162,8 @@ def _parse_messages(v: Any) -> list:
             v = json.loads(v)
         except json.JSONDecodeError as e:
             raise Reject(f"not valid JSON ({e.msg})", "messages") from None
+        except (RecursionError, ValueError) as e:  # nested too deeply; a number over Python's digit limit
+            raise Reject(json_line_error(e), "messages") from None
     if not isinstance(v, list) or not v:
         raise Reject("must be a non-empty list of {role, content} turns", "messages")
     msgs = []
@@ -203,7 +206,7 @@ def _provenance(data: dict, file: str, defaults: dict[str, str], redact: Callabl
     if isinstance(given, str) and given.strip():
         try:
             given = json.loads(given)
-        except json.JSONDecodeError:
+        except (RecursionError, ValueError):  # JSONDecodeError, deep nesting, a number over the digit limit
             raise Reject("must be an object (or a JSON object string)", "provenance") from None
     own: dict[str, str] = {}
     if given is not None and given != "":
@@ -223,6 +226,8 @@ def _provenance(data: dict, file: str, defaults: dict[str, str], redact: Callabl
             raise Reject(f"must be a string, got {type(v).__name__}", k)
         own[k] = str(v)
     for k, v in own.items():
+        if _has_surrogate(k):
+            raise Reject("a key is not valid UTF-8 (unpaired surrogate)", "provenance")
         if _has_surrogate(v):
             raise Reject("invalid UTF-8 (unpaired surrogate)", f"provenance.{k}")
         prov[k] = redact(v)

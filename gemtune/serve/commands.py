@@ -138,13 +138,16 @@ def register(app: typer.Typer) -> None:
         prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL of sample prompts for the parity "
                                               "check (messages or prompt)."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it is a non-empty directory "
+                                       "gemtune did not write (everything in it is deleted)."),
     ):
         """Merge an adapter into its base (fp32) and print a greedy parity check: merged vs unmerged."""
         from gemtune.serve.merge import _ParityFailed, merge_adapter
 
         try:
             report = merge_adapter(adapter, out, base=base, prompts=prompts, max_new_tokens=max_new_tokens,
-                                   progress=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+                                   progress=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False),
+                                   overwrite=overwrite)
         except _ParityFailed as e:
             _print_parity(e.report)
             raise

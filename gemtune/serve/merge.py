@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from gemtune.errors import GateFailed, UserError
-from gemtune.utils import atomic_dir, iter_jsonl, sha256_file
+from gemtune.utils import atomic_dir, check_out_dir, iter_jsonl, sha256_file
 
 SAMPLE_PROMPTS = [
     [{"role": "user", "content": "My card payment was declined at the shop. What should I do?"}],
@@ -87,11 +87,22 @@ def _prompt_logits(model, ids_list):
         return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in ids_list]
 
 
+WRITER = "gemtune merge"
+
+
+def is_merge_output(d: Path) -> bool:
+    """A merged-model directory written before gemtune marked its outputs (it holds gemtune-merge.json)."""
+    return (d / "gemtune-merge.json").is_file()
+
+
 def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = None,
-                  prompts: str | Path | None = None, max_new_tokens: int = 32, progress=None) -> dict:
+                  prompts: str | Path | None = None, max_new_tokens: int = 32, progress=None,
+                  overwrite: bool = False) -> dict:
     """Merge `adapter` into its base, check greedy parity (fp32), save safetensors + tokenizer to `out`.
 
     Returns the parity report; raises GateFailed (exit 1) without writing `out` when outputs differ.
+    `out` is replaced whole: it must be missing, empty or a gemtune output unless `overwrite`, and neither the
+    adapter, the prompts nor a local base may lie inside it (checked before any model is loaded).
     """
     from peft import PeftModel
 
@@ -102,6 +113,11 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
 
     say = progress or (lambda msg: None)
     adapter = Path(adapter).expanduser()
+    out = Path(out).expanduser()
+    local_base = [Path(base).expanduser()] if base and Path(base).expanduser().exists() else []
+    guard = {"writer": WRITER, "overwrite": overwrite, "recognise": is_merge_output,
+             "inputs": [adapter, *([Path(prompts)] if prompts else []), *local_base]}
+    check_out_dir(out, **{k: v for k, v in guard.items() if k != "writer"})
     cfg, _, problems, _ = inspect_adapter(adapter)
     base_ref = resolve_base(adapter, base)
     say(f"loading base {base_ref} (fp32)")
@@ -138,9 +154,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     if not report["parity"]:
         report["saved"] = False
         raise _ParityFailed(report)
-    out = Path(out).expanduser()
     say(f"saving merged model to {out}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, **guard) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / "gemtune-merge.json").write_text(json.dumps({**report, "saved": True}, indent=2))
