@@ -1,4 +1,4 @@
-"""PII detection and redaction: emails, phone numbers, US SSNs, payment cards, IBANs, IP addresses.
+"""PII detection and redaction: emails, phone numbers, US SSNs, payment cards, IBANs, IP addresses, personal names.
 
 Every structured type is found by a pattern and then *validated* (phone numbers by libphonenumber, cards by Luhn
 plus issuer prefix and length, IBANs by country length plus mod-97, SSNs by the SSA's never-issued ranges, IPs by
@@ -6,14 +6,24 @@ plus issuer prefix and length, IBANs by country length plus mod-97, SSNs by the 
 prices. Those are the false positives that would otherwise shred a training set, so digit runs directly after an
 order/tracking/invoice keyword are never taken for phones or cards.
 
+Names (`PERSON`) are found by context, the way support text carries them: a sign-off ("Regards, Priya"), a
+salutation ("Hi John," "Dear Ms. Okafor"), an introduction ("my name is …", "this is Sarah", "I'm Ole") or a title
+("Mr. Smith"). A word in those places counts as a name when it is a known given name (or, after a sign-off or
+salutation, a known family name) from Faker's person providers — about 31,000 given names across 80+ locales,
+shipped with the package, no network. Words that are also ordinary words ("Will do", "May I", "Mark as read",
+"Best regards, Support Team") are names only where nothing but punctuation, a line end or a family name follows.
+"my name is", "call me" and titles take any capitalised word. Names outside these contexts need a NER model.
+
 `find_pii(text)` -> [(type, start, end, value)], `redact(text)` -> (text with `<TYPE>` placeholders, {TYPE: n}).
-The privacy probe scans model generations with the same functions. Names and locations need a NER model:
-`engine="presidio"` adds PERSON and LOCATION through Microsoft Presidio when it is installed.
+The privacy probe scans model generations with the same functions. `engine="presidio"` adds PERSON and LOCATION
+through Microsoft Presidio's NER when it is installed.
 """
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
+import pkgutil
 import re
 from functools import lru_cache
 from typing import NamedTuple, Optional
@@ -22,7 +32,7 @@ import phonenumbers
 
 from gemtune.errors import UserError
 
-PII_TYPES = ("EMAIL", "PHONE", "SSN", "CREDIT_CARD", "IBAN", "IP_ADDRESS")
+PII_TYPES = ("EMAIL", "PHONE", "SSN", "CREDIT_CARD", "IBAN", "IP_ADDRESS")  # structured, validated types
 NER_TYPES = ("PERSON", "LOCATION")
 
 
@@ -265,6 +275,156 @@ def find_structured(text: str, region: str = "US") -> list[PiiMatch]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- names
+# Words never taken for a name, whatever a name list says (lower case).
+_NOT_NAMES = frozenset("""
+i me my mine we us our you your he him his she her they them their it its the a an this that these those there here
+all everyone everybody anyone someone team teams support service services customer customers care client clients
+sir madam mam maam friend friends folks guys colleague colleagues manager management admin administrator agent
+agents staff department dept desk help helpdesk billing sales accounts account bank company shop store office
+please thanks thank regards best kind kindest warm warmest cheers hello hi hey dear good morning afternoon evening
+again so very much for and or but not no yes ok okay sure also just only still anyway sorry can could would will
+may might must shall should do does did is are was were am be been have has had get got let what when where why
+how who which urgent re fw fwd subject note ps update order ticket case add true general early link long more soon
+too back clear close date day each fee must white black green brown west north east south park page price
+""".split())
+# Given names that are also ordinary English words: a name only when punctuation, a line end or a family name
+# follows ("Thanks, Will." yes; "Thanks, Will do" no; "Hi, May I ask" no).
+_AMBIGUOUS = frozenset("""
+will may mark bill hope june april august grant chase art sunday love joy grace faith summer max frank rich sue pat
+rob guy ray rose lily ivy holly jack dawn sky storm pearl ruby amber crystal violet hunter penny sterling rocky
+young can sunny don gene major king prince earl duke lane bay brook river forest autumn winter spring sage jade
+angel star honey cash chance miles rusty dash ace buck colt patience mercy harmony melody destiny trinity justice
+liberty unique precious ocean rain raven robin wren drew reed wade dean glen dale cliff clay stone ford paris jordan
+lucky hall case price link christian dominic august march january july october november december monday tuesday
+wednesday thursday friday saturday sunday nick sharon carol eve norm bud woody randy sandy misty
+""".split())
+_WORD = r"[^\W\d_]+(?:['’\-][^\W\d_]+)*"
+_TOKEN = re.compile(_WORD)
+_SIGNOFF = (r"(?:kind(?:est)?|best|warm(?:est)?|many)\s+(?:regards|wishes|thanks)|thanks\s+(?:again|so\s+much|a\s+lot)"
+            r"|thank\s+you(?:\s+(?:so\s+much|again|very\s+much))?|regards|thanks|thx|cheers|sincerely"
+            r"|yours\s+(?:sincerely|truly|faithfully)|respectfully|all\s+the\s+best|take\s+care|talk\s+soon|rgds"
+            r"|(?P<weak>best|yours|love|warmly)")
+_GREETING = r"hi|hello|hey|hiya|dear|greetings|good\s+(?:morning|afternoon|evening)"
+_INTRO_KNOWN = r"this\s+is|i['’]?m|i\s+am"
+_INTRO_ANY = r"my\s+name\s+is|my\s+name['’]s|call\s+me|name\s*:"
+_CONTEXT = re.compile(
+    rf"(?i)(?<![\w'’])(?:(?P<signoff>{_SIGNOFF})|(?P<greeting>{_GREETING})|(?P<known>{_INTRO_KNOWN})"
+    rf"|(?P<any>{_INTRO_ANY}))(?P<sep>[ \t]*[,:!\-–—]?[ \t]*(?:\r?\n[ \t]*)?)"
+    r"|(?<![\w.])(?P<title>Mr|Mrs|Ms|Mx|Miss|Dr|Prof)\.?(?P<tsep>[ \t]+)")
+_AFTER_OK = re.compile(r"[ \t]*(?:$|\r?\n|[,.!?;:)\]}\"'’—–]|[ \t]-[ \t])")
+_INITIAL = re.compile(r"[^\W\d_]\.")
+
+
+@lru_cache(maxsize=1)
+def name_lists() -> tuple[frozenset, frozenset]:
+    """(given names, family names), lower case, from Faker's person providers (every locale it ships).
+
+    Given names exclude `_NOT_NAMES`; family names keep them ("Michael Brown"), and a family name is taken on its own
+    only where `_NOT_NAMES` does not hold it."""
+    import faker.providers.person as person
+
+    given: set[str] = set()
+    family: set[str] = set()
+    for mod in pkgutil.iter_modules(person.__path__):
+        provider = getattr(importlib.import_module(f"{person.__name__}.{mod.name}"), "Provider", None)
+        for attr in dir(provider):
+            want = (given if attr.startswith(("first_name", "first_romanized_name")) else
+                    family if attr.startswith(("last_name", "last_romanized_name")) else None)
+            values = getattr(provider, attr, None) if want is not None else None
+            if isinstance(values, (tuple, list, dict)):
+                for v in values:
+                    for w in str(v).split():
+                        if len(w) > 1 and w[0].isalpha() and w[0].isupper():
+                            want.add(w.casefold())
+    return frozenset(given - _NOT_NAMES), frozenset(family)
+
+
+_NOT_NAMES = _NOT_NAMES - _AMBIGUOUS  # "Thanks, Will." is a name; _name_at decides by what follows
+
+
+def _capitalised(w: str) -> bool:
+    return w[0].isupper() and not (len(w) > 1 and w.isupper())
+
+
+def _name_at(text: str, pos: int, kind: str) -> Optional[tuple[int, int]]:
+    """The span of a name starting at `pos` (a first word, then up to two family-name words or initials), or None.
+
+    kind: "known" (a given name), "greet" (a given or family name), "any" (any capitalised word)."""
+    m = _TOKEN.match(text, pos)
+    if not m:
+        return None
+    w = m.group()
+    low = w.casefold()
+    if low in _NOT_NAMES or not _capitalised(w):
+        return None
+    given, family = name_lists()
+    strict = low in _AMBIGUOUS
+    if kind != "any":
+        if low in given:
+            pass
+        elif kind == "greet" and low in family and low not in _NOT_NAMES:
+            strict = True
+        else:
+            return None
+    end = m.end()
+    for _ in range(2):  # family name(s) or initials on the same line
+        sp = re.match(r"[ \t]+", text[end:end + 4])
+        if not sp:
+            break
+        nxt = end + sp.end()
+        ini = _INITIAL.match(text, nxt)
+        t = _TOKEN.match(text, nxt)
+        if ini and text[nxt].isupper() and (t is None or t.end() == nxt + 1):
+            end = ini.end()
+            continue
+        low2 = t.group().casefold() if t else ""
+        if t and _capitalised(t.group()) and (low2 in family or (low2 not in _NOT_NAMES and low2 not in _AMBIGUOUS)):
+            end = t.end()
+            strict = False  # "Will Smith": a family name makes the first word a name
+            continue
+        break
+    if strict and not _AFTER_OK.match(text, end):
+        return None
+    return m.start(), end
+
+
+def find_names(text: str) -> list[PiiMatch]:
+    """Personal names in sign-offs, salutations, introductions and after titles (see the module docstring)."""
+    out: list[PiiMatch] = []
+    for m in _CONTEXT.finditer(text):
+        if m.group("title"):
+            kind, pos = "any", m.end("tsep")
+        else:
+            sep = m.group("sep")
+            if m.group("signoff") is not None:
+                if m.group("weak") is not None and not any(c in sep for c in ",\n"):
+                    continue
+                kind = "greet"
+            elif m.group("greeting") is not None:
+                kind = "greet"
+            else:
+                kind = "known" if m.group("known") is not None else "any"
+            if not sep:
+                continue
+            if m.group("greeting") is not None and "!" in sep and "\n" not in sep:
+                continue
+            pos = m.end()
+        while True:
+            span = _name_at(text, pos, kind)
+            if span is None:
+                break
+            if not _overlaps(out, *span):
+                out.append(PiiMatch("PERSON", span[0], span[1], text[span[0]:span[1]]))
+            # "Hi John and Mary," / "Thanks, Anna & Ben": more names of the same greeting
+            more = re.match(r"(?:[ \t]*,[ \t]*|[ \t]+(?:and|&)[ \t]+)", text[span[1]:span[1] + 8])
+            if not more or kind == "any":
+                break
+            pos = span[1] + more.end()
+    out.sort(key=lambda m: m.start)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- engines
 class PresidioNER:
     """Names and locations through Presidio's AnalyzerEngine (spaCy model required by Presidio)."""
@@ -290,14 +450,19 @@ class PresidioNER:
 class Redactor:
     """Finds and replaces PII; holds the optional NER engine so it is started once per build."""
 
-    def __init__(self, engine: str = "builtin", region: str = "US"):
+    def __init__(self, engine: str = "builtin", region: str = "US", *, names: bool = True):
         if engine not in ("builtin", "presidio"):
             raise UserError(f"unknown PII engine {engine!r}; expected builtin or presidio", field="pii_engine")
         self.region = region.upper()
+        self.names = names
         self.ner = PresidioNER() if engine == "presidio" else None
 
     def find(self, text: str) -> list[PiiMatch]:
         found = find_structured(text, self.region)
+        if text and self.names:
+            added = [m for m in find_names(text) if not _overlaps(found, m.start, m.end)]
+            if added:
+                found = sorted(found + added, key=lambda m: m.start)
         if self.ner is not None and text:
             for m in self.ner.find(text):
                 if not _overlaps(found, m.start, m.end):
