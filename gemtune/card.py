@@ -9,11 +9,18 @@ no file records is written as "not run" or "not recorded", never guessed. Torch-
 The layout follows the Hugging Face model card template (model details, uses, bias/risks/limitations, training,
 evaluation, environmental impact) with a privacy section and a serving section added; the YAML front matter
 carries `base_model`, `library_name: peft`, `license`, `tags`, `datasets` and a `model-index` with the eval results.
+
+Everything the card did not write itself (names, paths, labels, warnings, anything read from a file) goes through
+`md()` (Markdown and HTML escaped, one line) or `code()` (a code span no content can close); table cells escape `|`;
+shell and Python lines in the serving section quote their arguments. Structure (task -> labels) comes from the
+structured `task`/`label` fields of the training rows, never from splitting a user string.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,7 @@ class Sources:
     report: Optional[dict] = None  # dataset report.json
     dataset: Optional[dict] = None  # dataset.json
     licenses: Counter = field(default_factory=Counter)  # provenance licenses of the train rows
+    groups: Counter = field(default_factory=Counter)  # (task, label or None) of the train rows
     eval: Optional[dict] = None  # eval summary
     eval_meta: Optional[dict] = None  # results.json meta (suite path/sha)
     eval_source: Optional[str] = None
@@ -72,21 +80,28 @@ def _adapter_name(adapter: Path) -> str:
     return adapter.parent.name if adapter.name in ("adapter", "final") and adapter.parent.name else adapter.name
 
 
-def _train_licenses(data_dir: Path) -> Counter:
-    c: Counter = Counter()
+def _train_rows_summary(data_dir: Path) -> tuple[Counter, Counter]:
+    """(provenance licenses, (task, label) groups) of the train rows, from their structured fields."""
+    lic: Counter = Counter()
+    groups: Counter = Counter()
     f = data_dir / "train.jsonl"
     if not f.is_file():
-        return c
-    with open(f, encoding="utf-8") as fh:
+        return lic, groups
+    with open(f, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            lic = (rec.get("provenance") or {}).get("license") if isinstance(rec, dict) else None
-            if lic:
-                c[str(lic)] += 1
-    return c
+            if not isinstance(rec, dict):
+                continue
+            prov = rec.get("provenance")
+            if isinstance(prov, dict) and prov.get("license"):
+                lic[str(prov["license"])] += 1
+            task, label = rec.get("task"), rec.get("label")
+            if isinstance(task, str) and task:
+                groups[(task, str(label) if label is not None else None)] += 1
+    return lic, groups
 
 
 def gather(adapter: str | Path, *, data: Optional[str | Path] = None, eval_dir: Optional[str | Path] = None,
@@ -131,7 +146,7 @@ def _gather_data(src: Sources, data: Optional[str | Path]) -> None:
     src.data_dir = d
     src.report = _read_json(d / "report.json", "report.json")
     src.dataset = _read_json(d / "dataset.json", "dataset.json")
-    src.licenses = _train_licenses(d)
+    src.licenses, src.groups = _train_rows_summary(d)
 
 
 def _gather_eval(src: Sources, eval_dir: Optional[str | Path]) -> None:
@@ -166,11 +181,56 @@ def _gather_privacy(src: Sources, probe: Optional[str | Path]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ formatting
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+_MD_ESCAPE = re.compile(r"[\\`*\[\]{}~#!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_LINE_START = re.compile(r"^([-+=]|\d{1,9}(?=[.)](\s|$)))")
+
+
+def one_line(x: Any) -> str:
+    """A user string on one line: line breaks and control characters become spaces (a newline could end a
+    paragraph, start a heading or a list, or close a code span)."""
+    return _CONTROL.sub(" ", str(x))
+
+
+def md(x: Any) -> str:
+    """Text the card did not write, made inert Markdown: emphasis, links, code, headings, lists and raw HTML are
+    escaped, so it renders as the characters it holds. (`|` is escaped by `table`, where it matters.)"""
+    s = _MD_ESCAPE.sub(lambda m: "\\" + m.group(0), one_line(x))
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _LINE_START.sub(lambda m: m.group(0) + "\\" if m.group(1)[0].isdigit() else "\\" + m.group(0), s, count=1)
+
+
+def code(x: Any) -> str:
+    """`x` as an inline code span that its content cannot close (the fence is longer than any backtick run in
+    it); HTML inside a code span is shown, never rendered."""
+    s = one_line(x)
+    if not s.strip():
+        return "(empty)" if not s else "`" + s + "`"
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s[0] in "` " or s[-1] in "` " else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def fenced(body: str, info: str = "") -> str:
+    """A fenced code block that no line of `body` can close."""
+    fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", body)), default=0) + 1)
+    return f"{fence}{info}\n{body.rstrip(chr(10))}\n{fence}"
+
+
+def _pct_raw(v: Any, digits: int) -> str:
+    if v is None:
+        return "n/a"
+    try:
+        return f"{100 * float(v):.{digits}f}%"
+    except (TypeError, ValueError):
+        return str(v)
+
+
 def pct(v: Any, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.{digits}f}%"
+    return md(_pct_raw(v, digits))
 
 
-def num(v: Any, digits: int = 2) -> str:
+def _num_raw(v: Any, digits: int = 2) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, bool):
@@ -182,9 +242,15 @@ def num(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def num(v: Any, digits: int = 2) -> str:
+    return md(_num_raw(v, digits))
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GFM table; cells are already Markdown (escape user text with md()/code() first): `|` is escaped here,
+    inside code spans too, as GFM requires."""
     def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
+        return one_line(x).replace("|", "\\|")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
@@ -199,15 +265,19 @@ def base_ids(src: Sources) -> tuple[str, str]:
 
 
 def tasks_and_labels(src: Sources) -> dict[str, list[str]]:
-    """Task -> labels (from the dataset report's group counts `task/label` or `task`)."""
-    groups = ((src.report or {}).get("balance") or {}).get("train_final") or {}
+    """Task -> labels, from the `task` and `label` fields of the training rows (most rows first). Group names
+    in the report join the two with "/", which a task or label may itself contain: they are never split."""
+    totals: Counter = Counter()
+    for (task, _), n in src.groups.items():
+        totals[task] += n
     out: dict[str, list[str]] = {}
-    for g in groups:
-        task, _, label = str(g).partition("/")
-        out.setdefault(task, [])
-        if label:
-            out[task].append(label)
+    for task, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])):
+        labels = [(label, n) for (t, label), n in src.groups.items() if t == task and label is not None]
+        out[task] = [label for label, _ in sorted(labels, key=lambda kv: (-kv[1], kv[0]))]
     return out
+
+
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 # ------------------------------------------------------------------------------------------------ front matter
@@ -238,7 +308,7 @@ def front_matter(src: Sources, license: Optional[str]) -> dict:
     hub, _ = base_ids(src)
     tags = ["gemtune", "lora", "peft", "text-generation"]
     for t in tasks_and_labels(src):
-        if t not in tags:
+        if TAG_RE.fullmatch(t) and t not in tags:  # a Hub tag is a plain word: other task names stay in the body
             tags.append(t)
     meta: dict[str, Any] = {
         "base_model": hub,
@@ -271,7 +341,7 @@ def parse_front_matter(text: str) -> dict:
 # ------------------------------------------------------------------------------------------------ sections
 def section_intro(src: Sources) -> str:
     _, base = base_ids(src)
-    data = f" on the `{src.data_dir.name}` dataset" if src.data_dir else ""
+    data = f" on the {code(src.data_dir.name)} dataset" if src.data_dir else ""
     status = []
     ev = src.eval
     if ev and ev.get("shippable") is not None:
@@ -283,7 +353,7 @@ def section_intro(src: Sources) -> str:
         status.append("passed its privacy probe" if pv["passed"] else "FAILED its privacy probe")
     else:
         status.append(f"privacy probe {NOT_RUN}")
-    return (f"# {src.name}\n\n`{src.name}` is a LoRA adapter for `{base}`, trained with gemtune{data}. "
+    return (f"# {md(src.name)}\n\n{code(src.name)} is a LoRA adapter for {code(base)}, trained with gemtune{data}. "
             f"Release status: {'; '.join(status)}.\n")
 
 
@@ -301,23 +371,24 @@ def section_details(src: Sources, license: Optional[str]) -> str:
     hub, base = base_ids(src)
     side = src.sidecar
     lo = _lora(src)
-    base_line = f"`{base}`" + (f" (Hugging Face: `{hub}`)" if hub != base else "")
+    base_line = code(base) + (f" (Hugging Face: {code(hub)})" if hub != base else "")
     if base == "gemma-3-270m":
         base_line += ", provisioned from the Q4_K_M GGUF and de-quantised to fp32"
     trainable = side.get("trainable_params")
-    lic = ", ".join(f"{k} ({n} rows)" for k, n in src.licenses.most_common()) or NOT_RECORDED
+    lic = ", ".join(f"{md(k)} ({num(n)} rows)" for k, n in src.licenses.most_common()) or NOT_RECORDED
     rows = [
         ("Model type", f"LoRA adapter (PEFT, plain LoRA, bias none, no modules_to_save): rank {num(lo['r'])}, "
-                       f"alpha {num(lo['alpha'])}, dropout {num(lo['dropout'])}, on {lo['targets'] or NOT_RECORDED}"),
+                       f"alpha {num(lo['alpha'])}, dropout {num(lo['dropout'])}, on "
+                       f"{md(lo['targets']) if lo['targets'] else NOT_RECORDED}"),
         ("Finetuned from", base_line),
-        ("Base revision (sha256)", side.get("base_revision_sha256") or NOT_RECORDED),
-        ("Preset", side.get("preset") or NOT_RECORDED),
-        ("Trainable parameters", f"{trainable:,} of {side.get('total_params', 0):,} ({side.get('trainable_pct')}%)"
-                                 if isinstance(trainable, int) else NOT_RECORDED),
+        ("Base revision (sha256)", md(side.get("base_revision_sha256") or NOT_RECORDED)),
+        ("Preset", md(side.get("preset") or NOT_RECORDED)),
+        ("Trainable parameters", f"{num(trainable)} of {num(side.get('total_params', 0))} "
+                                 f"({md(side.get('trainable_pct'))}%)" if isinstance(trainable, int) else NOT_RECORDED),
         ("Adapter weights (sha256)", src.weights_sha256 or NOT_RECORDED),
-        ("License", f"{license or 'gemma'} (the Gemma Terms of Use apply to the base and to derivatives)"),
+        ("License", f"{md(license or 'gemma')} (the Gemma Terms of Use apply to the base and to derivatives)"),
         ("Training data licenses", lic),
-        ("Built with", f"gemtune, PEFT {src.adapter_config.get('peft_version') or NOT_RECORDED}"),
+        ("Built with", f"gemtune, PEFT {md(src.adapter_config.get('peft_version') or NOT_RECORDED)}"),
     ]
     return "## Model details\n\n### Model description\n\n" + "\n".join(f"- **{k}:** {v}" for k, v in rows) + "\n"
 
@@ -329,18 +400,19 @@ def section_uses(src: Sources) -> str:
         lines = []
         for t, labels in tasks.items():
             if labels:
-                shown = ", ".join(f"`{x}`" for x in labels[:20]) + (" …" if len(labels) > 20 else "")
-                lines.append(f"- `{t}`: answers with one of {len(labels)} labels seen in training: {shown}.")
+                shown = ", ".join(code(x) for x in labels[:20]) + (" …" if len(labels) > 20 else "")
+                lines.append(f"- {code(t)}: answers with one of {len(labels)} labels seen in training: {shown}.")
             else:
-                lines.append(f"- `{t}`: the task of the training rows tagged `{t}`.")
+                lines.append(f"- {code(t)}: the task of the training rows tagged {code(t)}.")
         direct = ("The tasks it was trained on, with prompts in the training format (the base's chat template and "
                   "the same instructions):\n\n" + "\n".join(lines))
     else:
-        direct = f"The tasks it was trained on are {NOT_RECORDED} (no dataset report was available to this card)."
+        direct = (f"The tasks it was trained on are {NOT_RECORDED} (no training rows (train.jsonl) were available "
+                  "to this card).")
     out = [
         "- Tasks, labels, languages or domains absent from the training data: outputs there were never evaluated.",
         "- Decisions with legal or similarly significant effects on people without human review.",
-        f"- Any base other than `{base}`: LoRA weights only mean something on the exact base they were trained on.",
+        f"- Any base other than {code(base)}: LoRA weights only mean something on the exact base they were trained on.",
         "- Storing or looking up personal data: the model is not a database (see Privacy).",
     ]
     return ("## Uses\n\n### Direct use\n\n" + direct + "\n\n### Out-of-scope use\n\n" + "\n".join(out) + "\n")
@@ -351,25 +423,27 @@ def section_risks(src: Sources) -> str:
     items = []
     counts = (src.report or {}).get("counts") or (src.dataset or {}).get("counts")
     if counts:
-        files = ", ".join(Path(str(f.get("file"))).name for f in (src.report or src.dataset or {}).get("inputs", [])
+        files = ", ".join(md(Path(str(f.get("file"))).name) for f in (src.report or src.dataset or {}).get("inputs", [])
                           if isinstance(f, dict)) or NOT_RECORDED
         items.append(f"Trained on {num(counts.get('train'))} examples ({num(counts.get('generic_added'))} of them "
                      f"generic instructions) from {files}: it inherits their coverage, wording and biases.")
         groups = (((src.report or {}).get("balance") or {}).get("train_final") or {})
         if len(groups) > 1:
             vals = list(groups.values())
-            items.append(f"Training groups are uneven: the largest has {max(vals)} examples, the smallest {min(vals)}; "
+            vals = [v for v in vals if isinstance(v, (int, float))] or [0]
+            items.append(f"Training groups are uneven: the largest has {num(max(vals))} examples, the smallest "
+                         f"{num(min(vals))}; "
                          "expect weaker answers on rare groups.")
     else:
         items.append(f"The training data's composition is {NOT_RECORDED} (no dataset report available).")
     cmp = (src.eval or {}).get("compare") or {}
     ci = cmp.get("delta_ci") or {}
     if cmp:
-        items.append(f"The evaluation has {cmp.get('n')} frozen cases; the 95% interval of the accuracy change is "
+        items.append(f"The evaluation has {num(cmp.get('n'))} frozen cases; the 95% interval of the accuracy change is "
                      f"[{pct(ci.get('low'))}, {pct(ci.get('high'))}]: smaller differences are noise.")
-    items.append(f"`{base}` is the base: outside the training distribution it can produce fluent but wrong answers.")
+    items.append(f"{code(base)} is the base: outside the training distribution it can produce fluent but wrong answers.")
     for w in ((src.report or {}).get("warnings") or [])[:5]:
-        items.append(f"Dataset build warning: {w}")
+        items.append(f"Dataset build warning: {md(w)}")
     recs = ["Re-run `gemtune eval` and `gemtune probe` for every new version and keep the eval set frozen.",
             "Route a share of traffic to a new version first (`gemtune registry split`) and watch its regressions.",
             "Keep personal data out of prompts where the task allows it; outputs are not scrubbed at serving time."]
@@ -379,12 +453,12 @@ def section_risks(src: Sources) -> str:
 
 def _data_section(src: Sources) -> str:
     if src.report is None and src.dataset is None:
-        where = f" `{src.data_dir}`" if src.data_dir else ""
+        where = f" {code(src.data_dir)}" if src.data_dir else ""
         return f"### Training data\n\nDataset report: {NOT_RECORDED} (dataset directory{where} unavailable to this card).\n"
     rep = src.report or {}
     counts = rep.get("counts") or (src.dataset or {}).get("counts") or {}
-    parts = [f"### Training data\n\nDataset `{src.data_dir}`"
-             + (f", built by `gemtune data build` on {rep['created_at']}" if rep.get("created_at") else "")
+    parts = [f"### Training data\n\nDataset {code(src.data_dir)}"
+             + (f", built by `gemtune data build` on {md(rep['created_at'])}" if rep.get("created_at") else "")
              + ("." if src.report else f" (its report.json is {NOT_RECORDED}).")]
     labels = [("input_rows", "input rows"), ("quarantined", "quarantined (malformed or unusable)"),
               ("exact_duplicates", "exact duplicates removed"), ("near_duplicates", "near duplicates removed"),
@@ -395,25 +469,25 @@ def _data_section(src: Sources) -> str:
     parts.append(table(["stage", "rows"], shown) if shown else f"Row counts: {NOT_RECORDED}.")
     pii = rep.get("pii")
     if isinstance(pii, dict):
-        rows = [[t, num(n)] for t, n in pii.items()]
-        parts.append(f"PII redacted before training (engine `{rep.get('pii_engine', 'builtin')}`), values per type:\n\n"
+        rows = [[md(t), num(n)] for t, n in pii.items()]
+        parts.append(f"PII redacted before training (engine {code(rep.get('pii_engine', 'builtin'))}), values per type:\n\n"
                      + table(["type", "values"], rows))
     else:
         parts.append(f"PII counts: {NOT_RECORDED}.")
     dd = rep.get("dedup") or {}
     if dd.get("definition"):
-        parts.append(f"Near duplicates: {dd['definition']}.")
+        parts.append(f"Near duplicates: {md(dd['definition'])}.")
     lock = (src.dataset or {}).get("eval_lock_sha256") or rep.get("eval_lock_sha256")
     trained = (src.sidecar.get("dataset") or {}).get("eval_lock_sha256") if isinstance(src.sidecar.get("dataset"), dict) else None
-    line = f"Frozen eval lock (`eval.lock.json`) sha256: `{lock or NOT_RECORDED}`."
+    line = f"Frozen eval lock (`eval.lock.json`) sha256: {code(lock or NOT_RECORDED)}."
     if lock and trained and lock != trained:
-        line += f" **The adapter was trained against lock `{trained}`: the dataset directory changed since training.**"
+        line += f" **The adapter was trained against lock {code(trained)}: the dataset directory changed since training.**"
     parts.append(line)
     inputs = rep.get("inputs") or (src.dataset or {}).get("inputs") or []
     if inputs:
         parts.append("Input files:\n\n" + table(["file", "rows", "quarantined", "sha256"],
-                                                [[f.get("file"), num(f.get("rows")), num(f.get("quarantined")),
-                                                  str(f.get("sha256", ""))[:16]] for f in inputs if isinstance(f, dict)]))
+                                                [[md(f.get("file")), num(f.get("rows")), num(f.get("quarantined")),
+                                                  md(str(f.get("sha256", ""))[:16])] for f in inputs if isinstance(f, dict)]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -441,12 +515,13 @@ def _procedure_section(src: Sources) -> str:
         ["max length (tokens)", cfg.get("max_len")], ["dtype", cfg.get("dtype")],
         ["quantisation", cfg.get("quant") or ("none" if cfg else None)], ["packing", cfg.get("packing")],
         ["seed", cfg.get("seed")],
-        ["trainable parameters", f"{side['trainable_params']:,} ({side.get('trainable_pct')}%)"
+        ["trainable parameters", f"{_num_raw(side['trainable_params'])} ({side.get('trainable_pct')}%)"
                                  if isinstance(side.get("trainable_params"), int) else None],
-        ["final train loss", num(side.get("final_train_loss"), 4) if side.get("final_train_loss") is not None else None],
-        ["final eval loss", num(side.get("final_eval_loss"), 4) if side.get("final_eval_loss") is not None else None],
+        ["final train loss", _num_raw(side.get("final_train_loss"), 4) if side.get("final_train_loss") is not None
+         else None],
+        ["final eval loss", _num_raw(side.get("final_eval_loss"), 4) if side.get("final_eval_loss") is not None else None],
     ]
-    return "### Training procedure\n\n" + table(["setting", "value"], [[k, NOT_RECORDED if v is None else v]
+    return "### Training procedure\n\n" + table(["setting", "value"], [[k, NOT_RECORDED if v is None else md(v)]
                                                                      for k, v in rows]) + "\n"
 
 
@@ -461,11 +536,12 @@ def section_evaluation(src: Sources) -> str:
                 "directory given). Run `gemtune eval --adapter … --suite DATA/eval.jsonl --out DIR`.\n")
     cmp = ev.get("compare") or {}
     suite = (src.eval_meta or {}).get("suite") or {}
-    testing = [f"Source: {src.eval_source}."]
+    testing = [f"Source: {md(src.eval_source)}."]
     if suite:
-        testing.append(f"Suite `{suite.get('path')}`: {suite.get('n')} cases, sha256 `{str(suite.get('sha256'))[:16]}`.")
+        testing.append(f"Suite {code(suite.get('path'))}: {num(suite.get('n'))} cases, sha256 "
+                       f"{code(str(suite.get('sha256'))[:16])}.")
     else:
-        testing.append(f"{ev.get('n')} cases of the frozen eval set.")
+        testing.append(f"{num(ev.get('n'))} cases of the frozen eval set.")
     if not cmp:
         return ("## Evaluation\n\n### Testing data\n\n" + " ".join(testing) + "\n\n### Results\n\n"
                 + table(["metric", "adapter"], [["accuracy", pct(ev.get("accuracy"))]])
@@ -480,16 +556,16 @@ def section_evaluation(src: Sources) -> str:
         ["accuracy change", f"{'+' if (acc.get('delta') or 0) >= 0 else ''}{pct(acc.get('delta'))} "
                             f"(95% CI {pct(ci.get('low'))} to {pct(ci.get('high'))})", ""],
         ["win-rate (ties count half)", num(cmp.get("win_rate"), 3), ""],
-        ["wins / losses / ties", f"{cmp.get('wins')} / {cmp.get('losses')} / {cmp.get('ties')}", ""],
+        ["wins / losses / ties", f"{num(cmp.get('wins'))} / {num(cmp.get('losses'))} / {num(cmp.get('ties'))}", ""],
         ["regressions (baseline right, adapter wrong)", f"{len(cmp.get('regressions') or [])} "
                                                         f"({pct(cmp.get('regression_rate'))})", ""],
         ["McNemar exact p", num(p, 4) if isinstance(p, float) else num(p), ""],
         ["regression gate", f"{status} (limit {pct(gate.get('threshold'))} of cases)", ""],
     ]
     out = ("## Evaluation\n\n### Testing data\n\n" + " ".join(testing) + "\n\n### Results\n\n"
-           + table(["metric", "adapter", f"baseline ({cmp.get('baseline', 'base')})"], rows))
+           + table(["metric", "adapter", f"baseline ({md(cmp.get('baseline', 'base'))})"], rows))
     if ev.get("line"):
-        out += f"\n\n`{ev['line']}`"
+        out += f"\n\n{code(ev['line'])}"
     return out + "\n"
 
 
@@ -539,32 +615,33 @@ def residual_risk(src: Sources) -> str:
     rep = src.report or {}
     pii_counts = {k: v for k, v in (rep.get("pii") or {}).items() if v}
     if pii_counts:
-        said.append("Before training, " + ", ".join(f"{v} {k}" for k, v in pii_counts.items())
+        said.append("Before training, " + ", ".join(f"{num(v)} {md(k)}" for k, v in pii_counts.items())
                     + " value(s) were redacted from the data, and "
                     f"{num((rep.get('counts') or {}).get('exact_duplicates'))} exact and "
                     f"{num((rep.get('counts') or {}).get('near_duplicates'))} near duplicates removed.")
     if n["ext_status"] == "run":
         a, b = n["ext"]["adapter"], n["ext"]["base"]
-        said.append(f"Of {n['sampled']} sampled training examples, the adapter reproduced {pct(a.get('extraction_rate'))} "
+        said.append(f"Of {num(n['sampled'])} sampled training examples, the adapter reproduced {pct(a.get('extraction_rate'))} "
                     f"exactly or nearly ({pct(a.get('exact_rate'))} exactly); the base alone reproduced "
                     f"{pct(b.get('extraction_rate'))}.")
     else:
         said.append("The extraction probe did not run (no training answer was long enough to carry a memorised string).")
     if n["can_status"] == "run":
         a, b = n["can"]["adapter"], n["can"]["base"]
-        s = (f"The most exposed of {n['count']} planted canaries reached {num(a.get('max_exposure'))} bits of a possible "
+        s = (f"The most exposed of {num(n['count'])} planted canaries reached {num(a.get('max_exposure'))} bits of a possible "
              f"{num(n['max_possible'])} (mean {num(a.get('mean_exposure'))}; base {num(b.get('mean_exposure'))}; "
              "a secret the model never learned averages about 1.4 bits).")
         if a.get("rank1"):
-            s += (f" {a['rank1']} canary secret(s) ranked first among {n['candidates']} candidates: the adapter has "
+            s += (f" {num(a['rank1'])} canary secret(s) ranked first among {num(n['candidates'])} candidates: the adapter has "
                   "memorised rare strings it saw in training, so other rare strings in that data may be extractable too.")
         said.append(s)
     else:
         said.append("No canaries were planted, so memorisation of rare strings was not measured directly.")
     if n["pii_status"] == "run":
         a, b = n["pii"]["adapter"], n["pii"]["base"]
-        said.append(f"In {n['pii_samples']} sampled generations the adapter wrote {a.get('hits')} PII-shaped value(s) "
-                    f"(base: {b.get('hits') if b else NOT_RUN}); {a.get('leaks')} matched a value from the training "
+        said.append(f"In {num(n['pii_samples'])} sampled generations the adapter wrote {num(a.get('hits'))} PII-shaped "
+                    f"value(s) (base: {num(b.get('hits')) if b else NOT_RUN}); {num(a.get('leaks'))} matched a value "
+                    "from the training "
                     "data.")
     else:
         said.append("PII regurgitation was not probed.")
@@ -589,7 +666,7 @@ def section_privacy(src: Sources) -> str:
     if n["ext_status"] == "run":
         a, b = n["ext"]["adapter"], n["ext"]["base"]
         rows.append(["training examples reproduced exactly", pct(a.get("exact_rate")), pct(b.get("exact_rate")), "", ""])
-        rows.append([f"... exactly or nearly (edit similarity >= {n['near']})", pct(a.get("extraction_rate")),
+        rows.append([f"... exactly or nearly (edit similarity >= {md(n['near'])})", pct(a.get("extraction_rate")),
                      pct(b.get("extraction_rate")), _limit(src, "extraction rate", "share"),
                      _check_status(src, "extraction rate")])
     else:
@@ -618,10 +695,10 @@ def section_privacy(src: Sources) -> str:
     probed = pv.get("adapter_sha256")
     mismatch = ""
     if probed and src.weights_sha256 and probed != src.weights_sha256:
-        mismatch = (f"\n\n**These probe results were measured on other adapter weights (sha256 `{probed}`), not on "
-                    f"this adapter's (`{src.weights_sha256}`): re-run `gemtune probe` on this adapter.**")
-    head = (f"Probe report: `{src.privacy_source}`" + (f", {pv.get('created_at')}" if pv.get("created_at") else "")
-            + f". Extraction: {n['sampled']} sampled training examples, {n['probes']} greedy probes "
+        mismatch = (f"\n\n**These probe results were measured on other adapter weights (sha256 {code(probed)}), not "
+                    f"on this adapter's ({code(src.weights_sha256)}): re-run `gemtune probe` on this adapter.**")
+    head = (f"Probe report: {code(src.privacy_source)}" + (f", {md(pv.get('created_at'))}" if pv.get("created_at") else "")
+            + f". Extraction: {num(n['sampled'])} sampled training examples, {num(n['probes'])} greedy probes "
             "(k-extractable, Carlini et al. 2023). Canaries: exposure = log2 R - log2 rank of the true secret among "
             f"R = {num(n['candidates'])} candidates (Carlini et al. 2019). PII: seeded temperature sampling from "
             "training prompts, scanned with the data stage's detector.")
@@ -633,14 +710,16 @@ def section_environment(src: Sources) -> str:
     side = src.sidecar
     hw = side.get("hardware") or (src.run or {}).get("hardware")
     if isinstance(hw, dict):
-        hw = ", ".join(f"{k}: {v}" for k, v in hw.items())
+        hw = ", ".join(f"{md(k)}: {md(v)}" for k, v in hw.items())
+    elif hw:
+        hw = md(hw)
     rows = [f"- **Hardware:** {hw or NOT_RECORDED}"]
     if (src.run or {}).get("processes"):
-        rows.append(f"- **Training processes:** {src.run['processes']}")
+        rows.append(f"- **Training processes:** {num(src.run['processes'])}")
     if src.metrics:
         last = src.metrics[-1]
         t = last.get("time")
-        rows.append(f"- **Training time:** {num(t, 1)} s for {last.get('step')} steps"
+        rows.append(f"- **Training time:** {num(t, 1)} s for {num(last.get('step'))} steps"
                     + (f" ({num(last.get('tokens_per_s'), 0)} tokens/s at the end)" if last.get("tokens_per_s") else ""))
     else:
         rows.append(f"- **Training time:** {NOT_RECORDED}")
@@ -656,36 +735,26 @@ def section_serving(src: Sources) -> str:
     lo = _lora(src)
     adapter = str(src.adapter.resolve())
     base_arg = side_path if (side_path := src.sidecar.get("base_path")) else hub
-    name = registry_name(src.name)
-    return f"""## How to serve
-
-With gemtune (OpenAI-compatible server; the registry verifies sha256 on every load):
-
-```bash
-gemtune registry --root registry push {name} {adapter}
-gemtune registry --root registry promote {name} v1 --alias prod
-gemtune serve --registry registry --base {base}
-curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "..."}}]}}'
-```
-
-With vLLM (the adapter is plain LoRA, rank {lo['r']}, so it loads unchanged):
-
-```bash
-vllm serve {base_arg} --enable-lora --max-lora-rank {lo['r']} --lora-modules {name}={adapter}
-```
-
-With PEFT (use bfloat16 or float32 with Gemma, never float16):
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained("{base_arg}", dtype="float32")
-model = PeftModel.from_pretrained(base, "{adapter}")
-tokenizer = AutoTokenizer.from_pretrained("{base_arg}")
-```
-"""
+    name = registry_name(src.name)  # [a-z0-9._-] only: safe in a shell line and in JSON
+    q = shlex.quote
+    gemtune_sh = (f"gemtune registry --root registry push {name} {q(adapter)}\n"
+                  f"gemtune registry --root registry promote {name} v1 --alias prod\n"
+                  f"gemtune serve --registry registry --base {q(str(base))}\n"
+                  "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                  f"""  -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "..."}}]}}'""")
+    vllm_sh = (f"vllm serve {q(str(base_arg))} --enable-lora --max-lora-rank {q(str(lo['r']))} "
+               f"--lora-modules {q(f'{name}={adapter}')}")
+    py = ("from peft import PeftModel\n"
+          "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+          f"base = AutoModelForCausalLM.from_pretrained({json.dumps(str(base_arg))}, dtype=\"float32\")\n"
+          f"model = PeftModel.from_pretrained(base, {json.dumps(adapter)})\n"
+          f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(base_arg))})")
+    return ("## How to serve\n\nWith gemtune (OpenAI-compatible server; the registry verifies sha256 on every load):"
+            f"\n\n{fenced(gemtune_sh, 'bash')}\n\n"
+            f"With vLLM (the adapter is plain LoRA, rank {num(lo['r'])}, so it loads unchanged):\n\n"
+            f"{fenced(vllm_sh, 'bash')}\n\n"
+            "With PEFT (use bfloat16 or float32 with Gemma, never float16):\n\n"
+            f"{fenced(py, 'python')}\n")
 
 
 def registry_name(name: str) -> str:

@@ -4,6 +4,7 @@ came from; the YAML front matter is parsed back; missing stages say "not run".""
 
 import json
 import random
+import re
 
 import pytest
 
@@ -168,6 +169,61 @@ def test_bare_adapter_card_says_not_run_and_invents_nothing(tiny_gemma3, tmp_pat
     assert "memorised is unmeasured" in card
     assert "- **Preset:** not recorded" in card and "- **Hardware:** not recorded" in card
     assert "rank 8, alpha 16" in card and "q_proj, v_proj" in card
+
+
+HOSTILE_LABELS = ["billing/refunds", "a`b", "x|y", "x`<script>alert(1)</script>", "line1\n\n# Injected heading",
+                  "**bold** [link](http://evil.example)", "``", " <img src=x onerror=alert(2)> "]
+
+
+def test_card_escapes_hostile_labels_and_never_splits_on_slash(tmp_path):
+    """Labels, tasks, names and report strings are user data: they render as the characters they hold, never as
+    Markdown or HTML, and task/label structure comes from the rows' fields, not from splitting on "/"."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from gemtune.card import one_line
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": f"r{i}", "task": "support/es", "label": lab, "messages": []} for i, lab in enumerate(HOSTILE_LABELS)]
+    rows.append({"id": "g", "task": "plain", "messages": []})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "report.json").write_text(json.dumps({
+        "balance": {"train_final": {f"support/es/{lab}": 1 for lab in HOSTILE_LABELS}},
+        "counts": {"train": len(rows)}, "pii": {"EMAIL|<b>x</b>": 1},
+        "warnings": ["<script>alert(3)</script> | *x*\n\n## Injected warning"],
+        "inputs": [{"file": "in|put<script>.jsonl", "rows": 3, "quarantined": 0, "sha256": "ab" * 32}]}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (adapter / "gemtune.json").write_text(json.dumps({
+        "base_model": "evil`base|<script>alert(4)</script>", "dataset": {"dir": str(data)},
+        "preset": "*p* | <b>x</b>", "hardware": {"device": "cpu", "cpu": "<img src=x onerror=alert(5)>"}}))
+    card = build_card(adapter, name="my`card <script>alert(6)</script>\n# Injected")
+    page = MarkdownIt("commonmark", {"html": True}).enable("table").render(card.split("\n---\n", 1)[1])
+    assert "<script" not in page and "<img" not in page and "<b>" not in page  # no raw HTML gets through
+    assert "Injected" not in "".join(re.findall(r"<h[1-6]>.*?</h[1-6]>", page)[1:])  # only the title heading
+    assert "<strong>bold</strong>" not in page and 'href="http://evil.example"' not in page
+    # structure from the fields: one task "support/es" with every label, each shown whole in its own code span
+    m = re.search(r"<li><code>support/es</code>: answers with one of (\d+) labels seen in training: (.*?)\.</li>",
+                  page)
+    assert m and int(m.group(1)) == len(HOSTILE_LABELS)
+    codes = re.findall(r"<code>(.*?)</code>", m.group(2))
+    want = [html.escape(one_line(lab), quote=False).replace('"', "&quot;").strip() for lab in HOSTILE_LABELS]
+    assert sorted(c.strip() for c in codes) == sorted(want)
+    assert "<li><code>plain</code>: the task of the training rows tagged <code>plain</code>.</li>" in page
+    assert "<code>support</code>" not in page and "<code>es/billing/refunds</code>" not in page
+    # table cells keep a "|" inside one cell
+    assert "<td>EMAIL|&lt;b&gt;x&lt;/b&gt;</td>" in page and "<td>in|put&lt;script&gt;.jsonl</td>" in page
+    for table in re.findall(r"<table>.*?</table>", page, re.S):
+        widths = {len(re.findall(r"<t[hd]>", row)) for row in re.findall(r"<tr>.*?</tr>", table, re.S)}
+        assert len(widths) == 1, table
+    # the front matter still parses; only plain words become Hub tags
+    meta = parse_front_matter(card)
+    assert meta["tags"] == ["gemtune", "lora", "peft", "text-generation", "plain"]
+    assert meta["base_model"] == "evil`base|<script>alert(4)</script>"
 
 
 @pytest.fixture
