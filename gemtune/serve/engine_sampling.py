@@ -25,13 +25,32 @@ SCREEN_CHUNK = 256  # vocabulary tokens per screened chunk
 SCREEN_MAX_CANDIDATES = 4096  # per row; beyond it the full fp32 head is cheaper
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): 1/T would only amplify rounding
+
+
+def is_sampled(req) -> bool:
+    """Whether a request samples; a temperature in [0, SAMPLING_EPS) is greedy."""
+    return req.temperature >= SAMPLING_EPS
+
+
 def needs_generator(req) -> bool:
-    return req.temperature > 0
+    return is_sampled(req)
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Sample one token from a [V] logits row: softmax(logits / T), restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    """Sample one token from a [V] logits row: softmax(logits / T), restricted to the top-p nucleus.
+
+    Finite for every finite row and every T > 0: the row is shifted so its maximum is exactly 0 before dividing
+    by T, in float64 (any finite float32 difference over any positive double T is finite or -inf, and the max stays
+    0), so the softmax's denominator is at least 1. A non-finite row raises ValueError (its caller fails that row).
+    """
+    x = logits.double()
+    top = x.max()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the logits hold inf/NaN")
+    probs = torch.softmax((x - top) / float(temperature), dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:  # cannot happen; never hand it on
+        raise ValueError(f"temperature {temperature!r} gives no valid distribution")
     if top_p >= 1.0:
         return int(torch.multinomial(probs, 1, generator=gen))
     k = min(1024, probs.numel())
@@ -123,15 +142,27 @@ class ScreenedHead:
         return out
 
 
-def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> list[int]:
-    """Next token for each row of `hidden` (final-normed states of the rows that need one)."""
+def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> tuple[list[int | None], dict[int, tuple[str, str]]]:
+    """Next token for each row of `hidden` (final-normed states of the rows that need one).
+
+    Returns (tokens, errors): a row whose token cannot be chosen — its activations are inf/NaN, its sampling
+    raised, or the head gave an id outside the vocabulary — gets token None and (reason, message) in `errors[i]`
+    (reason "numerics", "sampling" or "engine", as RequestFailed.reason); the
+    other rows' tokens are exactly what they would be without it (greedy rows are computed on their own states).
+    """
     if not seqs:
-        return []
-    sampled = [i for i, s in enumerate(seqs) if s.req.temperature > 0]
-    greedy = [i for i, s in enumerate(seqs) if s.req.temperature <= 0]
-    tokens = [0] * len(seqs)
+        return [], {}
+    errors: dict[int, tuple[str, str]] = {}
+    finite = torch.isfinite(hidden).all(dim=-1).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            errors[i] = ("numerics", "the model's activations became inf/NaN for this request")
+    live = [i for i in range(len(seqs)) if i not in errors]
+    sampled = [i for i in live if is_sampled(seqs[i].req)]
+    greedy = [i for i in live if not is_sampled(seqs[i].req)]
+    tokens: list[int | None] = [None] * len(seqs)
     if greedy:
-        hg = hidden if not sampled else hidden[greedy]
+        hg = hidden if len(greedy) == len(seqs) else hidden[greedy]
         head = runner.screened_head
         ids = head.argmax(hg) if head is not None else runner.logits(hg).argmax(-1)
         for i, t in zip(greedy, ids.tolist()):
@@ -140,5 +171,14 @@ def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> list[int]:
         logits = runner.logits(hidden[sampled])
         for row, i in enumerate(sampled):
             s = seqs[i]
-            tokens[i] = sample_row(logits[row], s.req.temperature, s.req.top_p, s.gen)
-    return tokens
+            try:
+                tokens[i] = sample_row(logits[row], s.req.temperature, s.req.top_p, s.gen)
+            except Exception as e:  # this row only: the batch goes on
+                errors[i] = ("sampling", f"sampling failed: {type(e).__name__}: {e}")
+    vocab = runner.lm_head.out_features
+    for i, t in enumerate(tokens):
+        if i not in errors and not (t is not None and 0 <= t < vocab):
+            errors[i] = ("engine", f"the head chose token {t!r}, outside the vocabulary")
+    for i in errors:
+        tokens[i] = None
+    return tokens, errors

@@ -21,6 +21,19 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class RequestFailed(RuntimeError):
+    """This one request failed inside the engine (its sampling or its numbers); other requests are unaffected.
+
+    Raised from a Handle's iteration / `result()`. `reason` is "sampling" (the row's token could not be chosen),
+    "numerics" (its activations became inf/NaN) or "engine" (the shared step itself failed: every running request
+    gets it). A RuntimeError subclass, so callers that caught RuntimeError keep working.
+    """
+
+    def __init__(self, message: str, reason: str = "engine"):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -31,6 +44,7 @@ class GenRequest:
     seed: int | None = None
     stop_ids: list[int] | None = None
     ignore_eos: bool = False
+    tenant: str | None = None  # fair admission: round-robin across tenants; None = one shared bucket
 
 
 @dataclass
@@ -95,6 +109,7 @@ class Handle:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cursor = 0  # async iteration position
         self.finish_reason: str | None = None
+        self.admitted: int | None = None  # the engine's admission counter when this request got a batch row
 
     # -- producer side (scheduler thread)
     def _push(self, ev: TokenEvent) -> None:
@@ -138,7 +153,7 @@ class Handle:
                     self._cursor += 1
                     return self._events[self._cursor - 1]
                 if self._error is not None:
-                    raise RuntimeError(f"generation failed: {self._error}") from self._error
+                    raise self._failure()
                 if self._done:
                     raise StopAsyncIteration
                 loop = asyncio.get_running_loop()
@@ -156,10 +171,17 @@ class Handle:
                     ev = self._events[i]
                     i += 1
                 elif self._error is not None:
-                    raise RuntimeError(f"generation failed: {self._error}") from self._error
+                    raise self._failure()
                 else:
                     return
             yield ev
+
+    def _failure(self) -> RequestFailed:
+        err = self._error
+        reason = err.reason if isinstance(err, RequestFailed) else "engine"
+        out = RequestFailed(f"generation failed: {err}", reason)
+        out.__cause__ = err
+        return out
 
     def result(self, timeout: float | None = None) -> tuple[str, list[int], str]:
         """Block until finished: (text, token_ids, finish_reason)."""
@@ -167,7 +189,7 @@ class Handle:
             if not self._cond.wait_for(lambda: self._done, timeout):
                 raise TimeoutError("generation did not finish in time")
             if self._error is not None:
-                raise RuntimeError(f"generation failed: {self._error}") from self._error
+                raise self._failure()
             text = "".join(e.text for e in self._events)
             ids = [e.token_id for e in self._events if e.token_id is not None]
             return text, ids, self.finish_reason

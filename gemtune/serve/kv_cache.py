@@ -89,6 +89,13 @@ class KVCache:
             self.k[i][dst, :, :n] = self.k[i][src, :, :n]
             self.v[i][dst, :, :n] = self.v[i][src, :, :n]
 
+    def clear_row(self, row: int) -> None:
+        """Zero a whole row: masked attention multiplies stale slots by 0, and 0 * inf/NaN is NaN, so a row whose
+        request ended in inf/NaN must not hand those values to the next sequence that uses it."""
+        for i in self.owners():
+            self.k[i][row].zero_()
+            self.v[i][row].zero_()
+
     def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
         if a == b:
             return

@@ -54,6 +54,7 @@ class LoadedAdapter:
     A: dict[str, torch.Tensor]  # [r, in]
     BT: dict[str, torch.Tensor]  # [r, out], scaling folded in
     config: dict = field(default_factory=dict)
+    sha256: str = ""  # of adapter_config.json + adapter_model.safetensors as read: same path and hash = same adapter
 
     @property
     def modules(self) -> list[str]:
@@ -129,8 +130,10 @@ def _module_of(key: str) -> tuple[str, str] | None:
 def read_adapter(key: str, path: str | Path, modules: dict[str, nn.Module], max_rank: int,
                  dtype: torch.dtype) -> LoadedAdapter:
     """Read and validate a PEFT LoRA directory against the engine's adaptable modules (name -> linear)."""
+    import hashlib
+
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     path = Path(path)
     cfg = read_adapter_config(path)
@@ -140,9 +143,11 @@ def read_adapter(key: str, path: str | Path, modules: dict[str, nn.Module], max_
     if not wfile.is_file():
         raise AdapterError("no adapter_model.safetensors (gemtune serves safetensors adapters only)", file=str(path))
     try:
-        tensors = load_file(str(wfile))
+        data = wfile.read_bytes()
+        tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"cannot read safetensors: {e}", file=str(wfile)) from None
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + b"\0" + data).hexdigest()
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
         parsed = _module_of(k)
@@ -171,12 +176,18 @@ def read_adapter(key: str, path: str | Path, modules: dict[str, nn.Module], max_
                                file=str(wfile))
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} exceeds the engine's max_lora_rank {max_rank}", file=str(wfile), field="r")
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            # packed side by side, one adapter's inf/NaN would reach other adapters' tokens (0 * inf = NaN)
+            raise AdapterError(f"{name}: the LoRA weights hold inf/NaN", file=str(wfile))
         a_cfg = _pattern_value(cfg.get("alpha_pattern"), name, alpha)
         scaling = a_cfg / math.sqrt(r) if cfg.get("use_rslora") else a_cfg / r
         A[name] = a.to(dtype).contiguous()
         BT[name] = (b.to(torch.float32).t() * scaling).to(dtype).contiguous()
         width = max(width, r)
-    return LoadedAdapter(key=key, path=str(path), rank=width, A=A, BT=BT, config=cfg)
+    for name in A:
+        if not (bool(torch.isfinite(A[name]).all()) and bool(torch.isfinite(BT[name]).all())):
+            raise AdapterError(f"{name}: the LoRA weights overflow {dtype} once scaled", file=str(wfile))
+    return LoadedAdapter(key=key, path=str(path), rank=width, A=A, BT=BT, config=cfg, sha256=digest)
 
 
 # ------------------------------------------------------------------------------------------------------- packs
