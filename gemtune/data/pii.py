@@ -426,21 +426,53 @@ def find_names(text: str) -> list[PiiMatch]:
 
 
 # ---------------------------------------------------------------------------------------------------- engines
-class PresidioNER:
-    """Names and locations through Presidio's AnalyzerEngine (spaCy model required by Presidio)."""
+# spaCy English pipelines Presidio can use, best first; any other installed "en_core_web*" package comes after.
+SPACY_MODELS = ("en_core_web_lg", "en_core_web_md", "en_core_web_trf", "en_core_web_sm")
 
-    def __init__(self, language: str = "en"):
+
+def installed_spacy_model(preferred: Optional[str] = None) -> Optional[str]:
+    """The spaCy English pipeline to hand Presidio: `preferred` when installed, else the best installed one."""
+    import spacy.util
+
+    installed = set(spacy.util.get_installed_models())
+    if preferred:
+        return preferred if preferred in installed or spacy.util.is_package(preferred) else None
+    ranked = [m for m in SPACY_MODELS if m in installed]
+    ranked += sorted(m for m in installed if m.startswith("en_core_web") and m not in SPACY_MODELS)
+    return ranked[0] if ranked else None
+
+
+class PresidioNER:
+    """Names and locations through Presidio's AnalyzerEngine on an installed spaCy English pipeline.
+
+    Presidio's own default downloads `en_core_web_lg` at first use; gemtune never downloads: it uses the best
+    installed pipeline (or $GEMTUNE_SPACY_MODEL) and says what to install when there is none.
+    """
+
+    def __init__(self, language: str = "en", model: Optional[str] = None):
+        import os
+
         try:
             from presidio_analyzer import AnalyzerEngine
+            from presidio_analyzer.nlp_engine import NlpEngineProvider
         except ImportError:
             raise UserError(
                 "--pii-engine presidio needs Presidio: pip install 'gemtune[presidio]' and a spaCy model "
                 "(python -m spacy download en_core_web_lg)", field="pii_engine") from None
+        want = model or os.environ.get("GEMTUNE_SPACY_MODEL") or None
+        name = installed_spacy_model(want)
+        if name is None:
+            raise UserError(
+                (f"spaCy pipeline {want!r} is not installed" if want else "no spaCy English pipeline is installed")
+                + " for --pii-engine presidio: python -m spacy download en_core_web_lg (or pip install the "
+                "pipeline package; GEMTUNE_SPACY_MODEL picks one)", field="pii_engine")
         try:
-            self.engine = AnalyzerEngine()
-        except Exception as e:  # missing spaCy model and similar setup problems
-            raise UserError(f"Presidio could not start: {e}", field="pii_engine") from None
-        self.language = language
+            nlp = NlpEngineProvider(nlp_configuration={
+                "nlp_engine_name": "spacy", "models": [{"lang_code": language, "model_name": name}]}).create_engine()
+            self.engine = AnalyzerEngine(nlp_engine=nlp, supported_languages=[language])
+        except Exception as e:  # a broken pipeline package and similar setup problems
+            raise UserError(f"Presidio could not start with spaCy pipeline {name!r}: {e}", field="pii_engine") from None
+        self.language, self.model = language, name
 
     def find(self, text: str) -> list[PiiMatch]:
         res = self.engine.analyze(text=text, entities=list(NER_TYPES), language=self.language)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gemtune.data.pii import PII_TYPES, find_pii, iban_ok, luhn_ok, redact, Redactor
-from gemtune.errors import UserError
+from gemtune.data.pii import PII_TYPES, find_pii, iban_ok, luhn_ok, redact
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pii_labelled.jsonl"
 
@@ -71,13 +70,3 @@ def test_iban_checks_country_length_and_mod97():
 
 def test_invalid_numbers_of_the_right_shape_are_not_pii():
     assert find_pii("card 4111 1111 1111 1112 and SSN 000-12-3456 and 666-12-3456 and IP 256.1.1.1") == []
-
-
-def test_presidio_engine_without_presidio_is_a_clear_user_error():
-    try:
-        import presidio_analyzer  # noqa: F401
-        pytest.skip("presidio installed: the error path is not reachable")
-    except ImportError:
-        pass
-    with pytest.raises(UserError, match="presidio"):
-        Redactor("presidio")
