@@ -228,8 +228,8 @@ class Engine:
         Never refused because requests are running: the adapter takes an engine slot when a request for it is
         admitted (see the module docstring). Loading the same key from the same path with the same bytes again only
         marks it recently used. Beyond `max_cpu_loras` the least recently used adapter with no queued or running
-        request leaves host memory; while every one is pinned the cache holds more, trimmed as they drain (at most
-        one adapter per queued or running request beyond the limit). AdapterError for a directory it cannot serve.
+        request leaves host memory; while every one is pinned the cache holds more (at most the pinned ones plus the
+        one just loaded), trimmed as they drain. AdapterError for a directory it cannot serve.
         """
         if not isinstance(key, str) or not key:
             raise AdapterError("adapter key must be a non-empty string", field="adapter")
