@@ -1,4 +1,6 @@
-"""Loading a base as (model, tokenizer): fp32/bf16 or 4-bit NF4; never fp16 for Gemma, never remote code."""
+"""Loading a base as (model, tokenizer) on a device in a dtype: fp32/bf16 or 4-bit NF4; never fp16 for Gemma, never
+remote code. Device and dtype follow the one policy of `gemtune.base.device` (auto | cpu | cuda[:N],
+auto | bfloat16 | float32)."""
 
 from __future__ import annotations
 
@@ -6,23 +8,24 @@ from pathlib import Path
 
 import torch
 
+from gemtune.base.device import DTYPES, Placement, check_dtype_spec, cpu_has_native_bf16, resolve
 from gemtune.base.families import family_of
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+__all__ = ["DTYPES", "load_base", "load_tokenizer", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype == torch.float16:
-            raise UserError("fp16 overflows in Gemma's activations; use bfloat16 or float32", field="dtype")
-        return dtype
-    if dtype in ("float16", "fp16", "half"):
-        raise UserError("fp16 overflows in Gemma's activations; use bfloat16 or float32", field="dtype")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; expected float32 or bfloat16", field="dtype")
-    return DTYPES[dtype]
+    """An explicit dtype (float32 or bfloat16, by name or as a torch.dtype); fp16 and unknown names are refused.
+    `auto` needs a device: use `gemtune.base.device.resolve_dtype`."""
+    try:
+        s = check_dtype_spec(dtype)
+    except ValueError as e:
+        raise UserError(str(e), field="dtype") from None
+    if s == "auto":
+        raise UserError("dtype auto depends on the device; resolve it with gemtune.base.device.resolve", field="dtype")
+    return DTYPES[s]
 
 
 def load_tokenizer(path: str | Path):
@@ -34,16 +37,24 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_base(model: str | Path = DEFAULT_MODEL, *, dtype: str = "float32", quant: str | None = None, device: str = "cpu"):
-    """Return (model, tokenizer) for a base name, directory or hub id.
+def load_base(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", quant: str | None = None,
+              device: str | torch.device = "cpu", placement: Placement | None = None):
+    """Return (model, tokenizer) for a base name, directory or hub id, with the model on `device` in `dtype`
+    (each may be "auto"; `placement`, an already resolved Placement, wins over both).
 
-    `quant="4bit"` loads NF4 weights with bitsandbytes (double quantisation, compute in `dtype`) for QLoRA.
+    On a GPU the weights are loaded straight onto it (no host copy of the whole model). `quant="4bit"` loads NF4
+    weights with bitsandbytes (double quantisation, compute in `dtype`) for QLoRA, on `device`.
     """
     from transformers import AutoModelForCausalLM
 
+    place = placement or resolve(device, dtype)
+    if place.dtype == torch.bfloat16 and place.device.type == "cpu" and not cpu_has_native_bf16():
+        from gemtune.config import warn
+
+        warn("bfloat16 on this CPU is emulated (no AVX512-BF16/AMX): it runs slower than float32; "
+             "dtype auto picks float32 here")
     path = pull(str(model))
-    torch_dtype = resolve_dtype(dtype)
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=False)
+    kwargs = dict(dtype=place.dtype, trust_remote_code=False)
     if quant in ("4bit", "nf4"):
         try:
             from transformers import BitsAndBytesConfig
@@ -54,12 +65,14 @@ def load_base(model: str | Path = DEFAULT_MODEL, *, dtype: str = "float32", quan
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype,
+            bnb_4bit_compute_dtype=place.dtype,
             llm_int8_skip_modules=["lm_head", "embed_tokens", "vision_tower", "audio_tower"],
         )
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": str(place.device)}
     elif quant not in (None, "none"):
         raise UserError(f"unknown quantisation {quant!r}; expected 4bit or none", field="quant")
+    elif place.device.type != "cpu":
+        kwargs["device_map"] = {"": str(place.device)}  # materialised on the GPU, never whole in host RAM
     try:
         m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
