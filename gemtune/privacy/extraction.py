@@ -185,29 +185,23 @@ class NearMissStop:
 def greedy_outputs(model, tokenizer, family: Family, probes: list[Probe], *, batch_size: int, near: float,
                    progress: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """Greedy continuations (token ids, stop token removed) of every probe, batched by context length, each row
-    generated only as long as it could still reproduce its held-out text (see NearMissStop)."""
-    import torch
-    from transformers import StoppingCriteriaList
+    generated only as long as it could still reproduce its held-out text (see NearMissStop). Decoding is
+    `gemtune.base.generate`'s, on the model's device."""
+    from gemtune.base.generate import generate_batch, plan_batches, stop_and_pad_ids
 
-    from gemtune.evals.engine import HFGenerator, left_pad, plan_batches
-
-    gen = HFGenerator(model, tokenizer, family, batch_size=batch_size)
-    device = getattr(model, "device", torch.device("cpu"))
+    stops, pad = stop_and_pad_ids(tokenizer, family)
     out: list[list[int]] = [[] for _ in probes]
     done = 0
-    with torch.inference_mode():
-        for idx in plan_batches([p.context for p in probes], batch_size):
-            targets = [probes[i].target for i in idx]
-            crit = NearMissStop(targets, near, gen.stops)
-            ids, mask = left_pad([probes[i].context for i in idx], gen.pad_id)
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           generation_config=gen.generation_config(max(len(t) for t in targets)),
-                           stopping_criteria=StoppingCriteriaList([crit]))
-            for i, row in zip(idx, crit.generated):
-                out[i] = row
-            done += len(idx)
-            if progress:
-                progress(done, len(probes))
+    for idx in plan_batches([p.context for p in probes], batch_size):
+        targets = [probes[i].target for i in idx]
+        crit = NearMissStop(targets, near, stops)
+        generate_batch(model, [probes[i].context for i in idx], max(len(t) for t in targets), stops=stops,
+                       pad_id=pad, stopping=[crit])
+        for i, row in zip(idx, crit.generated):
+            out[i] = row
+        done += len(idx)
+        if progress:
+            progress(done, len(probes))
     return out
 
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from gemtune.base.families import Family
 from gemtune.base.templates import render_prompt
 from gemtune.privacy.extraction import decode, last_answer
@@ -58,36 +56,17 @@ def training_prompts(records: list[dict], n: int, seed: int, tokenizer, family: 
     return ids, prompts
 
 
-@torch.inference_mode()
 def sample_outputs(model, tokenizer, family: Family, prompts: list[list[int]], *, max_new_tokens: int,
                    temperature: float, top_k: Optional[int], seed: int, batch_size: int,
                    progress: Optional[Callable[[int, int], None]] = None) -> list[str]:
-    """Seeded sampling, batched by prompt length; the same prompts, seed and batch plan give the same texts."""
-    from transformers import GenerationConfig
+    """Seeded sampling (`gemtune.base.generate`, on the model's device, from a generator of its own: the global
+    RNG is left alone), batched by prompt length; the same prompts, seed and batch plan give the same texts."""
+    from gemtune.base.generate import Sampling, generate, stop_and_pad_ids, strip_stop
 
-    from gemtune.base.templates import stop_token_ids
-    from gemtune.evals.engine import left_pad, plan_batches
-
-    stops = stop_token_ids(tokenizer, family)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                           top_k=top_k or 0, top_p=1.0, num_beams=1, eos_token_id=stops, pad_token_id=pad)
-    device = getattr(model, "device", torch.device("cpu"))
-    out: list[str] = [""] * len(prompts)
-    done = 0
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for idx in plan_batches(prompts, batch_size):
-            ids, attn = left_pad([prompts[i] for i in idx], pad)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=cfg)
-            for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
-                cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-                out[i] = decode(tokenizer, row[:cut]).strip()
-            done += len(idx)
-            if progress:
-                progress(done, len(prompts))
-    return out
+    stops, pad = stop_and_pad_ids(tokenizer, family)
+    rows = generate(model, prompts, max_new_tokens, stops=stops, pad_id=pad, batch_size=batch_size,
+                    sampling=Sampling(temperature=temperature, top_k=top_k or None), seed=seed, progress=progress)
+    return [decode(tokenizer, strip_stop(row, stops)).strip() for row in rows]
 
 
 @dataclass
