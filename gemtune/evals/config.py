@@ -11,6 +11,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gemtune.base.device import check_device_spec, check_dtype_spec
 from gemtune.config import load_section
 
 SCORER_NAMES = ("exact", "label", "contains", "regex", "json_schema", "latency")
@@ -30,9 +31,22 @@ class EvalConfig(BaseModel):
     labels: Optional[list[str]] = Field(None, description="Known label set for the `label` scorer; None = the "
                                         "distinct expected values of the label cases.")
     seed: int = Field(0, description="Seed set before generation and for the bootstrap.")
-    dtype: str = Field("float32", description="Compute dtype for the base (float32 or bfloat16, never fp16).")
+    device: str = Field("auto", description="Where the base runs: auto (this process's GPU when there is one, else "
+                        "the CPU), cpu, cuda or cuda:N. Part of the output-cache key.")
+    dtype: str = Field("auto", description="Compute dtype of the base: auto (bfloat16 on a GPU that supports it, "
+                       "float32 on a CPU), bfloat16 or float32; never fp16. Part of the output-cache key.")
     bootstrap: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples for the accuracy-delta CI.")
     max_latency_ms: Optional[float] = Field(None, gt=0, description="Budget for the `latency` scorer.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        return check_device_spec(v)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        return check_dtype_spec(v)
 
     @field_validator("scorers")
     @classmethod

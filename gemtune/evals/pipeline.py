@@ -31,14 +31,16 @@ class Evaluator:
 
     def __init__(self, base: str | Path = DEFAULT_MODEL, *, config: EvalConfig | None = None,
                  cache: OutputCache | None = None, progress: Callable[[str], None] | None = None):
+        from gemtune.base.device import resolve
         from gemtune.base.families import family_of
         from gemtune.base.loader import load_base
 
         self.config = config or EvalConfig()
+        self.placement = resolve(self.config.device, self.config.dtype)  # a bad device fails before any file is read
         self.base_name = str(base)
         self.base_path = pull(str(base))
         self.base_sha = dir_fingerprint(self.base_path)
-        self.model, self.tokenizer = load_base(self.base_path, dtype=self.config.dtype)
+        self.model, self.tokenizer = load_base(self.base_path, placement=self.placement)
         self.family = family_of(self.model)
         self.cache = cache if cache is not None else OutputCache()
         self.progress = progress
@@ -49,12 +51,13 @@ class Evaluator:
 
         cfg = self.config
         if adapter is None:
-            gen = make_generator(self.model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed)
+            gen = make_generator(self.model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 family=self.family, placement=self.placement)
             yield ModelUnderTest(name or "base", gen, self.tokenizer, self.family, self.base_name, self.base_sha)
             return
         with attached_adapter(self.model, adapter) as peft_model:
-            gen = make_generator(peft_model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed)
-            gen.family = self.family
+            gen = make_generator(peft_model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 family=self.family, placement=self.placement)
             yield ModelUnderTest(name or adapter.name, gen, self.tokenizer, self.family, self.base_name, self.base_sha,
                                  str(adapter), adapter_fingerprint(adapter))
 

@@ -44,10 +44,18 @@ def render_prompts(suite: Suite, tokenizer, family: Family) -> list[list[int]]:
     return [render_prompt(c.messages, tokenizer, family).input_ids for c in suite.cases]
 
 
+def placement_key(mut: ModelUnderTest) -> dict:
+    """The device kind and dtype the generator really runs in (not what was asked for: `auto` differs by host)."""
+    placement = getattr(mut.generator, "placement", None)
+    if placement is None:
+        return {"device": None, "dtype": None}
+    return placement.cache_key()
+
+
 def generation_key(suite: Suite, mut: ModelUnderTest) -> dict:
-    """Every knob that can change an output; part of each cache key."""
+    """Every knob that can change an output, the device and dtype included; part of each cache key."""
     cfg = suite.config
-    return {"engine": mut.generator.name, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype,
+    return {"engine": mut.generator.name, "max_new_tokens": cfg.max_new_tokens, **placement_key(mut),
             "batch_size": cfg.batch_size, "seed": cfg.seed, "template": mut.family.name, "decoding": "greedy"}
 
 
@@ -174,9 +182,12 @@ def evaluate(suite: Suite, mut: ModelUnderTest, *, cache: OutputCache | None = N
                      "prompt": case.prompt_text(), "tags": case.tags, "new_tokens": ntok})
     summary = summarise(suite, rows, mut.name)
     summary["generation"] = gen_stats
+    placement = getattr(mut.generator, "placement", None)
+    summary["placement"] = placement.describe() if placement is not None else None  # where the outputs came from
     meta = {"version": RESULTS_VERSION, "name": mut.name, "base": mut.base, "base_sha256": mut.base_sha,
             "adapter": mut.adapter, "adapter_sha256": mut.adapter_sha,
             "suite": {"path": suite.path, "sha256": suite.sha256, "n": len(suite.cases)},
             "generation": generation_key(suite, mut),
+            "placement": summary["placement"],
             "labels": sorted(suite.labels) if suite.labels else None}
     return {"meta": meta, "cases": rows, "summary": summary}

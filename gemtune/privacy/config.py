@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gemtune.base.device import check_device_spec, check_dtype_spec
 from gemtune.config import load_section
 
 
@@ -21,7 +22,10 @@ class PrivacyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     seed: int = Field(0, description="Seeds the example sample, the canary candidates and PII sampling")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the base (never fp16)")
+    device: str = Field("auto", description="Where the base runs: auto (this process's GPU when there is one, "
+                        "else the CPU), cpu, cuda or cuda:N")
+    dtype: str = Field("auto", description="Compute dtype of the base: auto (bfloat16 on a GPU that supports it, "
+                       "float32 on a CPU), bfloat16 or float32; never fp16")
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts generated together")
 
     # extraction (Carlini et al. 2023, k-extractable)
@@ -60,6 +64,16 @@ class PrivacyConfig(BaseModel):
                                         "(off by default: the base invents PII-shaped strings too)")
     max_pii_leaks: Optional[int] = Field(0, ge=0, description="PII values in the adapter's samples that also occur in "
                                          "the raw input files or in train.jsonl")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        return check_device_spec(v)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        return check_dtype_spec(v)
 
 
 def load_privacy_config(config: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> PrivacyConfig:

@@ -18,6 +18,7 @@ The report (`--out FILE`, JSON): `adapter`, `base`, `dataset`, `config` (the eff
                 adapter/base {samples, samples_with_pii, hits, hits_by_type, leaks, leaks_by_type, examples,
                 canary_secrets_in_samples} (base null with pii_base: false)
     checks      [{name, adapter, base, limit, unit, passed[, note]}], passed, timings_s, created_at, report
+    placement   where the models ran: {device, dtype, device_name, requested, ...} (gemtune.base.device)
 Texts in the report have canary secrets masked and detected PII redacted. `summary(report)` is what goes into
 gemtune.json under "privacy" (the checks and headline numbers, plus the report's path).
 """
@@ -224,15 +225,18 @@ def make_plan(inp: Inputs, cfg: PrivacyConfig, find) -> Plan:
 
 
 def run_models(inp: Inputs, plan: Plan, cfg: PrivacyConfig, timings: dict, say) -> dict:
-    """The base once, then the same base with the adapter attached (unmerged, as vLLM serves it)."""
+    """The base once, then the same base with the adapter attached (unmerged, as vLLM serves it), on the device and
+    in the dtype of `privacy.device`/`privacy.dtype`; `results["placement"]` records where."""
+    from gemtune.base.device import resolve
     from gemtune.base.loader import load_base
     from gemtune.evals.engine import attached_adapter
 
+    placement = resolve(cfg.device, cfg.dtype)
     with _Stage(timings, "load", say):
-        say(f"loading base {inp.base_name}")
-        model, _ = load_base(inp.base_path, dtype=cfg.dtype)
+        say(f"loading base {inp.base_name} ({placement.device}, {placement.dtype_name})")
+        model, _ = load_base(inp.base_path, placement=placement)
     args = (plan.tok, plan.fam, cfg, plan.probes, plan.tasks, plan.pii_prompts, timings, say)
-    results = {"base": _probe_model("base", model, *args)}
+    results = {"placement": placement.describe(), "base": _probe_model("base", model, *args)}
     with attached_adapter(model, inp.adapter_dir) as peft_model:
         results["adapter"] = _probe_model("adapter", peft_model, *args)
     return results
@@ -273,6 +277,7 @@ def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optio
 
     report = assemble(cfg, inp, plan, results, find=find, redact=redact, show=show, hide=hide,
                       secrets=[e["secret"] for e in entries])
+    report["placement"] = results["placement"]
     report["timings_s"] = dict(timings, total=round(time.perf_counter() - t0, 3))
     if out is not None:
         report["report"] = str(Path(out).resolve())
