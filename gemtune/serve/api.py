@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,7 +58,7 @@ MAX_JSON_DEPTH = 32  # nesting levels of a request body (the deepest real reques
 MAX_MODEL_CHARS = 160  # the longest valid model string is 64 + 1 + 64 characters
 ECHO_CHARS = 64  # at most this much of any value the client sent is repeated in an error
 MAX_MESSAGE_CHARS = 1000
-MIN_TEMPERATURE = 1e-5  # below this (and above 0) sampling would divide logits into infinities; 0 is greedy
+MIN_TEMPERATURE = 1e-5  # a temperature below this is greedy (vLLM's rule): dividing logits by 1e-50 gives infinities
 INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -102,18 +102,19 @@ def error_body(message: str, type_: str, param: str | None, code: int) -> dict:
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="`base`, `NAME` (its prod alias), `NAME@vN` or `NAME@ALIAS`")
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    model: str = Field(min_length=1, description="`base`, `NAME` (its prod alias), `NAME@vN` or `NAME@ALIAS`")
+    max_tokens: Optional[int] = Field(None, ge=1, le=2**31, description="default: what fits the context, at most "
+                                      f"{DEFAULT_MAX_TOKENS}")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=2**31)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False,
-                               description=f"0 is greedy; otherwise from {MIN_TEMPERATURE:g} to 2")
+                               description=f"0 (or below {MIN_TEMPERATURE:g}) is greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=INT64[0], le=INT64[1])
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[dict] = None
     user: Optional[str] = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     logprobs: Optional[Any] = None
     ignore_eos: bool = False
 
@@ -138,7 +139,9 @@ class ChatBody(_Body):
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1, max_length=1)],
+                  Annotated[list[int], Field(min_length=1)]] = Field(
+        description="one string, or a list of token ids (batched prompts are not supported)")
     echo: bool = False
     suffix: Optional[str] = None
 
@@ -580,13 +583,14 @@ def _gen_params(body: _Body, prompt_ids: list[int], res: Resolved, tenant: str |
         raise HTTPError(400, "logprobs are not supported", param="logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
+        max_tokens = DEFAULT_MAX_TOKENS  # cut to what fits the context once the prompt is tokenised
     if not (1 <= max_tokens <= 2**31):
         raise HTTPError(400, f"max_tokens must be from 1 to {2**31}, got {clip(max_tokens)}", param="max_tokens")
     t = body.temperature
-    if not (math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= 2)):
-        raise HTTPError(400, f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to 2, got {clip(t)}",
-                        param="temperature")
+    if not (math.isfinite(t) and 0 <= t <= 2):
+        raise HTTPError(400, f"temperature must be in [0, 2], got {clip(t)}", param="temperature")
+    if t < MIN_TEMPERATURE:
+        t = 0.0  # greedy, whatever the backend would make of dividing by 1e-50
     if not (math.isfinite(body.top_p) and 0 < body.top_p <= 1):
         raise HTTPError(400, f"top_p must be in (0, 1], got {clip(body.top_p)}", param="top_p")
     if body.seed is not None and not (INT64[0] <= body.seed <= INT64[1]):
@@ -803,10 +807,13 @@ def create_app(gateway: Gateway, *, max_body_bytes: int = MAX_BODY_BYTES,
             raise HTTPError(400, "tools are not supported", param="tools")
         res = gateway.resolve(p, body.model, body.user)
         gen = _gen_params(body, [], res, tenant=None if p.limits is None else p.name)
+        limit = getattr(gateway.backend, "max_model_len", None)
+        if limit and len(body.messages) >= limit:  # every message takes at least one token
+            raise HTTPError(400, f"{len(body.messages)} messages cannot fit max_model_len {limit} tokens",
+                            param="messages")
         msgs = chat_messages(body.messages)
         check_prompt_chars(sum(len(mm["content"]) for mm in msgs), gateway.max_prompt_chars, "messages")
-        gen.prompt_ids = await asyncio.to_thread(chat_prompt_ids, gateway.backend, msgs)
-        return await _generate(request, p, body, res, gen, chat=True)
+        return await _generate(request, p, body, res, gen, lambda: chat_prompt_ids(gateway.backend, msgs), chat=True)
 
     @app.post("/v1/completions", openapi_extra=body_doc(CompletionBody))
     async def completions(request: Request):
@@ -819,8 +826,11 @@ def create_app(gateway: Gateway, *, max_body_bytes: int = MAX_BODY_BYTES,
         prompt = completion_prompt(body.prompt)
         if isinstance(prompt, str):
             check_prompt_chars(len(prompt), gateway.max_prompt_chars, "prompt")
-        gen.prompt_ids = await asyncio.to_thread(completion_prompt_ids, gateway.backend, prompt)
-        return await _generate(request, p, body, res, gen, chat=False)
+        elif getattr(gateway.backend, "max_model_len", None) and len(prompt) >= gateway.backend.max_model_len:
+            raise HTTPError(400, f"prompt is {len(prompt)} tokens; max_model_len is {gateway.backend.max_model_len}",
+                            param="prompt")
+        return await _generate(request, p, body, res, gen, lambda: completion_prompt_ids(gateway.backend, prompt),
+                               chat=False)
 
     async def _take_slot(request: Request, p: Principal) -> TenantSlot:
         """The tenant's own slot: at once, after waiting in its line, or 429 when its line is full too."""
@@ -843,11 +853,18 @@ def create_app(gateway: Gateway, *, max_body_bytes: int = MAX_BODY_BYTES,
             if not task.done():
                 task.cancel()  # acquire() hands on a slot it got while being cancelled
 
-    async def _generate(request: Request, p: Principal, body: _Body, res: Resolved, gen: Gen, *, chat: bool):
+    async def _generate(request: Request, p: Principal, body: _Body, res: Resolved, gen: Gen, tokenise, *,
+                        chat: bool):
+        """Take the tenant's slot, tokenise (off the loop: under the slot, so a tenant's tokenising is within its
+        share too), submit, and answer (streamed or whole); the slot is released on every path."""
         stops = _stops(body)
         slot = await _take_slot(request, p)
         try:
             t0 = time.monotonic()
+            gen.prompt_ids = await asyncio.to_thread(tokenise)
+            limit = getattr(gateway.backend, "max_model_len", None)
+            if body.max_tokens is None and body.max_completion_tokens is None and limit:
+                gen.max_tokens = max(1, min(gen.max_tokens, limit - len(gen.prompt_ids)))  # as vLLM does
             handle = await gateway.submit(res, gen)
         except BaseException:
             slot.release()
@@ -1112,7 +1129,8 @@ def header_timeout_protocol(seconds: float):
     at the first byte): a connection whose request headers are not complete `seconds` after the request's first
     byte (or after the connection opened) is closed. Without it, a client that sends half a request line and then
     nothing holds a connection, before any authentication, for ever (slowloris). Bodies have their own limit in
-    the app (`create_app(body_timeout_s=...)`)."""
+    the app (`create_app(body_timeout_s=...)`). Requests the HTTP parser refuses are answered in OpenAI's error
+    shape rather than uvicorn's plain text."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class HeaderTimeoutProtocol(AutoHTTPProtocol):
@@ -1137,6 +1155,15 @@ def header_timeout_protocol(seconds: float):
                     self._disarm()
             elif (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
                 self._arm()  # the first bytes of a next request on a kept-alive connection
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refuses (headers over 16 KiB, bad syntax) in OpenAI's shape too."""
+            body = json.dumps(error_body(f"invalid HTTP request: {msg}", "invalid_request_error", None,
+                                         400)).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+                                 + body)
+            self.transport.close()
 
         def _header_timeout(self) -> None:
             self._hdr_timer = None

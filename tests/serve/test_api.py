@@ -458,14 +458,21 @@ def test_hostile_bodies_are_400_in_openai_shape(setup, raw, needle):
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"temperature": 1e-50}, "temperature"), ({"temperature": 5e-324}, "temperature"),
-    ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"temperature": 2.5}, "temperature"), ({"temperature": -1e-50}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"seed": 2**63}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
     ({"max_tokens": 10**40}, "max_tokens"),
 ])
 def test_sampling_parameters_out_of_range_are_400(setup, extra, param):
     err = _shape(_chat(setup["client"], ACME, "acme-support", **extra), 400)
     assert err["param"] == param, err
+
+
+def test_tiny_temperatures_are_greedy(setup):
+    """vLLM's rule: 0 < temperature < 1e-5 is greedy (a sampler would divide the logits into infinities)."""
+    c = setup["client"]
+    greedy = _text(_chat(c, ACME, "acme-support@v1", max_tokens=8))
+    for t in (1e-50, 5e-324, 9.9e-6):
+        assert _text(_chat(c, ACME, "acme-support@v1", max_tokens=8, temperature=t, seed=1)) == greedy
 
 
 def test_seed_edges_of_int64_are_served(setup):
@@ -657,12 +664,46 @@ def test_slow_body_is_408_and_unauthenticated_body_is_never_waited_for(strict):
     assert first.startswith(b"HTTP/1.1 401"), first[:200]
 
 
+def test_unparseable_request_is_400_in_openai_shape(strict):
+    import socket
+
+    host, port = strict["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+        answer = _recv_all(s)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
+
+
+class _HeldTokenizer:
+    """The gateway's tokenizer, except that a prompt containing HOLD waits for `release` (so a request holds its
+    tenant slot for as long as a test needs, whatever the machine's speed)."""
+
+    def __init__(self, real):
+        self.real, self.entered, self.release = real, threading.Semaphore(0), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, text, *a, **kw):
+        if isinstance(text, str) and "HOLD" in text:
+            self.entered.release()
+            self.release.wait(120)
+        return self.real(text, *a, **kw)
+
+
 def test_tenant_over_its_own_limit_gets_429_others_do_not(strict):
-    """hog may run 1 request and queue 1: a third is refused with Retry-After while acme is served."""
-    url = strict["url"]
-    hog = {"Authorization": f"Bearer {HOG}"}
-    long_body = {"model": "acme-support@v1", "messages": MSG, "max_tokens": 200, "temperature": 0, "stream": True,
-                 "ignore_eos": True}
+    """hog may run 1 request and queue 1: with its slot held, a second queues, a third is refused with
+    Retry-After, and acme is served meanwhile; released, both hog requests complete."""
+    url, gw = strict["url"], strict["gw"]
+    held = _HeldTokenizer(gw.backend.tokenizer)
+    gw.backend.tokenizer = held
+    out: dict = {}
+
+    def hog(i: int, prompt: str):
+        with httpx.Client(base_url=url, timeout=180) as c:
+            out[i] = c.post("/v1/completions", json={"model": "acme-support@v1", "prompt": prompt, "max_tokens": 4,
+                                                     "temperature": 0}, headers={"Authorization": f"Bearer {HOG}"})
 
     def queued() -> float:
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -670,29 +711,29 @@ def test_tenant_over_its_own_limit_gets_429_others_do_not(strict):
         m = re.search(r'^gemtune_tenant_queued\{tenant="hog"\} (\S+)', text, re.M)
         return float(m.group(1)) if m else -1
 
-    with httpx.Client(base_url=url, timeout=120) as c1, c1.stream("POST", "/v1/chat/completions", json=long_body,
-                                                                    headers=hog) as r1:
-        assert r1.status_code == 200
-        lines = r1.iter_lines()
-        next(line for line in lines if '"content"' in line and '"content": ""' not in line)  # it is generating
-        second = {}
-
-        def two():
-            with httpx.Client(base_url=url, timeout=120) as c2:
-                second["r"] = _chat(c2, HOG, "acme-support@v1", max_tokens=4)
-
-        t = threading.Thread(target=two)
-        t.start()
+    threads = [threading.Thread(target=hog, args=(1, "HOLD this"))]
+    try:
+        threads[0].start()
+        assert held.entered.acquire(timeout=60), "the first hog request never reached tokenising"
+        threads.append(threading.Thread(target=hog, args=(2, "second")))
+        threads[1].start()
         deadline = time.monotonic() + 60
         while queued() != 1:
             assert time.monotonic() < deadline, "the second hog request never queued"
             time.sleep(0.05)
-        with httpx.Client(base_url=url, timeout=120) as c3:
-            third = _chat(c3, HOG, "acme-support@v1", max_tokens=4)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            third = c.post("/v1/completions", json={"model": "acme-support@v1", "prompt": "third", "max_tokens": 4},
+                           headers={"Authorization": f"Bearer {HOG}"})
             err = _shape(third, 429)
             assert "hog" in err["message"] and int(third.headers["retry-after"]) >= 1
-            victim = _chat(c3, ACME, "acme-support@v1", max_tokens=4)
+            victim = _chat(c, ACME, "acme-support@v1", max_tokens=4)
             assert victim.status_code == 200, victim.text
-    t.join(120)  # the stream closed: its slot passed to the queued request
-    assert second["r"].status_code == 200, second["r"].text
+            metrics = c.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        assert re.search(r'^gemtune_tenant_rejected_total\{tenant="hog"\} 1\.0', metrics, re.M)
+    finally:
+        held.release.set()
+        for t in threads:
+            t.join(120)
+        gw.backend.tokenizer = held.real
+    assert out[1].status_code == 200 and out[2].status_code == 200, (out[1].text, out[2].text)
     assert queued() == 0
