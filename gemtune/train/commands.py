@@ -19,7 +19,12 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="gemtune.yaml (its `train:` section)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="default | routing | style | structured | code"),
     base: Optional[str] = typer.Option(None, "--base", help="Base model name, directory or hub id."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this step (LR horizon unchanged)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train this many steps: the LR schedule's "
+                                            "horizon, as train.max_steps and HF Trainer's max_steps."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop after this step without moving "
+                                             "the LR horizon (resume later to finish the schedule)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Off a terminal: a progress line every N "
+                                            "steps (default: every 30 s)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Run the eval suite on every Nth step's checkpoint."),
     eval_suite: Optional[Path] = typer.Option(None, "--eval-suite", help="Suite for --eval-every (default: DATA/eval.jsonl)."),
@@ -42,7 +47,8 @@ def train_cmd(
     cfg = load_train_config(config, {
         "preset": preset, "base": base, "save_every": save_every, "eval_every": eval_every, "batch_size": batch_size,
         "lr": lr, "lora.r": rank, "quant": quant, "packing": packing, "seed": seed, "report_to": report_to,
-    })
+        "max_steps": max_steps, "log_every": log_every,
+    }, flags={"max_steps": "--max-steps", "log_every": "--log-every"})
     hook = None
     if cfg.eval_every:
         from gemtune.evals.checkpoint import make_checkpoint_evaluator
@@ -51,7 +57,7 @@ def train_cmd(
         suite = eval_suite or (data / "eval.jsonl")
         hook = make_checkpoint_evaluator(suite, cfg.base, baseline="base", gate=gate, webhook=slack_webhook,
                                          max_cases=eval_max_cases, config=load_eval_config(config))
-    res = train(data, out, cfg, max_steps=max_steps, resume=resume, on_checkpoint=hook, console=console)
+    res = train(data, out, cfg, stop_after=stop_after, resume=resume, on_checkpoint=hook, console=console)
     if hook is not None:
         from gemtune.evals.checkpoint import mark_best
 
@@ -72,12 +78,17 @@ def train_cmd(
 def plan_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Base name, directory or hub id."),
     params: Optional[str] = typer.Option(None, "--params", help="Size instead of a model: 9b, 27b, 270m…"),
-    method: str = typer.Option("lora", "--method", help="lora | qlora"),
-    seq_len: int = typer.Option(2048, "--seq-len"),
-    batch: int = typer.Option(1, "--batch"),
-    rank: int = typer.Option(16, "--rank"),
-    mlp: bool = typer.Option(False, "--mlp", help="LoRA on MLP projections too (structured/code presets)."),
-    grad_ckpt: bool = typer.Option(True, "--grad-ckpt/--no-grad-ckpt"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Plan the run this gemtune.yaml would start on a "
+                                          "GPU (its base, method, batch, seq, rank, dtype, checkpointing); flags "
+                                          "given as well override it."),
+    method: Optional[str] = typer.Option(None, "--method", help="lora | qlora  [default: lora]"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="[default: 2048]"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="[default: 1]"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="[default: 16]"),
+    mlp: Optional[bool] = typer.Option(None, "--mlp/--no-mlp", help="LoRA on MLP projections too (structured/code "
+                                       "presets)."),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="[default: on, as the "
+                                             "trainer on a GPU]"),
     supervised_frac: float = typer.Option(1.0, "--supervised-frac", help="Share of tokens that carry loss."),
     train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens per epoch, for hours/epoch."),
     price: Optional[list[str]] = typer.Option(None, "--price",
@@ -87,22 +98,28 @@ def plan_cmd(
 ):
     """GPU memory plan for a LoRA/QLoRA run: the GPUs it fits on, and the one to rent."""
     from gemtune.errors import UserError
-    from gemtune.train.plan import plan, shape_from_config, shape_from_params
+    from gemtune.train.plan import config_plan, plan, shape_from_config, shape_from_params
 
+    assumed, resolved = {}, None
+    if config is not None:
+        from gemtune.train.config import load_train_config
+
+        cfg = load_train_config(config)
+        assumed, resolved = config_plan(cfg)
+        model = model if (model or params) else cfg.base
     if bool(model) == bool(params):
-        raise UserError("give exactly one of --model or --params", field="model")
-    prices = {}
-    for item in price or []:
-        gpu, _, usd = item.partition("=")
-        try:
-            prices[gpu.strip()] = float(usd)
-        except ValueError:
-            raise UserError(f"--price {item!r}: expected GPU=USD, e.g. H100-80GB=2.10", field="price") from None
-        if prices[gpu.strip()] <= 0:
-            raise UserError(f"--price {item!r}: the price must be positive", field="price")
+        raise UserError("give exactly one of --model or --params (or --config)", field="model")
+    given = {"method": method, "seq_len": seq_len, "batch": batch, "rank": rank, "mlp": mlp, "grad_ckpt": grad_ckpt}
+    defaults = {"method": "lora", "seq_len": 2048, "batch": 1, "rank": 16, "mlp": False, "grad_ckpt": True}
+    kw = {**defaults, **assumed, **{k: v for k, v in given.items() if v is not None}}
+    if method is not None and method != assumed.get("method", method):
+        kw["weight_bytes"] = None  # a method flag over a config: that method's own weight bytes
+    prices = _prices(price)
     shape = shape_from_params(params) if params else shape_from_config(model)
-    p = plan(shape, method=method, seq_len=seq_len, batch=batch, rank=rank, grad_ckpt=grad_ckpt,
-             supervised_frac=supervised_frac, mlp=mlp, train_tokens=train_tokens, prices=prices)
+    p = plan(shape, supervised_frac=supervised_frac, train_tokens=train_tokens, prices=prices, **kw)
+    if resolved is not None:
+        p["config"] = {"path": str(config), "resolved": resolved, "assumed": assumed}
+    method, seq_len, batch, rank = kw["method"], kw["seq_len"], kw["batch"], kw["rank"]
     if as_json:
         print(json.dumps(p, indent=2))
         return
@@ -129,6 +146,21 @@ def plan_cmd(
     else:
         console.print("[red]does not fit on up to 8 of any listed GPU[/red]: lower --seq-len or --batch, or use "
                       "--method qlora")
+
+
+def _prices(price: Optional[list[str]]) -> dict[str, float]:
+    from gemtune.errors import UserError
+
+    prices = {}
+    for item in price or []:
+        gpu, _, usd = item.partition("=")
+        try:
+            prices[gpu.strip()] = float(usd)
+        except ValueError:
+            raise UserError(f"--price {item!r}: expected GPU=USD, e.g. H100-80GB=2.10", field="price") from None
+        if prices[gpu.strip()] <= 0:
+            raise UserError(f"--price {item!r}: the price must be positive", field="price")
+    return prices
 
 
 def register(app: typer.Typer) -> None:

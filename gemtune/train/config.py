@@ -57,16 +57,33 @@ class TrainConfig(BaseModel):
     eval_loss_every: Optional[int] = Field(None, ge=1)
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     loss_chunk: int = Field(256, ge=16, description="supervised positions per lm_head chunk")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("auto", description="auto (the GPU accelerate assigns this process, else the CPU), cpu, "
+                        "cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the base's dtype: auto = bfloat16 on a GPU that supports it (LoRA weights and "
+        "optimizer stay float32), float32 on a CPU (no emulated bf16 math)")
     quant: Optional[Literal["4bit"]] = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Optional[bool] = Field(None, description="null = on for a GPU (as `gemtune plan` "
+                                                   "assumes), off on a CPU")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto = sdpa; flash_attention_2 on a GPU with flash-attn installed")
     lean: bool = Field(True, description="memory-lean LoRA/MLP autograd on the frozen base (fp32 math, less saved "
                        "state); each replaced module is checked against the stock forward first")
     frozen_storage: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage dtype of the frozen base weights; auto = bfloat16 when computing in float32 "
         "without quantisation or sharding (matmuls still run in float32)")
     report_to: Optional[Literal["mlflow", "wandb", "tensorboard"]] = None
-    log_every: int = Field(1, ge=1)
+    log_every: Optional[int] = Field(None, ge=1, description="when stdout is not a terminal, print a progress "
+                                     "line every N steps; null = every 30 s (and the first and last step)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return v
 
     @field_validator("micro_batch_tokens")
     @classmethod
@@ -92,7 +109,8 @@ def validated(model_cls, data: dict, source: str, section: str):
         raise UserError(str(e).removeprefix(f'field "{e.field}": '), file=source, field=e.field) from None
 
 
-def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: dict | None = None,
+                      flags: dict | None = None) -> TrainConfig:
     """`train:` of the project file (explicit path, else ./gemtune.yaml when present), then overrides such as
     {"lr": 1e-4, "lora.r": 16} (None = not given). Errors: `file:line: field "train.lr": ...`, or the flag."""
-    return load_section(path, "train", TrainConfig, overrides, flags={"lora.r": "--rank"})
+    return load_section(path, "train", TrainConfig, overrides, flags={"lora.r": "--rank", **(flags or {})})

@@ -62,10 +62,10 @@ def upcast(w: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    key = (tuple(w.shape[1:]), dtype)
+    key = (tuple(w.shape[1:]), dtype, w.device)
     buf = bufs.get(key)
     if buf is None or buf.shape[0] < w.shape[0]:  # one buffer per trailing shape, grown to the most rows seen
-        buf = bufs[key] = torch.empty(w.shape, dtype=dtype)
+        buf = bufs[key] = torch.empty(w.shape, dtype=dtype, device=w.device)
     out = buf[:w.shape[0]]
     out.copy_(w)
     return out
@@ -416,7 +416,7 @@ def install(model: nn.Module, *, bf16_storage: bool = True, trim: bool = True) -
                 continue  # a LoRA layer on the stock path: PEFT reads the base weight itself
             if id(m) in mlp_linears and id(m) not in ok_mlp_linears:
                 continue
-            if id(m) not in lean_bases and id(m) not in ok_mlp_linears:
+            if id(m) not in ok_mlp_linears:  # lean LoRA bases too: PEFT calls them with the adapter disabled
                 m.forward = types.MethodType(_frozen_linear_forward, m)
                 rep.frozen_linears += 1
             frozen.append(m)

@@ -53,7 +53,7 @@ class _FusedLinearCE(torch.autograd.Function):
             total = g.sum(dim=-1)
             loss = (top + total.log() - picked).sum()
             g.div_(total[:, None])  # softmax
-            g[torch.arange(len(targets)), targets] -= 1.0
+            g[torch.arange(len(targets), device=g.device), targets] -= 1.0
             if softcap:
                 g.mul_(1.0 - capped * capped)
             g = g.to(h.dtype)
@@ -96,6 +96,11 @@ class SupervisedLM(nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None):
         lm = _causal_lm(self.model)
+        # batches are built on the CPU; accelerate moves the model, not its inputs
+        device = lm.get_input_embeddings().weight.device
+        input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if position_ids is not None:
+            position_ids = position_ids.to(device, non_blocking=True)
         out = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state
         targets = labels[:, 1:]

@@ -230,3 +230,18 @@ def cpu_plan(path: str | Path, *, seq_len: int, batch: int, rank: int, supervise
 
 def to_json(p: dict) -> str:
     return json.dumps(p, indent=2)
+
+
+def config_plan(cfg, *, device: str = "cuda", native_bf16: bool = True) -> tuple[dict, dict]:
+    """(plan() keyword arguments, the resolved policy) for the run `cfg` (a TrainConfig) would start on
+    `device`: the trainer's own defaults there (`gemtune.train.policy.resolve_policy`), so plan and run agree."""
+    from gemtune.base.families import MLP
+    from gemtune.train.policy import plan_assumptions, resolve_policy
+    from gemtune.train.presets import get_preset
+
+    preset = get_preset(cfg.preset)
+    modules = tuple(cfg.lora.target_modules) if cfg.lora.target_modules else preset.modules
+    policy = resolve_policy(cfg, device, native_bf16=native_bf16)
+    kw = plan_assumptions(policy, rank=cfg.lora.r or preset.r, mlp=any(m in MLP for m in modules))
+    return kw, policy.record()
+

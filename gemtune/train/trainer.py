@@ -6,21 +6,26 @@ endless sequence of seeded epoch permutations, G = batch_size * grad_accum * pro
 each micro-batch. Nothing about the order needs saving, and N processes see exactly the examples one process
 would, so their per-step losses agree.
 
-The learning-rate horizon is the planned run (`train.max_steps` in config, else `epochs` over the data); the
-`--max-steps` flag stops early without changing it, so a run stopped at step 2 and resumed to step 4 ends with the
-same weights as a straight 4-step run.
+The learning-rate horizon is the planned run: `max_steps` (`train.max_steps` in config, `--max-steps` on the
+command line, as in HF Trainer), else `epochs` over the data. `--stop-after-steps` stops early without changing
+it, so a run stopped at step 2 and resumed to step 4 ends with the same weights as a straight 4-step run.
+
+`train` reads as its steps, torchtune-recipe style: `setup` (accelerator, policy, data, model) → `prepare`
+(optimizer, schedule, accelerate) → `resume_from_checkpoint` or `start_fresh` → `train_loop` (`train_step`,
+`log_step`, `save_checkpoint` and the eval hook) → `save_final`. Inputs meet the model on the model's device
+(`SupervisedLM.forward` moves them), whatever device accelerate put it on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,18 +35,22 @@ import torch
 from gemtune.base.families import family_of, linear_leaf_names, matched_modules, target_modules
 from gemtune.base.provision import pull
 from gemtune.errors import UserError
+from gemtune.train.checkpoints import (STATE_FILE, STATE_FORMAT, complete_checkpoints, hardware_record,  # noqa: F401
+                                       load_trainer_state, plain, prune, rng_state, save_adapter, set_rng_state,
+                                       sidecar)
 from gemtune.train.collate import Example, collate, encode_records, pack
 from gemtune.train.config import TrainConfig
 from gemtune.train.loss import SupervisedLM
+from gemtune.train.policy import TrainPolicy, emulated_bf16_warning, resolve_policy
 from gemtune.train.presets import get_preset
-from gemtune.utils import atomic_dir, atomic_write_json, iter_jsonl, sha256_file
+from gemtune.train.progress import make_progress
+from gemtune.utils import atomic_write_json, iter_jsonl, sha256_file
 
 CheckpointHook = Callable[[Path, int], Optional[dict]]
-STATE_FILE = "trainer_state.pt"
-# trainer_state.pt holds tensors and plain containers only, so resume loads it with torch.load(weights_only=True):
-# nothing in a checkpoint directory can run code. Files without this format were pickled by older releases.
-STATE_FORMAT = "gemtune.trainer_state/2"
 _STEP_DELAY = float(os.environ.get("GEMTUNE_TEST_STEP_DELAY", "0") or 0)
+# how long the other processes wait for rank 0's checkpoint eval (a gloo barrier of its own, not the training
+# group's collective timeout, which an eval of a few hundred cases on a 27B model would exceed)
+EVAL_WAIT = timedelta(hours=float(os.environ.get("GEMTUNE_EVAL_WAIT_HOURS", "24")))
 
 
 @dataclass
@@ -144,22 +153,54 @@ def quant_device(device: torch.device) -> str:
     return str(device)
 
 
-def load_model_for_training(cfg: TrainConfig, base_path: Path, device: torch.device | None = None):
+def load_training_base(base_path: Path, policy: TrainPolicy, device: torch.device | None = None):
+    """(model, tokenizer) as the policy says: dtype, attention kernel; for QLoRA NF4 with double quantisation,
+    compute in the run's dtype and 4-bit storage FSDP can shard (bf16 containers on a GPU), loaded straight onto
+    this process's device."""
+    from gemtune.base.loader import load_base, load_tokenizer, resolve_dtype
+
+    if not policy.quant:
+        model, tok = load_base(base_path, dtype=policy.dtype)
+        if getattr(model.config, "_attn_implementation", None) != policy.attn_implementation:
+            model.set_attn_implementation(policy.attn_implementation)
+        return model, tok
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("4-bit loading needs bitsandbytes: pip install 'gemtune[quant]'", field="quant") from None
+    dtype = resolve_dtype(policy.dtype)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=getattr(torch, policy.quant_storage),
+                           llm_int8_skip_modules=["lm_head", "embed_tokens", "vision_tower", "audio_tower"])
+    where = quant_device(device if device is not None else torch.device(policy.device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype, quantization_config=q,
+                                                     device_map={"": where}, trust_remote_code=False,
+                                                     attn_implementation=policy.attn_implementation)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from {base_path}: {e}", field="base") from None
+    family_of(model)
+    model.eval()
+    return model, load_tokenizer(base_path)
+
+
+def load_model_for_training(cfg: TrainConfig, base_path: Path, device: torch.device | None = None,
+                            policy: TrainPolicy | None = None):
+    """The PEFT model to train. The base is frozen in its dtype (bf16 on a GPU; embeddings and norms are not
+    upcast, which `prepare_model_for_kbit_training` would do); PEFT keeps the LoRA weights in fp32."""
     from peft import get_peft_model
 
-    from gemtune.base.loader import load_base
-
-    kw = {"device": quant_device(device)} if cfg.quant and device is not None else {}
-    model, tok = load_base(base_path, dtype=cfg.dtype, quant=cfg.quant, **kw)
-    if cfg.quant:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
+    policy = policy or resolve_policy(cfg, device if device is not None else torch.device("cpu"))
+    model, tok = load_training_base(base_path, policy, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if policy.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_cfg = build_lora_config(model, cfg)
     torch.manual_seed(cfg.seed)  # LoRA A init is identical across processes and runs
-    model = get_peft_model(model, lora_cfg)
+    model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=True)
     model.config.use_cache = False
     return model, tok, lora_cfg
 
@@ -185,134 +226,101 @@ def planned_steps(cfg: TrainConfig, n_train: int, global_batch: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_train / global_batch))
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- the recipe: setup → resume → loop → save
 
-def _rng_state() -> dict:
-    """Every RNG the loop draws from, as tensors and plain lists (what `weights_only=True` accepts)."""
-    py_version, py_internal, py_gauss = random.getstate()
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "python": {"version": int(py_version), "internal": [int(x) for x in py_internal],
-                       "gauss_next": None if py_gauss is None else float(py_gauss)},
-            "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+@dataclass
+class Run:
+    """What the steps of `train` share. Built by `setup`, completed by `plan_steps` and `prepare`."""
 
+    cfg: TrainConfig
+    acc: object
+    run_dir: Path
+    data_dir: Path
+    say: Callable
+    policy: TrainPolicy
+    base_path: Path
+    meta: dict
+    model: object  # the PEFT model
+    lora_cfg: object
+    train_ex: list[Example]
+    eval_ex: list[Example]
+    pad_id: int
+    trainable: int
+    total: int
+    log_with: Optional[str] = None
+    t_start: float = field(default_factory=time.time)
+    world: int = 1
+    hardware: dict = field(default_factory=dict)
+    budget: Optional[int] = None
+    global_batch: int = 0
+    horizon: int = 0
+    stop_at: int = 0
+    wrapper: object = None  # SupervisedLM around the model, as accelerate prepared it
+    opt: object = None
+    sched: object = None
+    params: list = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    wait_group: object = None  # gloo group with a long timeout, for waiting on rank 0's checkpoint eval
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    py = s["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-    n = s["numpy"]
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
 
+    @property
+    def metrics_f(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
 
-def _plain(obj):
-    """JSON-shaped copy (an eval hook's summary may hold numpy scalars, which weights_only=True would refuse)."""
-    def default(x):
-        return x.item() if hasattr(x, "item") else str(x)
+    @property
+    def peft_model(self):
+        return self.acc.unwrap_model(self.wrapper).model
 
-    return json.loads(json.dumps(obj, default=default))
+    @property
+    def sharded(self) -> bool:
+        from accelerate.utils import DistributedType
 
-
-def load_trainer_state(path: Path) -> dict:
-    """trainer_state.pt, unpickled with `weights_only=True`: tensors and plain containers load, anything that
-    would construct an arbitrary object (and so could run code) is refused with an error naming the file."""
-    import pickle
-
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else ""
-        raise UserError("--resume: refused to unpickle it: it holds objects other than tensors and plain containers "
-                        f"({'it names ' + what[:200] + ', ' if what else ''}refused by torch.load weights_only=True), "
-                        "so it was written by an earlier gemtune "
-                        "(which pickled numpy RNG state) or not by gemtune at all; nothing in it was run. Start the "
-                        "run again without --resume, or finish it with the release that wrote it.",
-                        file=str(path)) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"--resume: unreadable checkpoint state ({type(e).__name__}: {str(e)[:300]}); truncated or "
-                        "corrupted: delete this checkpoint directory to resume from the one before",
-                        file=str(path)) from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume: not a {STATE_FORMAT} checkpoint state (written by an older gemtune release?); "
-                        "start the run again without --resume", file=str(path))
-    return state
-
-
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in Path(run_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file() and (p / "adapter_model.safetensors").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def sidecar(cfg: TrainConfig, base_path: Path, meta: dict, lora_cfg, *, step: int, trainable: int, total: int,
-            extra: dict | None = None) -> dict:
-    marker = base_path / "gemtune-complete.json"
-    base_sha = sha256_file(marker) if marker.is_file() else sha256_file(base_path / "config.json")
-    return {
-        "format": "gemtune.adapter/1",
-        "base_model": cfg.base,
-        "base_path": str(base_path),
-        "base_revision_sha256": base_sha,
-        "dataset": {"eval_lock_sha256": meta.get("eval_lock_sha256"), "tokenizer_sha256": meta.get("tokenizer_sha256"),
-                    "dir": meta.get("_dir")},
-        "lora": {"r": lora_cfg.r, "alpha": lora_cfg.lora_alpha, "dropout": lora_cfg.lora_dropout,
-                 "target_modules": sorted(lora_cfg.target_modules) if isinstance(lora_cfg.target_modules, (set, list))
-                 else lora_cfg.target_modules},
-        "preset": cfg.preset,
-        "config": cfg.model_dump(),
-        "step": step,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_pct": round(100 * trainable / max(total, 1), 4),
-        **(extra or {}),
-    }
+def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, stop_after: int | None = None,
+          max_steps: int | None = None, resume: bool = False, on_checkpoint: CheckpointHook | None = None,
+          console=None, progress: bool = True) -> TrainResult:
+    """Train, checkpoint and save the adapter. The horizon is `cfg.max_steps` (or `cfg.epochs`); `stop_after`
+    stops at that step without moving it (`--stop-after-steps`). `max_steps` here is the keyword's old meaning,
+    kept for library callers: stop after that step, extending the horizon to it when the plan is shorter."""
+    r = setup(data_dir, run_dir, cfg, console)
+    plan_steps(r, stop_after=stop_after, legacy_stop=max_steps)
+    prepare(r)
+    step = resume_from_checkpoint(r) if resume else start_fresh(r)
+    write_run_record(r)
+    attach = getattr(on_checkpoint, "attach_training_model", None)
+    if callable(attach) and not r.sharded:  # the eval reuses the weights in memory (a sharded model cannot)
+        attach(r.peft_model, device=_model_device(r.peft_model), dtype=r.policy.dtype)
+    result = train_loop(r, step, on_checkpoint, progress)
+    save_final(r, result)
+    r.acc.wait_for_everyone()
+    if r.log_with:
+        r.acc.end_training()
+    result.seconds = time.time() - r.t_start
+    return result
 
 
-def hardware_record(device: torch.device, processes: int) -> dict:
-    """What the run trained on, for the model card: device kind and name, CPU model, cores, threads, processes."""
-    import platform
-
-    hw: dict = {"device": device.type}
-    if device.type == "cuda" and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(device)
-        hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw.update({"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": processes,
-               "torch": torch.__version__.split("+")[0]})
-    return hw
-
-
-def save_adapter(peft_model, out: Path, side: dict) -> None:
-    """PEFT-format adapter + gemtune.json, written atomically."""
-    with atomic_dir(out) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(tmp / "gemtune.json", side)
-
-
-# ---------------------------------------------------------------- main loop
-
-def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_steps: int | None = None,
-          resume: bool = False, on_checkpoint: CheckpointHook | None = None, console=None,
-          progress: bool = True) -> TrainResult:
+def make_accelerator(cfg: TrainConfig, run_dir: Path, log_with: Optional[str]):
+    """accelerate's Accelerator on the configured device: `auto` lets accelerate choose (the GPU of this process
+    when there is one), `cpu` forces the CPU, `cuda:N` pins a single-process run to GPU N."""
     from accelerate import Accelerator
-    from transformers import get_scheduler
 
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {cfg.device}: no CUDA device on this host (use auto or cpu)", field="train.device")
+        if ":" in cfg.device:
+            torch.cuda.set_device(int(cfg.device.split(":")[1]))
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+
+
+def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=None) -> Run:
+    """Accelerator, seeds, the resolved policy, the dataset, the PEFT model (lean kernels on a CPU)."""
     t_start = time.time()
-    run_dir = Path(run_dir)
     log_with = None
     if cfg.report_to:
         mod = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}[cfg.report_to]
@@ -321,9 +329,11 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
         except ImportError:
             raise UserError(f"--report-to {cfg.report_to} needs the {mod} package installed", field="report_to") from None
         log_with = cfg.report_to
-    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_dir=str(run_dir))
-    main = acc.is_main_process
-    say = (console.print if console is not None else print) if main else (lambda *a, **k: None)
+    acc = make_accelerator(cfg, Path(run_dir), log_with)
+    say = (console.print if console is not None else print) if acc.is_main_process else (lambda *a, **k: None)
+    policy = resolve_policy(cfg, acc.device)
+    if (w := emulated_bf16_warning(policy)) is not None:
+        say(f"[yellow]warning:[/yellow] {w}")
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -333,15 +343,16 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     base_path = pull(cfg.base)
     train_recs, eval_recs, meta = read_dataset_dir(Path(data_dir), base_path)
     meta["_dir"] = str(Path(data_dir).resolve())
-    model, tok, lora_cfg = load_model_for_training(cfg, base_path, acc.device)
-    fam = family_of(model)
+    model, tok, lora_cfg = load_model_for_training(cfg, base_path, acc.device, policy)
     trainable, total = count_params(model)
     pct = 100 * trainable / total
     say(f"LoRA preset {cfg.preset}: r={lora_cfg.r} alpha={lora_cfg.lora_alpha} dropout={lora_cfg.lora_dropout} "
-        f"targets={lora_cfg.target_modules} — trainable {trainable:,} of {total:,} ({pct:.3f}%)")
+        f"targets={lora_cfg.target_modules} — trainable {trainable:,} of {total:,} ({pct:.3f}%); "
+        f"{policy.device} {policy.dtype}, gradient checkpointing {'on' if policy.gradient_checkpointing else 'off'}")
     if cfg.preset == "default" and not (0.5 <= pct <= 1.5):
         say(f"[yellow]warning:[/yellow] {pct:.3f}% trainable is outside the 0.5–1.5% the default preset aims for")
 
+    fam = family_of(model)
     train_ex, skipped = encode_records(train_recs, tok, fam, cfg.max_len)
     eval_ex, _ = encode_records(eval_recs, tok, fam, cfg.max_len)
     if skipped:
@@ -351,133 +362,119 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
     pad_id = tok.pad_token_id
     del tok  # the 262k-entry tokenizer is ~300 MB we no longer need: give it back before activations need room
     _release_memory()
-    lean = _install_lean(model, cfg, acc)
+    r = Run(cfg=cfg, acc=acc, run_dir=Path(run_dir), data_dir=Path(data_dir), say=say, policy=policy,
+            base_path=base_path, meta=meta, model=model, lora_cfg=lora_cfg, train_ex=train_ex, eval_ex=eval_ex,
+            pad_id=pad_id, trainable=trainable, total=total, log_with=log_with, t_start=t_start)
+    lean = _install_lean(r)
     if lean is not None:
         say(f"lean training: {lean.describe()}")
+    return r
 
-    world = acc.num_processes
-    hardware = hardware_record(acc.device, world)
-    budget = micro_batch_budget(cfg, acc.device)
-    G = cfg.batch_size * cfg.grad_accum * world
-    horizon = planned_steps(cfg, len(train_ex), G)
-    stop_at = min(max_steps, horizon) if max_steps else horizon
-    if max_steps and max_steps > horizon:
-        horizon = stop_at = max_steps
 
-    wrapper = SupervisedLM(model, chunk=cfg.loss_chunk)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr or get_preset(cfg.preset).lr, weight_decay=cfg.weight_decay)
-    sched = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=math.ceil(cfg.warmup_ratio * horizon), num_training_steps=horizon)
+def plan_steps(r: Run, *, stop_after: Optional[int] = None, legacy_stop: Optional[int] = None) -> None:
+    """Global batch, the LR horizon and the step the loop stops at."""
+    r.world = r.acc.num_processes
+    r.hardware = hardware_record(r.acc.device, r.world)
+    r.budget = micro_batch_budget(r.cfg, r.acc.device)
+    r.global_batch = r.cfg.batch_size * r.cfg.grad_accum * r.world
+    r.horizon = planned_steps(r.cfg, len(r.train_ex), r.global_batch)
+    r.stop_at = min(stop_after, r.horizon) if stop_after else r.horizon
+    if legacy_stop:
+        r.stop_at = min(legacy_stop, r.stop_at)
+        if legacy_stop > r.horizon:
+            r.horizon = r.stop_at = legacy_stop
+
+
+def prepare(r: Run) -> None:
+    """Optimizer over the LoRA parameters (fp32), the LR schedule over the horizon, accelerate's wrapping."""
+    from transformers import get_scheduler
+
+    cfg = r.cfg
+    wrapper = SupervisedLM(r.model, chunk=cfg.loss_chunk)
     # the scheduler stays unwrapped: accelerate's wrapper steps it once per process, which would make the
     # learning rate depend on the number of processes
-    wrapper, opt = acc.prepare(wrapper, opt)
-    peft_model = acc.unwrap_model(wrapper).model
+    if r.sharded:  # FSDP/DeepSpeed replace the parameters: build the optimizer over the prepared model's
+        wrapper = r.acc.prepare(wrapper)
+        r.params = [p for p in wrapper.parameters() if p.requires_grad]
+        r.opt = r.acc.prepare(_adamw(r.params, cfg))
+    else:
+        r.params = [p for p in r.model.parameters() if p.requires_grad]
+        wrapper, r.opt = r.acc.prepare(wrapper, _adamw(r.params, cfg))
+    r.wrapper = wrapper
+    r.sched = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup", r.opt,
+                            num_warmup_steps=math.ceil(cfg.warmup_ratio * r.horizon), num_training_steps=r.horizon)
+    if r.world > 1 and torch.distributed.is_initialized():
+        r.wait_group = torch.distributed.new_group(backend="gloo", timeout=EVAL_WAIT)
 
-    step = 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_f = run_dir / "metrics.jsonl"
-    history: list[dict] = []
-    if resume:
-        ckpts = complete_checkpoints(run_dir)
-        if not ckpts:
-            raise UserError("--resume: no complete checkpoint found", file=str(run_dir))
-        step, ck = ckpts[-1]
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(peft_model, load_file(str(ck / "adapter_model.safetensors")))
-        state = load_trainer_state(ck / STATE_FILE)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng = state["rng"][acc.process_index] if acc.process_index < len(state["rng"]) else state["rng"][0]
-        _set_rng_state(rng)
-        history = [h for h in state.get("history", []) if h["step"] <= step]
-        if main:
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        say(f"resumed from {ck.name} (step {step})")
-    elif main and metrics_f.exists():
-        metrics_f.unlink()
+def _adamw(params, cfg: TrainConfig):
+    return torch.optim.AdamW(params, lr=cfg.lr or get_preset(cfg.preset).lr, weight_decay=cfg.weight_decay)
 
-    if main:
-        atomic_write_json(run_dir / "run.json", {"data": str(Path(data_dir).resolve()), "config": cfg.model_dump(),
-                                                 "horizon": horizon, "processes": world,
-                                                 "hardware": hardware})
-    if log_with:
-        acc.init_trackers("gemtune", config=cfg.model_dump())
 
-    result = TrainResult(run_dir, run_dir / "adapter", step, trainable=trainable, total_params=total)
+def start_fresh(r: Run) -> int:
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    if r.main and r.metrics_f.exists():
+        r.metrics_f.unlink()
+    return 0
+
+
+def resume_from_checkpoint(r: Run) -> int:
+    """Adapter weights, optimizer, scheduler, this process's RNG and the metrics history of the last complete
+    checkpoint; returns its step."""
+    ckpts = complete_checkpoints(r.run_dir)
+    if not ckpts:
+        raise UserError("--resume: no complete checkpoint found", file=str(r.run_dir))
+    step, ck = ckpts[-1]
+    state = load_trainer_state(ck / STATE_FILE)
+    from gemtune.train.sharded import load_training_state
+
+    load_training_state(r, ck, state)
+    rngs = state["rng"]
+    set_rng_state(rngs[r.acc.process_index] if r.acc.process_index < len(rngs) else rngs[0])
+    r.history = [h for h in state.get("history", []) if h["step"] <= step]
+    if r.main:
+        r.metrics_f.write_text("".join(json.dumps(h) + "\n" for h in r.history))
+    r.say(f"resumed from {ck.name} (step {step})")
+    return step
+
+
+def write_run_record(r: Run) -> None:
+    if r.main:
+        atomic_write_json(r.run_dir / "run.json", {
+            "data": str(r.data_dir.resolve()), "config": r.cfg.model_dump(), "horizon": r.horizon,
+            "stop_at": r.stop_at, "processes": r.world, "hardware": r.hardware, "resolved": r.policy.record()})
+    if r.log_with:
+        r.acc.init_trackers("gemtune", config=r.cfg.model_dump())
+
+
+@dataclass
+class _Meter:
+    """Tokens and examples done since the loop started (this session), for throughput and ETA."""
+
+    world: int
+    t0: float = field(default_factory=time.time)
+    tokens: int = 0
+    examples: int = 0
+
+    def rates(self) -> tuple[float, float]:
+        dt = max(time.time() - self.t0, 1e-9)
+        return self.examples * self.world / dt, self.tokens * self.world / dt
+
+
+def train_loop(r: Run, step: int, on_checkpoint: CheckpointHook | None, progress: bool) -> TrainResult:
+    cfg = r.cfg
+    result = TrainResult(r.run_dir, r.run_dir / "adapter", step, trainable=r.trainable, total_params=r.total)
     best_eval, bad_evals = math.inf, 0
-    tokens_done, examples_done, t_loop = 0, 0, time.time()
-    pbar = _progress(main and progress, stop_at, step)
-
-    def do_checkpoint(s: int) -> None:
-        rng_all = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if world > 1 else [_rng_state()]
-        if main:
-            side = sidecar(cfg, base_path, meta, lora_cfg, step=s, trainable=trainable, total=total,
-                           extra={"hardware": hardware})
-            ck = run_dir / f"checkpoint-{s}"
-            with atomic_dir(ck) as tmp:
-                peft_model.save_pretrained(tmp, safe_serialization=True)
-                atomic_write_json(tmp / "gemtune.json", side)
-                torch.save({"format": STATE_FORMAT, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "rng": rng_all, "step": s, "history": _plain(history)}, tmp / STATE_FILE)
-            _prune(run_dir, cfg.save_total_limit)
-            if on_checkpoint is not None:
-                summary = on_checkpoint(ck, s)
-                if summary is not None:
-                    history[-1]["eval"] = summary if isinstance(summary, dict) else str(summary)
-        acc.wait_for_everyone()
-
-    model.train()
-    while step < stop_at:
-        idx = example_indices(step, G, len(train_ex), cfg.seed)
-        micro = [idx[m * cfg.batch_size * world:(m + 1) * cfg.batch_size * world] for m in range(cfg.grad_accum)]
-        mine = [[train_ex[i] for i in mb[acc.process_index * cfg.batch_size:(acc.process_index + 1) * cfg.batch_size]]
-                for mb in micro]
-        n_global = sum(train_ex[i].n_supervised for i in idx)
-        loss_sum_local = 0.0
-        if budget:
-            split = split_packed if cfg.packing else split_by_tokens
-            mine = [piece for mb in mine for piece in split(mb, budget)]
-        for mb in mine:
-            batch = pack(mb, pad_id, cfg.max_len) if cfg.packing else collate(mb, pad_id)
-            with acc.no_sync(wrapper) if mb is not mine[-1] and world > 1 else _null():
-                loss_sum, _ = wrapper(batch["input_ids"], batch["labels"], batch["position_ids"])
-                # DDP averages gradients over processes; scale so the result is sum(token losses) / global count
-                acc.backward(loss_sum * world / n_global)
-            loss_sum_local += float(loss_sum.detach())
-            tokens_done += sum(len(e.input_ids) for e in mb)
-            examples_done += len(mb)
-        grad_norm = None
-        if cfg.max_grad_norm:  # the norm before clipping, as TRL/Axolotl log it
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    meter = _Meter(r.world)
+    bar = make_progress(r.main and progress, r.stop_at, step, log_every=cfg.log_every)
+    r.model.train()
+    while step < r.stop_at:
+        loss, grad_norm = train_step(r, step, meter)
         step += 1
         if _STEP_DELAY:  # tests only: widen the window in which a SIGKILL lands mid-run
             time.sleep(_STEP_DELAY)
-        loss = float(acc.reduce(torch.tensor(loss_sum_local), "sum")) / n_global
-        elapsed = max(time.time() - t_loop, 1e-9)
-        tok_s = tokens_done * world / elapsed
-        rec = {"step": step, "loss": round(loss, 6), "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_s, 1),
-               "examples_per_s": round(examples_done * world / elapsed, 3), "time": round(time.time() - t_start, 2)}
-        if grad_norm is not None:
-            rec["grad_norm"] = round(grad_norm, 6)
-        result.losses.append(loss)
-        if cfg.eval_loss_every and eval_ex and step % cfg.eval_loss_every == 0:
-            rec["eval_loss"] = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size)
-            result.eval_losses[step] = rec["eval_loss"]
-            model.train()
-        history.append(rec)
-        if main:
-            with open(metrics_f, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if log_with:
-            acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-        if pbar:
-            pbar.update(step, loss, tok_s, rec.get("eval_loss"))
+        rec = log_step(r, step, loss, grad_norm, meter, result, bar)
+        _test_gate(step)
         stop_early = False
         if "eval_loss" in rec and cfg.early_stopping_patience:
             if rec["eval_loss"] < best_eval - 1e-6:
@@ -485,45 +482,148 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, max_st
             else:
                 bad_evals += 1
                 stop_early = bad_evals >= cfg.early_stopping_patience
-        checkpoint_now = (cfg.save_every and step % cfg.save_every == 0) or step == stop_at or stop_early
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            checkpoint_now = True
-        if checkpoint_now:
-            do_checkpoint(step)
+        due = (cfg.save_every and step % cfg.save_every == 0) or (cfg.eval_every and step % cfg.eval_every == 0)
+        if due or step == r.stop_at or stop_early:
+            save_checkpoint(r, step, on_checkpoint)
         if stop_early:
-            say(f"early stopping at step {step}: eval loss did not improve for {cfg.early_stopping_patience} evaluations")
+            r.say(f"early stopping at step {step}: eval loss did not improve for {cfg.early_stopping_patience} "
+                  "evaluations")
             result.stopped_early = True
             break
-    if pbar:
-        pbar.close()
-    loop_s = max(time.time() - t_loop, 1e-9)  # the training loop only: not the final eval below
-
+    if bar:
+        bar.close()
     result.steps = step
-    if main:
-        final_eval = eval_loss(acc.unwrap_model(wrapper), eval_ex, pad_id, cfg.batch_size) if eval_ex else None
-        side = sidecar(cfg, base_path, meta, lora_cfg, step=step, trainable=trainable, total=total,
-                       extra={"hardware": hardware,
-                              "final_train_loss": result.losses[-1] if result.losses else None,
-                              "final_eval_loss": final_eval})
-        ck = run_dir / f"checkpoint-{step}"
+    result.examples_per_s, result.tokens_per_s = meter.rates()  # the loop only: not the final eval
+    return result
+
+
+def _test_gate(step: int) -> None:
+    """Tests only: with GEMTUNE_TEST_STEP_GATE=DIR, wait after logging step n until DIR/step-n exists, so a test
+    can hold a run at a step for as long as it needs, whatever the machine's speed."""
+    gate = os.environ.get("GEMTUNE_TEST_STEP_GATE")
+    if gate:
+        while not (Path(gate) / f"step-{step}").exists():
+            time.sleep(0.01)
+
+
+def _my_micro_batches(r: Run, idx: list[int]) -> list[list[Example]]:
+    """This process's share of each micro-batch of the step, cut to the token budget."""
+    cfg, rank, bs = r.cfg, r.acc.process_index, r.cfg.batch_size
+    micro = [idx[m * bs * r.world:(m + 1) * bs * r.world] for m in range(cfg.grad_accum)]
+    mine = [[r.train_ex[i] for i in mb[rank * bs:(rank + 1) * bs]] for mb in micro]
+    if r.budget:
+        split = split_packed if cfg.packing else split_by_tokens
+        mine = [piece for mb in mine for piece in split(mb, r.budget)]
+    return mine
+
+
+def train_step(r: Run, step: int, meter: _Meter) -> tuple[float, Optional[float]]:
+    """One optimizer step (0-based `step`): forward/backward over this process's micro-batches, clip, step.
+    Returns the step's mean token loss over every process and the gradient norm before clipping."""
+    cfg, acc = r.cfg, r.acc
+    idx = example_indices(step, r.global_batch, len(r.train_ex), cfg.seed)
+    mine = _my_micro_batches(r, idx)
+    n_global = sum(r.train_ex[i].n_supervised for i in idx)
+    loss_sum_local = 0.0
+    for mb in mine:
+        batch = pack(mb, r.pad_id, cfg.max_len) if cfg.packing else collate(mb, r.pad_id)
+        sync = mb is mine[-1] or r.world == 1
+        with contextlib.nullcontext() if sync else acc.no_sync(r.wrapper):
+            loss_sum, _ = r.wrapper(batch["input_ids"], batch["labels"], batch["position_ids"])
+            # DDP averages gradients over processes; scale so the result is sum(token losses) / global count
+            acc.backward(loss_sum * r.world / n_global)
+        loss_sum_local += float(loss_sum.detach())
+        meter.tokens += sum(len(e.input_ids) for e in mb)
+        meter.examples += len(mb)
+    grad_norm = None
+    if cfg.max_grad_norm:  # the norm before clipping, as TRL/Axolotl log it
+        grad_norm = float(acc.clip_grad_norm_(r.params, cfg.max_grad_norm))
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    total = acc.reduce(torch.tensor(loss_sum_local, dtype=torch.float64, device=acc.device), "sum")
+    return float(total) / n_global, grad_norm
+
+
+def log_step(r: Run, step: int, loss: float, grad_norm: Optional[float], meter: _Meter, result: TrainResult,
+             bar) -> dict:
+    """The step's record: metrics.jsonl, the tracker, the progress bar or line; eval loss when due."""
+    ex_s, tok_s = meter.rates()
+    rec = {"step": step, "loss": round(loss, 6), "lr": r.sched.get_last_lr()[0], "tokens_per_s": round(tok_s, 1),
+           "examples_per_s": round(ex_s, 3), "time": round(time.time() - r.t_start, 2)}
+    if grad_norm is not None:
+        rec["grad_norm"] = round(grad_norm, 6)
+    result.losses.append(loss)
+    if r.cfg.eval_loss_every and r.eval_ex and step % r.cfg.eval_loss_every == 0:
+        rec["eval_loss"] = eval_loss(r.acc.unwrap_model(r.wrapper), r.eval_ex, r.pad_id, r.cfg.batch_size)
+        result.eval_losses[step] = rec["eval_loss"]
+        r.model.train()
+    r.history.append(rec)
+    if r.main:
+        with open(r.metrics_f, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    if r.log_with:
+        r.acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+    if bar:
+        bar.update(step, loss=loss, examples_per_s=ex_s, tokens_per_s=tok_s, lr=rec["lr"],
+                   eval_loss=rec.get("eval_loss"))
+    return rec
+
+
+def save_checkpoint(r: Run, step: int, on_checkpoint: CheckpointHook | None) -> None:
+    """`checkpoint-{step}`: adapter, gemtune.json, optimizer/scheduler/RNG state (gathered from every process),
+    written atomically; then the eval hook on rank 0 while the others wait for it."""
+    from gemtune.train.sharded import write_checkpoint
+
+    ck = write_checkpoint(r, step, extra={"hardware": r.hardware, "resolved": r.policy.record()})
+    if on_checkpoint is not None:
+        if r.main:
+            summary = on_checkpoint(ck, step)
+            if summary is not None:
+                r.history[-1]["eval"] = summary if isinstance(summary, dict) else str(summary)
+            r.model.train()
+        _wait_for_rank0(r)
+    r.acc.wait_for_everyone()
+
+
+def _wait_for_rank0(r: Run) -> None:
+    """Hold the other processes while rank 0 evaluates, on a gloo group whose timeout outlasts any eval (the
+    training group's timeout, 10-30 min, would kill a long eval's run)."""
+    if r.wait_group is not None:
+        torch.distributed.barrier(group=r.wait_group)
+
+
+def save_final(r: Run, result: TrainResult) -> None:
+    """The adapter (with the last checkpoint's eval verdict), the loss plot, the final eval loss."""
+    from gemtune.train.sharded import gather_adapter_state
+
+    final_eval = eval_loss(r.acc.unwrap_model(r.wrapper), r.eval_ex, r.pad_id, r.cfg.batch_size) \
+        if r.eval_ex and (r.main or r.sharded) else None  # a sharded forward needs every process
+    adapter_state = gather_adapter_state(r) if r.sharded else None
+    if r.main:
+        side = sidecar(r.cfg, r.base_path, r.meta, r.lora_cfg, step=result.steps, trainable=r.trainable,
+                       total=r.total, extra={"hardware": r.hardware, "resolved": r.policy.record(),
+                                             "final_train_loss": result.losses[-1] if result.losses else None,
+                                             "final_eval_loss": final_eval})
+        ck = r.run_dir / f"checkpoint-{result.steps}"
         if (ck / "gemtune.json").is_file():  # carry the eval hook's verdict onto the final adapter
             prev = json.loads((ck / "gemtune.json").read_text())
             for k in ("eval", "shippable"):
                 if k in prev:
                     side[k] = prev[k]
-        save_adapter(peft_model, result.adapter_dir, side)
-        _plot_loss(run_dir)
-    else:
-        final_eval = None
-    acc.wait_for_everyone()
-    if log_with:
-        acc.end_training()
-    result.seconds = time.time() - t_start
-    result.examples_per_s = examples_done * world / loop_s
-    result.tokens_per_s = tokens_done * world / loop_s
+        save_adapter(r.peft_model, result.adapter_dir, side, state_dict=adapter_state)
+        _plot_loss(r.run_dir)
     if final_eval is not None:
-        result.eval_losses[step] = final_eval
-    return result
+        result.eval_losses[result.steps] = final_eval
+
+
+def _model_device(model) -> torch.device:
+    """Where the model's inputs must be: the device of its input embeddings (accelerate, a device_map or FSDP
+    put it there)."""
+    from gemtune.train.loss import _causal_lm
+
+    emb = _causal_lm(model).get_input_embeddings()
+    return emb.weight.device
 
 
 @torch.no_grad()
@@ -582,19 +682,18 @@ def split_packed(examples: list[Example], budget: int) -> list[list[Example]]:
     return bins
 
 
-def _install_lean(model, cfg: TrainConfig, acc):
-    """Memory-lean kernels and bf16 storage of the frozen base (see gemtune.train.lean), where they apply."""
-    from accelerate.utils import DistributedType
-
+def _install_lean(r: Run):
+    """Memory-lean kernels and bf16 storage of the frozen base (see gemtune.train.lean), where they apply: an
+    fp32, unquantised, unsharded run (the CPU default)."""
     from gemtune.train.lean import install
 
-    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if not cfg.lean or cfg.quant or cfg.dtype != "float32" or sharded:
-        if cfg.frozen_storage == "bfloat16" and (cfg.quant or sharded):
+    cfg = r.cfg
+    if not cfg.lean or cfg.quant or r.policy.dtype != "float32" or r.sharded:
+        if cfg.frozen_storage == "bfloat16" and (cfg.quant or r.sharded):
             raise UserError("frozen_storage: bfloat16 needs an unquantised, unsharded base", field="frozen_storage")
         return None
     bf16 = cfg.frozen_storage in ("auto", "bfloat16")
-    rep = install(model, bf16_storage=bf16)
+    rep = install(r.model, bf16_storage=bf16)
     _release_memory()
     return rep
 
@@ -608,26 +707,6 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _prune(run_dir: Path, limit: int | None) -> None:
-    if not limit:
-        return
-    ckpts = complete_checkpoints(run_dir)
-    best = None
-    if (run_dir / "best.json").is_file():
-        best = json.loads((run_dir / "best.json").read_text()).get("checkpoint")
-    for s, p in ckpts[:-limit]:
-        if p.name != best:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _plot_loss(run_dir: Path) -> None:
@@ -653,27 +732,3 @@ def _plot_loss(run_dir: Path) -> None:
     fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, run_dir / "loss.png")
-
-
-class _progress:
-    """rich progress bar with loss, tokens/s and ETA; a no-op when disabled."""
-
-    def __new__(cls, enabled: bool, total: int, start: int):
-        if not enabled:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                          TimeRemainingColumn(), transient=False)
-        self.p.start()
-        self.task = self.p.add_task("train", total=total, completed=start, info="")
-
-    def update(self, step, loss, tok_s, eval_loss):
-        info = f"loss {loss:.4f}  {tok_s:,.0f} tok/s" + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "")
-        self.p.update(self.task, completed=step, info=info)
-
-    def close(self):
-        self.p.stop()

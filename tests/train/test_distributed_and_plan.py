@@ -78,7 +78,7 @@ sys.path.insert(0, {tests!r})
 from gemtune.train.config import TrainConfig
 from gemtune.train.trainer import train
 cfg = TrainConfig(base={base!r}, batch_size={bs}, lr=1e-3, seed=3, lora={{"dropout": 0.0}})
-res = train({data!r}, {out!r}, cfg, max_steps=4, progress=False)
+res = train({data!r}, {out!r}, cfg, stop_after=4, progress=False)
 """
 
 
@@ -123,7 +123,7 @@ def test_plan_matches_measured_peak_rss_of_a_cpu_run(real_base, tmp_path):
         "from gemtune.train.config import TrainConfig\n"
         "from gemtune.train.trainer import train\n"
         f"train({str(data)!r}, {str(tmp_path / 'run')!r}, TrainConfig(base='gemma-3-270m', batch_size=8, max_len=128),"
-        " max_steps=2, progress=False)\n"
+        " stop_after=2, progress=False)\n"
         # VmHWM is this process's own high-water mark: ru_maxrss would carry over the size of the (large) pytest
         # process that forked it, because Linux keeps the pre-exec maximum
         "hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"

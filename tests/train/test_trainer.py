@@ -68,13 +68,13 @@ def test_cli_train_writes_adapter_and_checkpoints(tiny_gemma3, route_data, tmp_p
 @pytest.mark.parametrize("family", ["gemma3", "gemma4"])
 def test_resume_gives_same_weights_as_straight_run(family, request, route_data, tmp_path):
     base = request.getfixturevalue(f"tiny_{family}")
-    straight = train(route_data, tmp_path / "a", cfg(base, max_steps=None), max_steps=4, progress=False)
-    train(route_data, tmp_path / "b", cfg(base, save_every=2), max_steps=2, progress=False)
-    resumed = train(route_data, tmp_path / "b", cfg(base, save_every=2), max_steps=4, resume=True, progress=False)
+    straight = train(route_data, tmp_path / "a", cfg(base, max_steps=None), stop_after=4, progress=False)
+    train(route_data, tmp_path / "b", cfg(base, save_every=2), stop_after=2, progress=False)
+    resumed = train(route_data, tmp_path / "b", cfg(base, save_every=2), stop_after=4, resume=True, progress=False)
     assert resumed.steps == 4
     assert max_diff(weights(straight.adapter_dir), weights(resumed.adapter_dir)) < 1e-5
     # and a differently seeded run really is different (the comparison can fail)
-    other = train(route_data, tmp_path / "c", cfg(base, seed=8), max_steps=4, progress=False)
+    other = train(route_data, tmp_path / "c", cfg(base, seed=8), stop_after=4, progress=False)
     assert max_diff(weights(straight.adapter_dir), weights(other.adapter_dir)) > 1e-4
     # metrics of the resumed run are continuous and match the straight run's losses
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_resume_gives_same_weights_as_straight_run(family, request, route_data, 
 
 
 def test_sigkill_mid_run_then_resume(tiny_gemma3, route_data, tmp_path):
-    straight = train(route_data, tmp_path / "a", cfg(tiny_gemma3), max_steps=8, progress=False)
+    straight = train(route_data, tmp_path / "a", cfg(tiny_gemma3), stop_after=8, progress=False)
     run = tmp_path / "killed"
     cmd = GEMTUNE + ["train", "--data", str(route_data), "--out", str(run), "--base", str(tiny_gemma3),
                      "--max-steps", "8", "--save-every", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "7"]
@@ -103,7 +103,7 @@ def test_sigkill_mid_run_then_resume(tiny_gemma3, route_data, tmp_path):
 
 def test_checkpoint_write_failure_keeps_previous_checkpoint(tiny_gemma3, route_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=2, progress=False)
+    train(route_data, run, cfg(tiny_gemma3, save_every=2), stop_after=2, progress=False)
     before = weights(run / "checkpoint-2")
     import gemtune.train.trainer as tr
 
@@ -116,7 +116,7 @@ def test_checkpoint_write_failure_keeps_previous_checkpoint(tiny_gemma3, route_d
 
     monkeypatch.setattr(tr.torch, "save", full_disk)
     with pytest.raises(OSError):
-        train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=4, resume=True, progress=False)
+        train(route_data, run, cfg(tiny_gemma3, save_every=2), stop_after=4, resume=True, progress=False)
     assert [s for s, _ in complete_checkpoints(run)] == [2]
     assert not [p for p in run.iterdir() if "checkpoint-4" in p.name]
     assert max_diff(before, weights(run / "checkpoint-2")) == 0
@@ -124,7 +124,7 @@ def test_checkpoint_write_failure_keeps_previous_checkpoint(tiny_gemma3, route_d
 
 def test_qlora_step_and_adapter_loads_on_unquantised_base(tiny_gemma3, route_data, tmp_path):
     pytest.importorskip("bitsandbytes")
-    res = train(route_data, tmp_path / "q", cfg(tiny_gemma3, quant="4bit"), max_steps=2, progress=False)
+    res = train(route_data, tmp_path / "q", cfg(tiny_gemma3, quant="4bit"), stop_after=2, progress=False)
     assert len(res.losses) == 2 and all(l == l for l in res.losses)
     ac = json.loads((res.adapter_dir / "adapter_config.json").read_text())
     assert ac["modules_to_save"] is None and ac["r"] == 16
@@ -146,7 +146,7 @@ def test_hook_called_per_checkpoint_and_early_stopping(tiny_gemma3, route_data, 
         seen.append((step, (ck / "adapter_model.safetensors").is_file()))
         return {"accuracy": 0.5}
 
-    res = train(route_data, tmp_path / "h", cfg(tiny_gemma3, save_every=2), max_steps=6, on_checkpoint=hook,
+    res = train(route_data, tmp_path / "h", cfg(tiny_gemma3, save_every=2), stop_after=6, on_checkpoint=hook,
                 progress=False)
     assert seen == [(2, True), (4, True), (6, True)]
     # train always answers "aaaa", eval expects "zzzz": fitting train makes eval loss worse, patience 2 stops
@@ -158,8 +158,8 @@ def test_hook_called_per_checkpoint_and_early_stopping(tiny_gemma3, route_data, 
     d.mkdir()
     (d / "train.jsonl").write_text(rows("aaaa", 16))
     (d / "eval.jsonl").write_text(rows("zzzz", 4))
-    res = train(d, tmp_path / "e", cfg(tiny_gemma3, lr=1e-2, eval_loss_every=1, early_stopping_patience=2),
-                max_steps=40, progress=False)
+    res = train(d, tmp_path / "e", cfg(tiny_gemma3, lr=1e-2, eval_loss_every=1, early_stopping_patience=2,
+                                      max_steps=40), progress=False)
     losses = [res.eval_losses[k] for k in sorted(res.eval_losses)]
     assert res.stopped_early and res.steps < 40, losses
     assert losses[-2] > min(losses[:-2]) - 1e-6
@@ -222,12 +222,12 @@ def test_micro_batch_token_budget_does_not_change_the_math(tiny_gemma3, route_da
 
         monkeypatch.setattr(trainer, name, counted)
     kw = dict(packing=packing, lora={"dropout": 0.0})
-    whole = train(route_data, tmp_path / "whole", cfg(tiny_gemma3, micro_batch_tokens=None, **kw), max_steps=3,
+    whole = train(route_data, tmp_path / "whole", cfg(tiny_gemma3, micro_batch_tokens=None, **kw), stop_after=3,
                   progress=False)
     steps, final_eval = seen[:-2], seen[-2:]  # the final eval loss: 8 eval examples in batches of 4, never split
     assert len(steps) == 3 and all(n == 4 for n, _ in steps)
     seen.clear()
-    split = train(route_data, tmp_path / "split", cfg(tiny_gemma3, micro_batch_tokens=96, **kw), max_steps=3,
+    split = train(route_data, tmp_path / "split", cfg(tiny_gemma3, micro_batch_tokens=96, **kw), stop_after=3,
                   progress=False)
     steps = seen[:-2]
     assert seen[-2:] == final_eval and len(steps) > 3 and sum(n for n, _ in steps) == 12
@@ -255,8 +255,13 @@ def test_micro_batch_budget_auto_and_validation():
 
 def test_4bit_base_is_loaded_on_the_training_device(monkeypatch):
     """accelerate refuses a 4-bit model on another device than the process's, and bnb weights cannot move after
-    quantisation: QLoRA must load straight onto this process's device (a GPU's index included)."""
+    quantisation: QLoRA must load straight onto this process's device (a GPU's index included). On a bf16 GPU the
+    4-bit weights are stored in bf16 containers (FSDP can shard them), computing in bf16 with double quant."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
     import gemtune.base.loader as loader
+    from gemtune.train.policy import resolve_policy
     from gemtune.train.trainer import load_model_for_training, quant_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -267,16 +272,27 @@ def test_4bit_base_is_loaded_on_the_training_device(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_load_base(path, **kw):
+    def fake_load(path, **kw):
         seen.append(kw)
         raise Stop
 
-    monkeypatch.setattr(loader, "load_base", fake_load_base)
-    for quant, device, want in (("4bit", torch.device("cuda"), "cuda:1"), ("4bit", torch.device("cpu"), "cpu"),
-                                (None, torch.device("cuda"), None)):
+    monkeypatch.setattr(loader, "load_base", fake_load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_load)
+    for quant, device, want, storage in (("4bit", torch.device("cuda"), "cuda:1", torch.bfloat16),
+                                         ("4bit", torch.device("cpu"), "cpu", torch.uint8),
+                                         (None, torch.device("cuda"), None, None)):
+        c = cfg("x", quant=quant)
         with pytest.raises(Stop):
-            load_model_for_training(cfg("x", quant=quant), Path("x"), device)
-        assert seen[-1].get("device") == want and seen[-1]["quant"] == quant
+            load_model_for_training(c, Path("x"), device, resolve_policy(c, device, native_bf16=True))
+        kw = seen[-1]
+        if quant is None:
+            assert kw == {"dtype": "bfloat16"}  # a GPU's auto dtype
+            continue
+        q = kw["quantization_config"]
+        assert kw["device_map"] == {"": want} and q.load_in_4bit and q.bnb_4bit_quant_type == "nf4"
+        assert q.bnb_4bit_use_double_quant and q.bnb_4bit_quant_storage == storage
+        assert q.bnb_4bit_compute_dtype == (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        assert kw["attn_implementation"] == "sdpa"
 
 
 class _Payload:
@@ -295,7 +311,7 @@ def test_resume_never_unpickles_code_and_refuses_old_pickled_states(tiny_gemma3,
     from gemtune.train.trainer import STATE_FILE, STATE_FORMAT
 
     run = tmp_path / "run"
-    train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=2, progress=False)
+    train(route_data, run, cfg(tiny_gemma3, save_every=2), stop_after=2, progress=False)
     state_file = run / "checkpoint-2" / STATE_FILE
     state = torch.load(state_file, weights_only=True)  # what the trainer writes loads without any pickle
     assert state["format"] == STATE_FORMAT and state["step"] == 2
@@ -304,7 +320,7 @@ def test_resume_never_unpickles_code_and_refuses_old_pickled_states(tiny_gemma3,
     marker = tmp_path / "pwned"
     torch.save({**state, "optimizer": _Payload(marker)}, state_file)
     with pytest.raises(UserError, match="refused to unpickle it") as e:
-        train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=4, resume=True, progress=False)
+        train(route_data, run, cfg(tiny_gemma3, save_every=2), stop_after=4, resume=True, progress=False)
     assert str(state_file) in str(e.value) and "io.open" in str(e.value)
     assert not marker.exists()
     # a state pickled the old way (numpy RNG state as an ndarray): refused with a clear message, not unpickled
@@ -313,5 +329,5 @@ def test_resume_never_unpickles_code_and_refuses_old_pickled_states(tiny_gemma3,
                    "numpy": np.random.get_state()}]
     torch.save(old, state_file)
     with pytest.raises(UserError, match="earlier gemtune") as e:
-        train(route_data, run, cfg(tiny_gemma3, save_every=2), max_steps=4, resume=True, progress=False)
+        train(route_data, run, cfg(tiny_gemma3, save_every=2), stop_after=4, resume=True, progress=False)
     assert "numpy" in str(e.value) and not (run / "checkpoint-4").exists()
