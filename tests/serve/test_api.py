@@ -737,3 +737,47 @@ def test_tenant_over_its_own_limit_gets_429_others_do_not(strict):
         gw.backend.tokenizer = held.real
     assert out[1].status_code == 200 and out[2].status_code == 200, (out[1].text, out[2].text)
     assert queued() == 0
+
+
+def test_gemtune_serve_applies_header_timeout_and_body_cap(setup, tiny_gemma3, tmp_path):
+    """The CLI server (not only ServerThread) closes partial requests and caps bodies."""
+    import socket
+    import subprocess
+    import sys
+
+    assert _cli("serve", "--registry", str(tmp_path / "r"), "--header-timeout", "0") == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gemtune.cli", "serve", "--registry", str(setup["root"]),
+                             "--base", str(tiny_gemma3), "--port", str(port), "--max-model-len", "256",
+                             "--header-timeout", "1", "--max-body-mib", "0.01"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            try:
+                assert _recv_all(s) == b""
+            except socket.timeout:
+                raise AssertionError("gemtune serve kept a partial request open for 60 s") from None
+        r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "x" * 20_000}, timeout=60)
+        _shape(r, 413)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
