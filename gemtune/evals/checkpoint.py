@@ -1,6 +1,12 @@
 """Eval at every checkpoint: the training stage calls the function built here; it never imports evals itself
 (the CLI wires the two together), so training stays usable without the eval stage.
 
+During training the hook evaluates the model being trained (`attach_training_model`, called by the trainer):
+the checkpoint's outputs come from the in-memory PEFT model with its adapter enabled, the base's with the adapter
+disabled (computed once, and cached), on the training device in the training dtype: no second copy of the base
+in memory. Without an attached model (a sharded run, or a baseline that is another adapter) it loads the base
+once, as `gemtune eval` does.
+
 Each call evaluates one checkpoint (a PEFT adapter dir) against a baseline computed once per run, writes
 `ckpt/eval/{results.json,summary.json,report.html}`, prints (and posts) the one-line diff, and records the
 summary plus `"shippable"` (gate passed) in `ckpt/gemtune.json`, which the registry reads to refuse a checkpoint
@@ -9,16 +15,18 @@ that failed the gate. `mark_best` then names the best gate-passing checkpoint of
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from gemtune.errors import UserError
-from gemtune.evals.cache import OutputCache
+from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
 from gemtune.evals.compare import load_results
 from gemtune.evals.config import EvalConfig
 from gemtune.evals.adapters import read_sidecar
 from gemtune.evals.pipeline import Evaluator, compare_and_report, history_point, is_results_file, resolve_adapter
+from gemtune.evals.runner import ModelUnderTest, evaluate
 from gemtune.evals.suite import load_suite
 from gemtune.utils import atomic_write_json
 
@@ -69,34 +77,93 @@ class CheckpointEvaluator:
         self.no_cache, self.echo, self.progress = no_cache, echo, progress
         self._evaluator: Optional[Evaluator] = None
         self._baseline_doc: Optional[dict] = None
+        self._live = None  # the PEFT model being trained, when the trainer attached it
+        self._live_tok = None
+        self.cache = OutputCache(read=not no_cache)
         if self.baseline != "base" and is_results_file(self.baseline):
             self._baseline_doc = load_results(self.baseline)
 
     @property
     def evaluator(self) -> Evaluator:
+        """A separately loaded base: only when no training model is attached."""
         if self._evaluator is None:
-            self._evaluator = Evaluator(self.base, config=self.config, cache=OutputCache(read=not self.no_cache),
-                                        progress=self.progress)
+            self._evaluator = Evaluator(self.base, config=self.config, cache=self.cache, progress=self.progress)
         return self._evaluator
+
+    def attach_training_model(self, model, **_) -> None:
+        """Evaluate checkpoints on `model`, the PEFT model being trained (its weights are the checkpoint's when the
+        hook runs), instead of loading the base a second time."""
+        self._live = model
+
+    @contextlib.contextmanager
+    def _on_training_model(self, adapter: Optional[Path], name: str) -> Iterator[ModelUnderTest]:
+        """The training model in eval mode: adapter enabled (a checkpoint) or disabled (the base)."""
+        from gemtune.base.families import family_of
+        from gemtune.base.loader import load_tokenizer
+        from gemtune.base.provision import pull
+        from gemtune.evals.engine import make_generator
+
+        model, base_path = self._live, pull(self.base)
+        if self._live_tok is None:
+            self._live_tok = (load_tokenizer(base_path), dir_fingerprint(base_path))
+        tok, base_sha = self._live_tok
+        fam, was_training = family_of(model), model.training
+        model.eval()
+        try:
+            with model.disable_adapter() if adapter is None else contextlib.nullcontext():
+                gen = make_generator(model, tok, batch_size=self.config.batch_size, seed=self.config.seed,
+                                     **_generator_kw(model, fam))
+                gen.name = f"{gen.name}+training-model"  # its outputs never mix with a fresh base's in the cache
+                yield ModelUnderTest(name, gen, tok, fam, self.base, base_sha, None if adapter is None else str(adapter),
+                                     None if adapter is None else adapter_fingerprint(adapter))
+        finally:
+            model.train(was_training)
+
+    def _run(self, adapter: Optional[Path], name: str) -> dict:
+        if self._live is None:
+            return self.evaluator.run(self.suite, adapter, name=name)
+        with self._on_training_model(adapter, name) as mut:
+            return evaluate(self.suite, mut, cache=self.cache, progress=self.progress)
 
     def baseline_results(self) -> dict:
         """Computed once per run and reused for every checkpoint."""
         if self._baseline_doc is None:
-            adapter = None if self.baseline == "base" else resolve_adapter(self.baseline)
-            self._baseline_doc = self.evaluator.run(self.suite, adapter, name="base" if adapter is None else None)
+            if self.baseline == "base":
+                self._baseline_doc = self._run(None, "base")
+            else:  # another adapter: on a separately loaded base
+                adapter = resolve_adapter(self.baseline)
+                self._baseline_doc = self.evaluator.run(self.suite, adapter, name=None)
         return self._baseline_doc
 
     def __call__(self, ckpt_dir: str | Path, step: int) -> dict:
         ckpt = Path(ckpt_dir)
         adapter = resolve_adapter(str(ckpt))
         baseline = self.baseline_results()
-        results = self.evaluator.run(self.suite, adapter, name=ckpt.name)
+        results = self._run(adapter, ckpt.name)
         results["summary"]["step"] = int(step)
         results["summary"]["checkpoint"] = str(ckpt)
         outcome = compare_and_report(results, baseline, ckpt / "eval", config=self.config, webhook=self.webhook,
                                      history=collect_history(ckpt.parent), echo=self.echo)
         update_sidecar(ckpt, outcome.summary)
         return outcome.summary
+
+
+def _generator_kw(model, family) -> dict:
+    """`family=` and `placement=` (where the training model really is, in its dtype) for the generator, as far as
+    the engine and the device policy take them."""
+    import inspect
+
+    from gemtune.evals.engine import make_generator
+
+    params = inspect.signature(make_generator).parameters
+    kw = {"family": family} if "family" in params else {}
+    if "placement" in params:
+        try:
+            from gemtune.base.device import placement_of
+        except ImportError:
+            return kw
+        kw["placement"] = placement_of(model)
+    return kw
 
 
 def make_checkpoint_evaluator(suite_path: str | Path, base: str | Path, baseline: str | Path = "base",

@@ -105,7 +105,7 @@ def test_training_run_with_eval_every_writes_one_summary_per_checkpoint(tiny_gem
     hook = make_checkpoint_evaluator(data / "eval.jsonl", str(tiny_gemma3), baseline="base", gate=0.02,
                                      config=EvalConfig(max_new_tokens=6), echo=lines.append)
     cfg = TrainConfig(base=str(tiny_gemma3), batch_size=4, lr=1e-3, seed=7, eval_every=2)
-    trainer.train(data, run, cfg, max_steps=4, on_checkpoint=hook, progress=False)
+    trainer.train(data, run, cfg, stop_after=4, on_checkpoint=hook, progress=False)
     summaries = sorted(run.glob("checkpoint-*/eval/summary.json"))
     assert [p.parent.parent.name for p in summaries] == ["checkpoint-2", "checkpoint-4"]
     for p in summaries:
@@ -119,3 +119,76 @@ def test_training_run_with_eval_every_writes_one_summary_per_checkpoint(tiny_gem
     # the final adapter carries the last checkpoint's verdict
     final = json.loads((run / "adapter" / "gemtune.json").read_text())
     assert "shippable" in final and final["eval"]["step"] == 4
+
+
+def test_checkpoint_eval_runs_on_the_training_model_not_a_second_base(tiny_gemma3, tmp_path, monkeypatch):
+    """The hook evaluates the in-memory training model (adapter on for the checkpoint, off for the base): the base
+    is never loaded a second time, and the outputs equal those of the saved checkpoint on a freshly loaded base."""
+    from gemtune.evals import pipeline
+    from gemtune.train.config import TrainConfig
+    from gemtune.train.trainer import train
+
+    data = _route_dataset(tmp_path / "data")
+    loads = []
+    real_init = pipeline.Evaluator.__init__
+
+    def counting_init(self, *a, **k):
+        loads.append(a)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(pipeline.Evaluator, "__init__", counting_init)
+    cfg_eval = EvalConfig(max_new_tokens=6, batch_size=4)
+    hook = make_checkpoint_evaluator(data / "eval.jsonl", str(tiny_gemma3), baseline="base", gate=1.0,
+                                     config=cfg_eval, echo=lambda s: None, no_cache=True)
+    # lean: false keeps the frozen base in fp32, so a fresh fp32 base must give the very same outputs
+    cfg = TrainConfig(base=str(tiny_gemma3), batch_size=4, lr=5e-3, seed=7, eval_every=2, lean=False)
+    train(data, tmp_path / "run", cfg, stop_after=4, on_checkpoint=hook, progress=False)
+    assert loads == []  # no second copy of the base
+    fresh = Evaluator(str(tiny_gemma3), config=cfg_eval)
+    suite = load_suite(data / "eval.jsonl", cfg_eval)
+    base_outputs = [c["output"] for c in fresh.run(suite)["cases"]]
+    assert [c["output"] for c in hook.baseline_results()["cases"]] == base_outputs
+    for step in (2, 4):
+        ck = tmp_path / "run" / f"checkpoint-{step}"
+        live = json.loads((ck / "eval" / "results.json").read_text())
+        assert [c["output"] for c in live["cases"]] == [c["output"] for c in fresh.run(suite, ck)["cases"]]
+    # the adapter really changed something (else the comparison above proves little)
+    assert [c["output"] for c in live["cases"]] != base_outputs
+
+
+RSS_DRIVER = """
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+print(json.dumps({"rc": r.returncode, "peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "stderr": r.stderr[-3000:]}))
+"""
+
+
+@pytest.mark.slow
+def test_eval_every_adds_under_15_percent_peak_rss_on_the_real_base(real_base, tmp_path):
+    """A training run with --eval-every evaluates on the model in memory: its peak RSS stays within 15 % of the
+    same run without the eval (a second fp32 copy of the 270M base alone would add ~1 GB, well over 15 %).
+    Each run is the child of a small driver process, so ru_maxrss of its children is the run's own peak."""
+    import subprocess
+    import sys
+
+    data = _route_dataset(tmp_path / "data")
+    y = tmp_path / "gemtune.yaml"
+    y.write_text("train:\n  base: gemma-3-270m\n  batch_size: 4\n  max_len: 128\n"
+                 "eval:\n  max_new_tokens: 8\n  batch_size: 8\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(RSS_DRIVER)
+
+    def peak_gib(out, *extra) -> float:
+        cmd = [sys.executable, str(driver), sys.executable, "-m", "gemtune.cli", "train", "--data", str(data),
+               "--out", str(tmp_path / out), "--config", str(y), "--max-steps", "2", "--save-every", "2", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["rc"] == 0, res["stderr"]
+        return res["peak_kib"] / 2**20
+
+    plain = peak_gib("plain")
+    with_eval = peak_gib("eval", "--eval-every", "2", "--eval-max-cases", "8")
+    assert (tmp_path / "eval" / "checkpoint-2" / "eval" / "summary.json").is_file()  # the eval did run
+    print(f"peak RSS without --eval-every {plain:.2f} GiB, with it {with_eval:.2f} GiB")
+    assert with_eval < 1.15 * plain, (plain, with_eval)
