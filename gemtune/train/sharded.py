@@ -123,3 +123,37 @@ def _load_sharded(r, weights: dict, state: dict) -> None:
                 p.copy_(src.to(p.device))
     set_optimizer_state_dict(r.acc.unwrap_model(r.wrapper), _inner_optimizer(r.opt),
                              optim_state_dict=state["optimizer"], options=_dcp_options())
+
+
+# ---------------------------------------------------------------- FSDP2 on CPU processes
+
+def cpu_fsdp_requested(acc) -> bool:
+    """`accelerate launch --use_fsdp` (or a config with `distributed_type: FSDP`) on CPU processes: accelerate
+    1.x turns FSDP on only for GPU-like process groups (its state sets DistributedType.FSDP for MULTI_GPU/XPU/...,
+    never for MULTI_CPU), so over gloo it would silently train plain DDP. gemtune shards with FSDP2 itself then."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and acc.distributed_type == DistributedType.MULTI_CPU and acc.num_processes > 1)
+
+
+def fully_shard_cpu(wrapper, world: int):
+    """FSDP2 `fully_shard` over a 1-D gloo mesh: one unit per decoder layer, the rest (embeddings, tied head,
+    final norm) in the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for m in list(wrapper.modules()):
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m, mesh=mesh)
+    fully_shard(wrapper, mesh=mesh)
+    return wrapper
+
+
+def local_value(t) -> float:
+    """A scalar that may be a DTensor (e.g. FSDP2's gradient norm), as a float on every process."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if callable(full) else t)

@@ -44,6 +44,7 @@ from gemtune.train.loss import SupervisedLM
 from gemtune.train.policy import TrainPolicy, emulated_bf16_warning, resolve_policy
 from gemtune.train.presets import get_preset
 from gemtune.train.progress import make_progress
+from gemtune.train.sharded import cpu_fsdp_requested, fully_shard_cpu, local_value
 from gemtune.utils import atomic_write_json, iter_jsonl, sha256_file
 
 CheckpointHook = Callable[[Path, int], Optional[dict]]
@@ -261,6 +262,7 @@ class Run:
     params: list = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     wait_group: object = None  # gloo group with a long timeout, for waiting on rank 0's checkpoint eval
+    cpu_fsdp: bool = False  # FSDP2 applied by gemtune: accelerate does not shard CPU processes
 
     @property
     def main(self) -> bool:
@@ -278,7 +280,7 @@ class Run:
     def sharded(self) -> bool:
         from accelerate.utils import DistributedType
 
-        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.cpu_fsdp or self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, stop_after: int | None = None,
@@ -364,7 +366,8 @@ def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=N
     _release_memory()
     r = Run(cfg=cfg, acc=acc, run_dir=Path(run_dir), data_dir=Path(data_dir), say=say, policy=policy,
             base_path=base_path, meta=meta, model=model, lora_cfg=lora_cfg, train_ex=train_ex, eval_ex=eval_ex,
-            pad_id=pad_id, trainable=trainable, total=total, log_with=log_with, t_start=t_start)
+            pad_id=pad_id, trainable=trainable, total=total, log_with=log_with, t_start=t_start,
+            cpu_fsdp=cpu_fsdp_requested(acc))
     lean = _install_lean(r)
     if lean is not None:
         say(f"lean training: {lean.describe()}")
@@ -394,7 +397,7 @@ def prepare(r: Run) -> None:
     # the scheduler stays unwrapped: accelerate's wrapper steps it once per process, which would make the
     # learning rate depend on the number of processes
     if r.sharded:  # FSDP/DeepSpeed replace the parameters: build the optimizer over the prepared model's
-        wrapper = r.acc.prepare(wrapper)
+        wrapper = fully_shard_cpu(wrapper, r.world) if r.cpu_fsdp else r.acc.prepare(wrapper)
         r.params = [p for p in wrapper.parameters() if p.requires_grad]
         r.opt = r.acc.prepare(_adamw(r.params, cfg))
     else:
@@ -442,7 +445,8 @@ def write_run_record(r: Run) -> None:
     if r.main:
         atomic_write_json(r.run_dir / "run.json", {
             "data": str(r.data_dir.resolve()), "config": r.cfg.model_dump(), "horizon": r.horizon,
-            "stop_at": r.stop_at, "processes": r.world, "hardware": r.hardware, "resolved": r.policy.record()})
+            "stop_at": r.stop_at, "processes": r.world, "hardware": r.hardware, "resolved": r.policy.record(),
+            "distributed": "fsdp2 (gemtune, cpu)" if r.cpu_fsdp else str(r.acc.distributed_type.value).lower()})
     if r.log_with:
         r.acc.init_trackers("gemtune", config=r.cfg.model_dump())
 
@@ -537,7 +541,7 @@ def train_step(r: Run, step: int, meter: _Meter) -> tuple[float, Optional[float]
         meter.examples += len(mb)
     grad_norm = None
     if cfg.max_grad_norm:  # the norm before clipping, as TRL/Axolotl log it
-        grad_norm = float(acc.clip_grad_norm_(r.params, cfg.max_grad_norm))
+        grad_norm = local_value(acc.clip_grad_norm_(r.params, cfg.max_grad_norm))
     r.opt.step()
     r.sched.step()
     r.opt.zero_grad(set_to_none=True)

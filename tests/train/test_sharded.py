@@ -1,0 +1,84 @@
+"""FSDP2 over gloo with two CPU processes: train, checkpoint (gathered adapter, optimizer state keyed by
+parameter name, every process's RNG), SIGKILL, resume, and end with the adapter of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemtune.train.checkpoints import STATE_FILE, complete_checkpoints
+
+SCRIPT = """
+import sys
+from gemtune.train.config import TrainConfig
+from gemtune.train.trainer import train
+base, data, out, stop, resume = sys.argv[1:6]
+cfg = TrainConfig(base=base, batch_size=2, lr=1e-3, seed=3, save_every=1)
+train(data, out, cfg, stop_after=int(stop), resume=resume == "1", progress=False)
+"""
+
+
+def launch(script: Path, *args, delay: float = 0.0) -> subprocess.Popen:
+    """`accelerate launch --use_fsdp --fsdp_version 2` with two processes; on a host without GPUs they join over
+    gloo, and the trainer shards with FSDP2 itself (accelerate leaves CPU process groups unsharded)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEMTUNE_TEST_STEP_DELAY": str(delay)}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: SIGKILL reaches every rank
+
+
+def finish(p: subprocess.Popen) -> None:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_kill_and_resume_give_the_straight_adapter(tiny_gemma3, route_data, tmp_path):
+    script = tmp_path / "t.py"
+    script.write_text(SCRIPT)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    finish(launch(script, tiny_gemma3, route_data, straight, 6, 0))
+    run = json.loads((straight / "run.json").read_text())
+    assert run["processes"] == 2 and run["distributed"].startswith("fsdp2")
+
+    p = launch(script, tiny_gemma3, route_data, killed, 6, 0, delay=0.5)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(complete_checkpoints(killed)) < 2 and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = [s for s, _ in complete_checkpoints(killed)]
+    assert 2 <= max(done) < 6 and not (killed / "adapter").exists(), done
+    finish(launch(script, tiny_gemma3, route_data, killed, 6, 1))
+
+    a, b = load_file(str(straight / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 32
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0  # it trained
+
+    # what a checkpoint holds: whole (gathered) LoRA tensors, optimizer state by parameter name at full size,
+    # both processes' RNG states
+    state = torch.load(killed / "checkpoint-6" / STATE_FILE, weights_only=True)
+    assert state["optimizer_keys"] == "fqn" and len(state["rng"]) == 2
+    exp_avg = {k: v["exp_avg"] for k, v in state["optimizer"]["state"].items()}
+    q_a = next(k for k in exp_avg if k.endswith("layers.0.self_attn.q_proj.lora_A.default.weight"))
+    assert tuple(exp_avg[q_a].shape) == tuple(a["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape)
+
+    # the adapter loads unchanged into PEFT on the plain base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_gemma3)), str(straight / "adapter"))
+    sd = pm.state_dict()
+    for k, v in a.items():
+        assert torch.equal(sd[k.replace(".weight", ".default.weight")], v)
