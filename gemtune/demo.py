@@ -211,7 +211,7 @@ def _serve_round_trip(registry_dir: Path, base: str, data: Path, console: Consol
     from gemtune.registry.routes import RouteTable
     from gemtune.registry.store import Registry
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     recs = [json.loads(l) for l in (data / "eval.jsonl").read_text().splitlines()[:4]]
     gw = build_gateway(str(registry_dir), base=base, max_batch=8, max_loras=4)

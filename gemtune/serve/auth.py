@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -195,3 +196,13 @@ def bearer_key(headers) -> str | None:
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
     return headers.get("x-api-key") or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (the open, key-less mode may listen only there)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,6 +1,6 @@
 """Generation backends behind one interface: the embedded engine, or a vLLM OpenAI server.
 
-The gateway (api.py) owns everything that makes serving safe — tenants, routes, A/B arms, rollback, metrics,
+The gateway (gateway.py) owns everything that makes serving safe — tenants, routes, A/B arms, rollback, metrics,
 sha256 verification — and hands a backend only (adapter key, prompt token ids, sampling params). Both backends:
 
     await backend.start() / await backend.close()
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemtune.errors import UserError
+from gemtune.serve.engine_stream import GenRequest
 
 
 class Overloaded(Exception):
@@ -45,19 +46,9 @@ class BackendError(Exception):
     """The backend itself failed (vLLM unreachable, engine crashed): HTTP 502/503, never a silent hang."""
 
 
-@dataclass
-class Gen:
-    """One generation: the adapter key (None = base), prompt ids, and OpenAI sampling params."""
-
-    prompt_ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: list[int] | None = None
-    ignore_eos: bool = False
-    tenant: str | None = None  # who asked (engine admission shares batch slots round-robin across tenants)
+# One generation: the adapter key (None = base), prompt ids, and OpenAI sampling params. It is the engine's own
+# request type (light: engine_stream imports no torch), so the embedded backend hands it on as it is.
+Gen = GenRequest
 
 
 @dataclass
@@ -67,13 +58,6 @@ class Event:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-def _has_field(cls, name: str) -> bool:
-    """Whether the engine's request type knows `name` (engines without tenant-aware admission ignore tenants)."""
-    import dataclasses
-
-    return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))
 
 
 # --------------------------------------------------------------------------------------------------- embedded
@@ -116,14 +100,12 @@ class EmbeddedBackend:
         return self.engine.loaded_adapters()
 
     async def submit(self, g: Gen):
-        from gemtune.serve.engine import AdapterError, GenRequest, QueueFull
+        import dataclasses
 
-        extra = {"tenant": g.tenant} if _has_field(GenRequest, "tenant") else {}
-        req = GenRequest(prompt_ids=list(g.prompt_ids), adapter=g.adapter, max_tokens=g.max_tokens,
-                         temperature=g.temperature, top_p=g.top_p, seed=g.seed, stop_ids=g.stop_ids,
-                         ignore_eos=g.ignore_eos, **extra)
+        from gemtune.serve.engine import AdapterError, QueueFull
+
         try:
-            return self.engine.submit(req)
+            return self.engine.submit(dataclasses.replace(g, prompt_ids=list(g.prompt_ids)))
         except QueueFull as e:
             raise Overloaded(str(e), e.retry_after) from None
         except AdapterError as e:
@@ -139,6 +121,19 @@ class EmbeddedBackend:
 
     def running(self) -> int:
         return int(self.stats().get("running", 0))
+
+
+def embedded_engine_note(engine: str) -> str | None:
+    """The embedded engine computes on the CPU; on a host with a GPU, say where the GPU path is."""
+    if engine != "embedded":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return (f"the embedded engine runs on the CPU and leaves this host's GPU ({torch.cuda.get_device_name(0)}) "
+            "idle; to serve on the GPU, start vLLM (gemtune serve --registry R --print-vllm-command) and run "
+            "gemtune serve --engine vllm --vllm-url URL, which keeps the same tenants, routes and metrics")
 
 
 # ------------------------------------------------------------------------------------------------------- vLLM

@@ -1,8 +1,7 @@
-"""`gemtune serve` and `gemtune merge`: thin wrappers over api.py, backends.py and merge.py."""
+"""`gemtune serve` and `gemtune merge`: CLI wiring only, over gateway.py, api.py, server.py, backends.py, merge.py."""
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Optional
 
 import typer
@@ -13,56 +12,6 @@ from gemtune.errors import UserError
 
 console = Console()
 err = Console(stderr=True)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str = "embedded",
-                  vllm_url: str | None = None, base: str | None = None, dtype: str = "float32",
-                  max_batch: int = 32, max_loras: int = 8, max_lora_rank: int = 64, max_queue: int = 256,
-                  max_model_len: int = 2048, poll_s: float = 0.1):
-    """Registry + tenants + backend → Gateway (usable from Python: tests and benchmarks call this too)."""
-    from gemtune.base.provision import DEFAULT_MODEL, pull
-    from gemtune.registry.store import Registry
-    from gemtune.serve.api import Gateway
-    from gemtune.serve.auth import load_tenants
-    from gemtune.serve.backends import EmbeddedBackend, VllmBackend
-
-    reg = Registry(registry_dir, create=True)
-    ten = load_tenants(tenants) if tenants else None
-    base_dir = pull(base or DEFAULT_MODEL)
-    if engine == "embedded":
-        backend = EmbeddedBackend(base_dir, dtype=dtype, max_batch=max_batch, max_loras=max_loras,
-                                  max_lora_rank=max_lora_rank, max_queue=max_queue, max_model_len=max_model_len)
-    elif engine == "vllm":
-        if not vllm_url:
-            raise UserError("--engine vllm needs --vllm-url (print the vLLM command with --print-vllm-command)",
-                            field="vllm_url")
-        backend = VllmBackend(vllm_url, base_dir, max_queue=max_queue, max_model_len=max_model_len,
-                              max_lora_rank=max_lora_rank)
-    else:
-        raise UserError(f"unknown engine {engine!r}; expected embedded or vllm", field="engine")
-    return Gateway(reg, backend, ten, poll_s=poll_s)
-
-
-def embedded_engine_note(engine: str) -> str | None:
-    """The embedded engine computes on the CPU; on a host with a GPU, say where the GPU path is."""
-    if engine != "embedded":
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return (f"the embedded engine runs on the CPU and leaves this host's GPU ({torch.cuda.get_device_name(0)}) "
-            "idle; to serve on the GPU, start vLLM (gemtune serve --registry R --print-vllm-command) and run "
-            "gemtune serve --engine vllm --vllm-url URL, which keeps the same tenants, routes and metrics")
 
 
 def register(app: typer.Typer) -> None:
@@ -96,6 +45,7 @@ def register(app: typer.Typer) -> None:
         """Serve the registry's adapters over an OpenAI-compatible API (routes, A/B, tenants, metrics)."""
         from gemtune.base.provision import DEFAULT_MODEL, pull
         from gemtune.registry.store import Registry
+        from gemtune.serve.auth import is_loopback
 
         if print_vllm_command:
             from gemtune.serve.backends import vllm_command
@@ -115,7 +65,10 @@ def register(app: typer.Typer) -> None:
                       f"{host} (loopback) only[/yellow]", highlight=False)
         import uvicorn
 
-        from gemtune.serve.api import create_app, uvicorn_config
+        from gemtune.serve.api import create_app
+        from gemtune.serve.backends import embedded_engine_note
+        from gemtune.serve.gateway import build_gateway
+        from gemtune.serve.server import uvicorn_config
 
         gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
                            max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
@@ -163,3 +116,13 @@ def _print_parity(report: dict) -> None:
     console.print(t)
     console.print(f"parity: {'[green]holds[/green]' if report['parity'] else '[red]fails[/red]'}; "
                   f"max |Δlogit| on prompts {report['max_abs_logit_diff']:.3g}", highlight=False)
+
+
+def __getattr__(name: str):
+    """`build_gateway` moved to gemtune.serve.gateway; bench/serve.py and bench/vllm_serve.py still import it from
+    here (lazily, so the CLI does not load the server to show --help)."""
+    if name == "build_gateway":
+        from gemtune.serve.gateway import build_gateway
+
+        return build_gateway
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -100,6 +100,10 @@ class Metrics:
                                         "good version.", ("name", "alias"))
         self.adapter_loads = Counter(r, "gemtune_adapter_loads_total", "Adapter loads into the engine, by result.",
                                      ("result",))
+        self.failures = Counter(r, "gemtune_generation_failures_total",
+                                "Requests that failed while generating, by reason: sampling or numerics (that "
+                                "request alone, 500), engine (the shared step, 503), backend (unreachable, 503).",
+                                ("reason",))
         r.register(_Callbacks([
             ("gemtune_queue_depth", "Requests admitted and waiting for a batch slot.", (),
              lambda: [((), queue_depth())]),

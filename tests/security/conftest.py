@@ -26,7 +26,7 @@ HOSTILE_ADAPTERS = ("hostile-a", "hostile-b")
 @pytest.fixture(scope="module")
 def secure(tiny_gemma3, tmp_path_factory):
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     d = tmp_path_factory.mktemp("security")
     names = VICTIM_ADAPTERS + HOSTILE_ADAPTERS

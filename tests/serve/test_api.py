@@ -40,7 +40,7 @@ def _cli(*args) -> int:
 @pytest.fixture(scope="module")
 def setup(tiny_gemma3, tmp_path_factory):
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     d = tmp_path_factory.mktemp("serve")
     srcs = make_random_adapters(tiny_gemma3, [d / "src1", d / "src2", d / "src3", d / "src4"], r=8, scale=4.0,
@@ -342,7 +342,7 @@ def test_client_disconnect_cancels_a_non_streamed_request(setup):
 
 def test_overload_answers_429_with_retry_after(tiny_gemma3, tmp_path, setup):
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     shutil.copytree(setup["root"], tmp_path / "reg", ignore=shutil.ignore_patterns(".registry.lock"))
     gw = build_gateway(str(tmp_path / "reg"), base=str(tiny_gemma3), max_model_len=512, max_batch=1, max_queue=1)
@@ -391,7 +391,7 @@ def test_print_vllm_command(setup, tiny_gemma3, capsys):
 def test_gemma4_base_serves_through_the_gateway(tiny_gemma4, tmp_path):
     """The gateway renders prompts with the base's own family template (Gemma 4 turns here)."""
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     src = make_random_adapters(tiny_gemma4, [tmp_path / "a"], r=8, scale=4.0, seeds=[7])[0]
     reg = Registry(tmp_path / "reg")
@@ -407,17 +407,62 @@ def test_gemma4_base_serves_through_the_gateway(tiny_gemma4, tmp_path):
     assert a.json()["choices"][0]["message"]["content"] != b.json()["choices"][0]["message"]["content"]
 
 
-def test_embedded_engine_says_where_the_gpu_path_is(monkeypatch):
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_embedded_engine_says_where_the_gpu_path_is(monkeypatch, has_gpu):
+    """With a GPU the note points at the vLLM path; without one there is nothing to say. CUDA availability is set
+    both ways here, so the test means the same on a CPU host and on a GPU host."""
     import torch
 
-    from gemtune.serve.commands import embedded_engine_note
+    from gemtune.serve.backends import embedded_engine_note
 
-    assert embedded_engine_note("embedded") is None  # this host has no GPU: nothing to say
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
     note = embedded_engine_note("embedded")
-    assert "runs on the CPU" in note and "H100" in note and "--engine vllm" in note
+    if has_gpu:
+        assert "runs on the CPU" in note and "H100" in note and "--engine vllm" in note
+    else:
+        assert note is None
     assert embedded_engine_note("vllm") is None
+
+
+def test_a_request_whose_numbers_fail_is_500_for_it_alone(setup):
+    """An adapter whose deltas overflow float32 (finite weights: it passes every check) fails its own request inside
+    the engine (RequestFailed "numerics"): a 500 in OpenAI's shape that says so, streamed as an error event, and
+    counted; requests for other adapters are served as before."""
+    from safetensors.torch import load_file, save_file
+
+    c, h = setup["client"], {"Authorization": f"Bearer {ACME}"}
+    hot = setup["dir"] / "hot"
+    shutil.copytree(setup["srcs"][0], hot)
+    w = hot / "adapter_model.safetensors"
+    save_file({k: t * 1e24 for k, t in load_file(str(w)).items()}, str(w))
+    ref = setup["reg"].push("acme-hot", hot).ref
+    want = _text(_chat(c, ACME, "acme-support@v1"))
+    err = _shape(_chat(c, ACME, ref), 500)
+    assert err["type"] == "server_error" and "numerics" in err["message"] and "this request" in err["message"]
+    body = {"model": ref, "messages": MSG, "max_tokens": 8, "temperature": 0, "stream": True}
+    with c.stream("POST", "/v1/chat/completions", json=body, headers=h) as r:
+        assert r.status_code == 200  # the headers went out before the engine failed
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    streamed = json.loads(events[-2])["error"]
+    assert streamed["code"] == 500 and "numerics" in streamed["message"]
+    assert _text(_chat(c, ACME, "acme-support@v1")) == want
+    metrics = c.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert re.search(r'^gemtune_generation_failures_total\{reason="numerics"\} 2\.0', metrics, re.M)
+
+
+def test_engine_failures_map_to_500_for_one_request_and_503_for_the_engine():
+    from gemtune.serve.backends import BackendError
+    from gemtune.serve.engine import RequestFailed
+    from gemtune.serve.openai import generation_failed
+
+    for reason in ("sampling", "numerics"):
+        e = generation_failed(RequestFailed("bad row", reason))
+        assert (e.status, e.type) == (500, "server_error") and reason in e.message and "bad row" in e.message
+    assert generation_failed(RequestFailed("step raised", "engine")).status == 503
+    assert generation_failed(BackendError("vLLM is down")).status == 503
+    assert generation_failed(RuntimeError("anything else")).status == 503
 
 
 # --------------------------------------------------------------------------------- hostile input (issue #12)
@@ -590,7 +635,7 @@ HOG = "hog-key-0123456789abcdef"
 def strict(tiny_gemma3, setup, tmp_path_factory):
     """A server with short header/body timeouts, a small body cap and a tenant limited to 1 running + 1 queued."""
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     d = tmp_path_factory.mktemp("strict")
     shutil.copytree(setup["root"], d / "reg", ignore=shutil.ignore_patterns(".registry.lock"))

@@ -55,7 +55,7 @@ def vllm_setup(real_base, tmp_path_factory):
 def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
     from gemtune.base.templates import render_prompt
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
     from gemtune.serve.engine import Engine
 
     reg = vllm_setup["reg"]
