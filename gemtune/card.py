@@ -470,8 +470,9 @@ def _data_section(src: Sources) -> str:
     pii = rep.get("pii")
     if isinstance(pii, dict):
         rows = [[md(t), num(n)] for t, n in pii.items()]
-        parts.append(f"PII redacted before training (engine {code(rep.get('pii_engine', 'builtin'))}), values per type:\n\n"
-                     + table(["type", "values"], rows))
+        names = " Personal names were not redacted (`data.pii_names: false`)." if rep.get("pii_names") is False else ""
+        parts.append(f"PII redacted before training (engine {code(rep.get('pii_engine', 'builtin'))}), values per type:"
+                     f"{names}\n\n" + table(["type", "values"], rows))
     else:
         parts.append(f"PII counts: {NOT_RECORDED}.")
     dd = rep.get("dedup") or {}

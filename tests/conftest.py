@@ -18,6 +18,35 @@ def datasets_dir() -> Path:
     return Path(env) if env else DATASETS
 
 
+def run_cli(*argv) -> int:
+    """`gemtune …` in-process through the real entry point (`gemtune.cli.main`); returns the exit code."""
+    from gemtune.cli import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture
+def cli():
+    """`cli("data", "build", …)` → exit code, as the shell would see it (see `run_cli`)."""
+    return run_cli
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run 10-100x faster on one thread when the CPU is shared: the pool's spin-waits dominate.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; the thread count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless Chromium for tests that render HTML reports. It skips when absent, except under `make test`

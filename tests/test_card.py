@@ -13,14 +13,7 @@ from gemtune.card import build_card, parse_front_matter
 QUEUES = ["bill", "refund", "login", "ship"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _raw_rows(n: int = 60) -> list[dict]:
@@ -150,7 +143,7 @@ def test_eval_dir_overrides_the_sidecar_and_a_changed_dataset_is_flagged(pipelin
     assert f"trained against lock `{'0' * 64}`: the dataset directory changed since training" in card
 
 
-def test_bare_adapter_card_says_not_run_and_invents_nothing(tiny_gemma3, tmp_path, cli_run):
+def test_bare_adapter_card_says_not_run_and_invents_nothing(tiny_gemma3, tmp_path, cli):
     from peft import LoraConfig, get_peft_model
 
     from gemtune.base.loader import load_base
@@ -159,7 +152,7 @@ def test_bare_adapter_card_says_not_run_and_invents_nothing(tiny_gemma3, tmp_pat
     adapter = tmp_path / "my-adapter"
     get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
     out = tmp_path / "README.md"
-    assert cli_run(["card", "--adapter", str(adapter), "--out", str(out)]) == 0
+    assert cli("card", "--adapter", adapter, "--out", out) == 0
     card = out.read_text()
     meta = parse_front_matter(card)
     assert meta["base_model"] == str(tiny_gemma3) and meta["library_name"] == "peft"
@@ -226,15 +219,21 @@ def test_card_escapes_hostile_labels_and_never_splits_on_slash(tmp_path):
     assert meta["base_model"] == "evil`base|<script>alert(4)</script>"
 
 
-@pytest.fixture
-def cli_run():
-    from gemtune.cli import main
-
-    def run(argv):
-        try:
-            main(argv)
-        except SystemExit as e:
-            return int(e.code or 0)
-        return 0
-
-    return run
+def test_card_says_when_names_were_not_redacted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"id": "r0", "task": "t", "messages": []}) + "\n")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (adapter / "gemtune.json").write_text(json.dumps({"base_model": "b", "dataset": {"dir": str(data)}}))
+    note = "Personal names were not redacted (`data.pii_names: false`)."
+    for names, said in ((False, True), (True, False), (None, False)):
+        report = {"counts": {"train": 1}, "pii": {"EMAIL": 2}, "pii_engine": "builtin"}
+        if names is not None:
+            report["pii_names"] = names
+        (data / "report.json").write_text(json.dumps(report))
+        card = build_card(adapter)
+        assert "PII redacted before training (engine `builtin`)" in card
+        assert (note in card) is said, names

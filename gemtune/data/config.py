@@ -47,6 +47,10 @@ class DataConfig(BaseModel):
                                                               "general ability"))
     pii_engine: Literal["builtin", "presidio"] = "builtin"
     pii_region: str = Field("US", min_length=2, max_length=2, description="Default region for national phone numbers")
+    pii_names: bool = Field(True, description="Redact personal names found by the builtin context rules "
+                            "(sign-offs, salutations, introductions, titles); false: structured PII only")
+    pii_spacy_model: Optional[str] = Field(None, min_length=1, description="spaCy pipeline for --pii-engine "
+                                           "presidio (default: $GEMTUNE_SPACY_MODEL, else the best installed)")
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard on character 5-gram shingles")
     dedup_scope: Literal["global", "task"] = Field("global", description="task: rows of different tasks never dedup")
     canaries: int = Field(0, ge=0, le=10000, description="Secret strings planted in train rows for the privacy probe")

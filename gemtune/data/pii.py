@@ -446,7 +446,8 @@ class PresidioNER:
     """Names and locations through Presidio's AnalyzerEngine on an installed spaCy English pipeline.
 
     Presidio's own default downloads `en_core_web_lg` at first use; gemtune never downloads: it uses the best
-    installed pipeline (or $GEMTUNE_SPACY_MODEL) and says what to install when there is none.
+    installed pipeline and says what to install when there is none. The pipeline is `model` (`data.pii_spacy_model`)
+    when given, else $GEMTUNE_SPACY_MODEL when set, else the best installed English one.
     """
 
     def __init__(self, language: str = "en", model: Optional[str] = None):
@@ -465,7 +466,8 @@ class PresidioNER:
             raise UserError(
                 (f"spaCy pipeline {want!r} is not installed" if want else "no spaCy English pipeline is installed")
                 + " for --pii-engine presidio: python -m spacy download en_core_web_lg (or pip install the "
-                "pipeline package; GEMTUNE_SPACY_MODEL picks one)", field="pii_engine")
+                "pipeline package; data.pii_spacy_model or GEMTUNE_SPACY_MODEL picks one)",
+                field="pii_spacy_model" if model else "pii_engine")
         try:
             nlp = NlpEngineProvider(nlp_configuration={
                 "nlp_engine_name": "spacy", "models": [{"lang_code": language, "model_name": name}]}).create_engine()
@@ -482,12 +484,15 @@ class PresidioNER:
 class Redactor:
     """Finds and replaces PII; holds the optional NER engine so it is started once per build."""
 
-    def __init__(self, engine: str = "builtin", region: str = "US", *, names: bool = True):
+    def __init__(self, engine: str = "builtin", region: str = "US", *, names: bool = True,
+                 spacy_model: Optional[str] = None):
+        """`names`: the builtin names pass (data.pii_names); `spacy_model`: the pipeline Presidio runs on
+        (data.pii_spacy_model; default $GEMTUNE_SPACY_MODEL, else the best installed)."""
         if engine not in ("builtin", "presidio"):
             raise UserError(f"unknown PII engine {engine!r}; expected builtin or presidio", field="pii_engine")
         self.region = region.upper()
         self.names = names
-        self.ner = PresidioNER() if engine == "presidio" else None
+        self.ner = PresidioNER(model=spacy_model) if engine == "presidio" else None
 
     def find(self, text: str) -> list[PiiMatch]:
         found = find_structured(text, self.region)

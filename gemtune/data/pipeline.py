@@ -3,6 +3,11 @@
     read ─► sanitise + PII redaction ─► token limit ─► ids ─► dedup/decontaminate ─► split (or lock) ─► balance
          ─► generic mix ─► canaries ─► write (atomically: train, eval, lock, quarantine, report, dataset.json)
 
+`build` is that list, one function a step (`_plan`, `_load_tokenizer`, `_read_inputs`, `_limit_tokens`,
+`_assign_ids`, `_dedup`, `_drop_id_collisions`, `_split`, `_balance`, `_mix`, `_records`, `_count`, `_report`,
+`_write`); row-level state (the examples, their hashes and ids, the quarantine, PII counts, timings, warnings) lives
+on one `_Run`, and each step returns what the next ones need.
+
 Accounting (checked before anything is written):
     input_rows = train − generic_added + eval + quarantined + exact_duplicates + near_duplicates
                  + decontaminated + balanced_out
@@ -22,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 from gemtune.data import canaries as canary_mod
 from gemtune.data.balance import balance
+from gemtune.config import warn_advised
 from gemtune.data.config import DataConfig
 from gemtune.data.decontaminate import decontaminate, register_eval
 from gemtune.data.dedup import NearDup, normalise_key
@@ -58,6 +64,12 @@ class _Run:
     pii_quarantine: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    shas: list[str] = field(default_factory=list)  # per example, from `_assign_ids`
+    ids: list[str] = field(default_factory=list)
+
+    def timed(self, name: str) -> "_Timer":
+        """`with run.timed("dedup"):` adds the block's wall time to the report's `timings_s[name]`."""
+        return _Timer(self, name)
 
     def quarantine_row(self, file: str, line: int, reason: str, raw: str, stage: str, generic: bool = False) -> None:
         text, _ = self.redactor.redact(raw, self.pii_quarantine)
@@ -136,18 +148,6 @@ def _token_limit(run: _Run, counter: TokenCounter) -> tuple[list[Optional[int]],
     return keep_len, keep_sample
 
 
-def _ids(run: _Run) -> tuple[list[str], list[str]]:
-    shas, ids = [], []
-    for i, e in enumerate(run.examples):
-        sha = content_sha256(e.task, e.messages, e.label)
-        shas.append(sha)
-        if e.id is not None:
-            ids.append(e.id if i < run.n_domain else f"generic:{e.id}")
-        else:
-            ids.append(sha[:16] if i < run.n_domain else f"generic-{sha[:16]}")
-    return shas, ids
-
-
 def _resolve_lock_path(cfg: DataConfig, out: Path) -> Optional[str]:
     if cfg.eval_lock and cfg.refreeze:
         raise UserError("--eval-lock and --refreeze contradict each other: keep the lock or draw a new eval set",
@@ -210,7 +210,83 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     cfg = config or DataConfig()
     out = Path(out)
     t_start = time.perf_counter()
-    run = _Run(cfg=cfg, progress=progress or _no_progress, redactor=Redactor(cfg.pii_engine, cfg.pii_region))
+    run = _Run(cfg=cfg, progress=progress or _no_progress, redactor=make_redactor(cfg),
+               warnings=advice_warnings(cfg))
+    src = _plan(cfg, inputs, out, overwrite)
+    counter, control = _load_tokenizer(run)
+    read = _read_inputs(run, src, control)  # read → sanitise + PII redaction
+    lengths, in_sample = _limit_tokens(run, counter, src, read)
+    _assign_ids(run)
+    dd = _dedup(run, src)  # exact/near duplicates; rows of a locked eval set are decontaminated here
+    kept = _drop_id_collisions(run, dd)
+    eval_idx, train_idx = _split(run, src, dd, kept)  # frozen eval (+ decontamination dedup could not see)
+    train_idx, balanced_out, balance_report = _balance(run, train_idx)
+    chosen_generic, generic_report = _mix(run, src, dd, read, len(train_idx))
+    recs = _records(run, counter, eval_idx, train_idx, chosen_generic)
+    counts = _count(run, read, dd, balanced_out, recs)
+    report = _report(run, src, counter, read, dd, counts, recs, lengths, in_sample, balance_report, generic_report)
+    _write(run, out, src, counter, recs, counts, report, read, t_start)
+    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ steps
+@dataclass
+class _Sources:
+    """What one build reads: the input files, the generic files, the eval lock it keeps (if any)."""
+
+    files: list[Path]
+    generic_files: list[Path]
+    guard: dict
+    lock_path: Optional[str]
+    lock: Optional[dict]
+
+
+@dataclass
+class _ReadResult:
+    input_rows: int
+    per_file: list[dict]
+    generic_rows: int
+    generic_files_info: list[dict]
+    control_tokens: int = 0
+
+
+@dataclass
+class _DedupResult:
+    nd: NearDup
+    verdicts: dict
+    locked: list[int]
+    exact: list[int]
+    near: list[int]
+    decon: dict[int, tuple[int, float]]
+    kept: list[int]
+    conflicts: list[dict]
+
+
+@dataclass
+class _Records:
+    eval_idx: list[int]
+    train_idx: list[int]  # domain rows only
+    chosen_generic: list[int]
+    train_order: list[int]  # domain + generic, in the order written
+    train: list[dict]
+    eval: list[dict]
+    canaries: list[dict]
+
+
+def make_redactor(cfg: DataConfig) -> Redactor:
+    """The PII redactor `cfg` asks for (engine, region, names pass, spaCy pipeline for Presidio)."""
+    return Redactor(cfg.pii_engine, cfg.pii_region, names=cfg.pii_names, spacy_model=cfg.pii_spacy_model)
+
+
+def advice_warnings(cfg: DataConfig) -> list[str]:
+    """The values the playbook advises against (eval share, generic mix), as the report's warnings; loading the
+    config from YAML or flags printed them already (see `gemtune.config.warn_advised`)."""
+    return warn_advised(cfg, "data", warn=lambda _: None)
+
+
+def _plan(cfg: DataConfig, inputs: Sequence[str | Path], out: Path, overwrite: bool) -> _Sources:
+    """Expand the inputs, check the output directory may be replaced, read the eval lock to keep."""
     files = expand_inputs(list(inputs))
     generic_files = expand_inputs(cfg.generic) if cfg.generic else []
     guard = {"writer": WRITER, "overwrite": overwrite, "inputs": [*files, *generic_files],
@@ -218,30 +294,59 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     check_out_dir(out, **{k: v for k, v in guard.items() if k != "writer"})
     lock_path = _resolve_lock_path(cfg, out)
     lock = read_lock(lock_path) if lock_path else None
+    return _Sources(files, generic_files, guard, lock_path, lock)
 
-    with _Timer(run, "tokenizer"):
-        counter = TokenCounter(cfg.base_name())
-        control = ControlTokens(counter.tokenizer, counter.special_tokens)
-    with _Timer(run, "read"):
-        input_rows, per_file = _read(run, files, control, generic=False)
+
+def _load_tokenizer(run: _Run) -> tuple[TokenCounter, ControlTokens]:
+    with run.timed("tokenizer"):
+        counter = TokenCounter(run.cfg.base_name())
+        return counter, ControlTokens(counter.tokenizer, counter.special_tokens)
+
+
+def _read_inputs(run: _Run, src: _Sources, control: ControlTokens) -> _ReadResult:
+    """Domain rows, then generic rows, into run.examples (sanitised, PII redacted); refuse a build with none."""
+    with run.timed("read"):
+        input_rows, per_file = _read(run, src.files, control, generic=False)
         run.n_domain = len(run.examples)
         if run.n_domain == 0:
-            raise _no_usable_rows(run, files, input_rows)
-        generic_rows, generic_files_info = (_read(run, generic_files, control, generic=True) if generic_files else (0, []))
+            raise _no_usable_rows(run, src.files, input_rows)
+        generic_rows, generic_info = (_read(run, src.generic_files, control, generic=True) if src.generic_files
+                                      else (0, []))
     control_tokens = sum(e.control_tokens for e in run.examples[:run.n_domain])
-    with _Timer(run, "tokens"):
+    return _ReadResult(input_rows, per_file, generic_rows, generic_info, control_tokens)
+
+
+def _limit_tokens(run: _Run, counter: TokenCounter, src: _Sources, read: _ReadResult
+                  ) -> tuple[list[Optional[int]], list[bool]]:
+    with run.timed("tokens"):
         lengths, in_sample = _token_limit(run, counter)
     if run.n_domain == 0:
-        raise _no_usable_rows(run, files, input_rows)
-    ex, nd_count = run.examples, run.n_domain
-    shas, ids = _ids(run)
+        raise _no_usable_rows(run, src.files, read.input_rows)
+    return lengths, in_sample
 
-    # ---- dedup + decontamination against a locked eval set
-    with _Timer(run, "dedup"):
+
+def _assign_ids(run: _Run) -> None:
+    """run.shas (content hashes) and run.ids (the row's own id, else a hash prefix; generic rows marked)."""
+    run.shas, run.ids = [], []
+    for i, e in enumerate(run.examples):
+        sha = content_sha256(e.task, e.messages, e.label)
+        run.shas.append(sha)
+        if e.id is not None:
+            run.ids.append(e.id if i < run.n_domain else f"generic:{e.id}")
+        else:
+            run.ids.append(sha[:16] if i < run.n_domain else f"generic-{sha[:16]}")
+
+
+def _dedup(run: _Run, src: _Sources) -> _DedupResult:
+    """Exact and near duplicates among domain rows (first seen is kept); with a lock, its eval rows are registered
+    first, so a train row duplicating one is decontaminated instead."""
+    cfg, ex, nd_count = run.cfg, run.examples, run.n_domain
+    with run.timed("dedup"):
         keys = [normalise_key(e.key_text) for e in ex]
         nd = NearDup(keys, scopes=[e.task for e in ex] if cfg.dedup_scope == "task" else None,
                      threshold=cfg.near_dup_threshold)
-        locked = resolve_locked(lock, lock_path, ids[:nd_count], shas[:nd_count]) if lock else []
+        locked = (resolve_locked(src.lock, src.lock_path, run.ids[:nd_count], run.shas[:nd_count])
+                  if src.lock else [])
         register_eval(nd, locked)
         locked_set = set(locked)
         order = [i for i in range(nd_count) if i not in locked_set]
@@ -257,18 +362,28 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     near = [i for i, v in verdicts.items() if v.status == "near"]
     decon = {i: (v.match, v.jaccard) for i, v in verdicts.items() if v.status == "decontaminated"}
     kept = [i for i in range(nd_count) if i not in locked_set and verdicts[i].status == "kept"]
-    conflicts = []
+    return _DedupResult(nd, verdicts, locked, exact, near, decon, kept, _conflicts(ex, exact, verdicts))
+
+
+def _conflicts(ex: list[Example], exact: list[int], verdicts: dict) -> list[dict]:
+    """Exact duplicates whose answers disagree: the report shows them (one of the two answers is wrong)."""
+    def side(e: Example) -> dict:
+        return {"file": e.file, "line": e.line, "output": e.output[:200], "label": e.label}
+
+    out = []
     for i in exact:
         j = verdicts[i].match
         if ex[i].output != ex[j].output or ex[i].label != ex[j].label:
-            conflicts.append({"key": ex[i].key_text[:200],
-                              "first": {"file": ex[j].file, "line": ex[j].line, "output": ex[j].output[:200], "label": ex[j].label},
-                              "duplicate": {"file": ex[i].file, "line": ex[i].line, "output": ex[i].output[:200], "label": ex[i].label}})
+            out.append({"key": ex[i].key_text[:200], "first": side(ex[j]), "duplicate": side(ex[i])})
+    return out
 
-    # ---- id collisions among usable rows (two different rows claiming one id)
-    seen_ids = {ids[i]: i for i in locked}
+
+def _drop_id_collisions(run: _Run, dd: _DedupResult) -> list[int]:
+    """Quarantine usable rows that claim an id an earlier row (or the locked eval set) already holds."""
+    ex, ids = run.examples, run.ids
+    seen_ids = {ids[i]: i for i in dd.locked}
     unique_kept = []
-    for i in kept:
+    for i in dd.kept:
         j = seen_ids.get(ids[i])
         if j is not None:
             run.quarantine_row(ex[i].file, ex[i].line, f'field "id": duplicate id {ids[i]!r} (first used at '
@@ -276,109 +391,152 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
             continue
         seen_ids[ids[i]] = i
         unique_kept.append(i)
-    kept = unique_kept
+    return unique_kept
 
-    # ---- frozen eval split
-    with _Timer(run, "split"):
-        if lock:
-            eval_idx, train_idx = list(locked), kept
+
+def _split(run: _Run, src: _Sources, dd: _DedupResult, kept: list[int]) -> tuple[list[int], list[int]]:
+    """(eval rows, train rows): the locked eval set kept whole, else a new stratified draw frozen into the lock."""
+    cfg, ex = run.cfg, run.examples
+    with run.timed("split"):
+        if src.lock:
             pinned = sum(1 for i in kept if ex[i].split == "eval")
             if pinned:
                 run.warnings.append(f"{pinned} row(s) pinned to split=eval are not in the eval lock and went to train")
-        else:
-            rows = [(ex[i].task, ex[i].label, shas[i], ex[i].split) for i in kept]
-            chosen = stratified_split(rows, cfg.eval_fraction, cfg.seed)
-            eval_idx = sorted((kept[k] for k in chosen), key=lambda i: ids[i])
-            train_idx = [kept[k] for k in range(len(kept)) if k not in chosen]
-            register_eval(nd, eval_idx)
-            if cfg.dedup_scope == "task":  # rows of other tasks were never compared by dedup
-                more = decontaminate(nd, train_idx)
-                decon.update(more)
-                train_idx = [i for i in train_idx if i not in more]
-    # ---- balance
-    with _Timer(run, "balance"):
-        removed, balance_report = balance([(ex[i].task, ex[i].label, shas[i]) for i in train_idx], cfg.balance_multiple, cfg.seed)
+            return list(dd.locked), kept
+        rows = [(ex[i].task, ex[i].label, run.shas[i], ex[i].split) for i in kept]
+        chosen = stratified_split(rows, cfg.eval_fraction, cfg.seed)
+        eval_idx = sorted((kept[k] for k in chosen), key=lambda i: run.ids[i])
+        train_idx = [kept[k] for k in range(len(kept)) if k not in chosen]
+        register_eval(dd.nd, eval_idx)
+        if cfg.dedup_scope == "task":
+            train_idx = _decontaminate(dd, train_idx)
+        return eval_idx, train_idx
+
+
+def _decontaminate(dd: _DedupResult, train_idx: list[int]) -> list[int]:
+    """Train rows near an eval row of another task (task-scoped dedup never compared them) leave train."""
+    more = decontaminate(dd.nd, train_idx)
+    dd.decon.update(more)
+    return [i for i in train_idx if i not in more]
+
+
+def _balance(run: _Run, train_idx: list[int]) -> tuple[list[int], list[int], dict]:
+    """(train rows kept, rows balanced out, balance report): no task/label group above the cap."""
+    ex, cfg = run.examples, run.cfg
+    with run.timed("balance"):
+        removed, report = balance([(ex[i].task, ex[i].label, run.shas[i]) for i in train_idx],
+                                  cfg.balance_multiple, cfg.seed)
         balanced_out = [train_idx[k] for k in sorted(removed)]
-        train_idx = [train_idx[k] for k in range(len(train_idx)) if k not in removed]
+        return [train_idx[k] for k in range(len(train_idx)) if k not in removed], balanced_out, report
 
-    # ---- generic mix
-    generic_report: dict = {"files": generic_files_info, "input_rows": generic_rows}
-    chosen_generic: list[int] = []
-    with _Timer(run, "generic"):
-        if generic_files:
-            g_rows = list(range(nd_count, len(ex)))
-            g_verdicts = nd.check_many(g_rows)
-            g_status = Counter(v.status for v in g_verdicts)
-            avail = [i for i, v in zip(g_rows, g_verdicts) if v.status == "kept"]
-            want = generic_count(len(train_idx), cfg.generic_fraction)
-            pick = choose_generic([shas[i] for i in avail], min(want, len(avail)), cfg.seed)
-            chosen_generic = [avail[k] for k in pick]
-            if len(avail) < want:
-                run.warnings.append(f"generic mix: wanted {want} rows ({cfg.generic_fraction:.0%} of train) but only "
-                                    f"{len(avail)} usable generic rows exist")
-            generic_report.update(
-                quarantined=sum(1 for q in run.quarantine if q.get("generic")),
-                duplicates=g_status["exact"] + g_status["near"], decontaminated=g_status["decontaminated"],
-                available=len(avail), wanted=want, added=len(chosen_generic), fraction=cfg.generic_fraction)
 
-    # ---- records
+def _mix(run: _Run, src: _Sources, dd: _DedupResult, read: _ReadResult, n_train: int) -> tuple[list[int], dict]:
+    """(generic rows added to train, generic report): usable generic rows (not duplicating a domain or eval row)
+    up to `generic_fraction` of the final train set."""
+    cfg = run.cfg
+    report: dict = {"files": read.generic_files_info, "input_rows": read.generic_rows}
+    if not src.generic_files:
+        return [], report
+    with run.timed("generic"):
+        g_rows = list(range(run.n_domain, len(run.examples)))
+        g_verdicts = dd.nd.check_many(g_rows)
+        g_status = Counter(v.status for v in g_verdicts)
+        avail = [i for i, v in zip(g_rows, g_verdicts) if v.status == "kept"]
+        want = generic_count(n_train, cfg.generic_fraction)
+        pick = choose_generic([run.shas[i] for i in avail], min(want, len(avail)), cfg.seed)
+        chosen = [avail[k] for k in pick]
+        if len(avail) < want:
+            run.warnings.append(f"generic mix: wanted {want} rows ({cfg.generic_fraction:.0%} of train) but only "
+                                f"{len(avail)} usable generic rows exist")
+        report.update(
+            quarantined=sum(1 for q in run.quarantine if q.get("generic")),
+            duplicates=g_status["exact"] + g_status["near"], decontaminated=g_status["decontaminated"],
+            available=len(avail), wanted=want, added=len(chosen), fraction=cfg.generic_fraction)
+    return chosen, report
+
+
+def _records(run: _Run, counter: TokenCounter, eval_idx: list[int], train_idx: list[int],
+             chosen_generic: list[int]) -> _Records:
+    """The records to write: eval by id, train (domain + generic) in seeded hash order, canaries planted."""
+    ex, shas, cfg = run.examples, run.shas, run.cfg
+
     def record(i: int) -> dict:
         e = ex[i]
-        return make_record(ids[i], e.task, e.messages, e.provenance, e.label, shas[i])
+        return make_record(run.ids[i], e.task, e.messages, e.provenance, e.label, shas[i])
 
     eval_records = [record(i) for i in eval_idx]
     train_order = sorted(train_idx + chosen_generic, key=lambda i: rank_key(shas[i], cfg.seed))
     train_records = [record(i) for i in train_order]
-    canary_entries: list[dict] = []
+    canaries: list[dict] = []
     if cfg.canaries:
-        canary_entries = _plant_canaries(cfg, counter, train_records, [k for k, i in enumerate(train_order) if i < nd_count])
+        canaries = _plant_canaries(cfg, counter, train_records,
+                                   [k for k, i in enumerate(train_order) if i < run.n_domain])
+    return _Records(eval_idx, train_idx, chosen_generic, train_order, train_records, eval_records, canaries)
 
+
+def _count(run: _Run, read: _ReadResult, dd: _DedupResult, balanced_out: list[int], recs: _Records) -> dict:
+    """The row counts; refuses (a bug, not a data problem) when they do not account for every input row."""
     counts = {
-        "input_rows": input_rows,
+        "input_rows": read.input_rows,
         "quarantined": sum(1 for q in run.quarantine if not q.get("generic")),
-        "exact_duplicates": len(exact),
-        "near_duplicates": len(near),
-        "decontaminated": len(decon),
+        "exact_duplicates": len(dd.exact),
+        "near_duplicates": len(dd.near),
+        "decontaminated": len(dd.decon),
         "balanced_out": len(balanced_out),
-        "train": len(train_records),
-        "eval": len(eval_records),
-        "generic_added": len(chosen_generic),
-        "canaries": len(canary_entries),
+        "train": len(recs.train),
+        "eval": len(recs.eval),
+        "generic_added": len(recs.chosen_generic),
+        "canaries": len(recs.canaries),
     }
-    rhs = (counts["train"] - counts["generic_added"] + counts["eval"] + counts["quarantined"] + counts["exact_duplicates"]
-           + counts["near_duplicates"] + counts["decontaminated"] + counts["balanced_out"])
-    if rhs != input_rows:  # a bug, not a data problem: refuse to write an unaccounted dataset
-        raise RuntimeError(f"row accounting broken: {input_rows} in, {rhs} accounted for ({counts})")
+    rhs = (counts["train"] - counts["generic_added"] + counts["eval"] + counts["quarantined"]
+           + counts["exact_duplicates"] + counts["near_duplicates"] + counts["decontaminated"]
+           + counts["balanced_out"])
+    if rhs != read.input_rows:  # refuse to write an unaccounted dataset
+        raise RuntimeError(f"row accounting broken: {read.input_rows} in, {rhs} accounted for ({counts})")
+    return counts
 
-    report = build_report(
-        cfg=cfg, counts=counts, files=per_file, base={"name": cfg.base_name(), "path": str(counter.path),
-                                                      "template": counter.family.name},
-        pii=run.pii, pii_quarantine=run.pii_quarantine, control_tokens=control_tokens, quarantine=run.quarantine,
-        exact=[(i, verdicts[i].match) for i in exact], near=[(i, verdicts[i].match, verdicts[i].jaccard) for i in near],
-        decon=decon, conflicts=conflicts, examples=ex, ids=ids,
+
+def _report(run: _Run, src: _Sources, counter: TokenCounter, read: _ReadResult, dd: _DedupResult, counts: dict,
+            recs: _Records, lengths: list[Optional[int]], in_sample: list[bool], balance_report: dict,
+            generic_report: dict) -> dict:
+    cfg, ex, lock = run.cfg, run.examples, src.lock
+    eval_idx, train_idx, train_order = recs.eval_idx, recs.train_idx, recs.train_order
+    empty_eval = [f"the eval set is empty: too few usable rows for a {cfg.eval_fraction:.0%} split"]
+    return build_report(
+        cfg=cfg, counts=counts, files=read.per_file,
+        base={"name": cfg.base_name(), "path": str(counter.path), "template": counter.family.name},
+        pii=run.pii, pii_quarantine=run.pii_quarantine, control_tokens=read.control_tokens,
+        quarantine=run.quarantine, exact=[(i, dd.verdicts[i].match) for i in dd.exact],
+        near=[(i, dd.verdicts[i].match, dd.verdicts[i].jaccard) for i in dd.near],
+        decon=dd.decon, conflicts=dd.conflicts, examples=ex, ids=run.ids,
         train_lengths=[lengths[i] for i in train_order if in_sample[i]],
         eval_lengths=[lengths[i] for i in eval_idx if in_sample[i]],
         max_length=max((lengths[i] for i in train_order + eval_idx if lengths[i] is not None), default=0),
         sampled=not all(in_sample),
-        train_groups=Counter((ex[i].task, ex[i].label) for i in train_idx + chosen_generic),
+        train_groups=Counter((ex[i].task, ex[i].label) for i in train_idx + recs.chosen_generic),
         eval_groups=Counter((ex[i].task, ex[i].label) for i in eval_idx),
-        balance=balance_report, generic=generic_report if generic_files else None,
-        split={"locked": bool(lock), "lock_file": str(lock_path) if lock else None,
+        balance=balance_report, generic=generic_report if src.generic_files else None,
+        split={"locked": bool(lock), "lock_file": str(src.lock_path) if lock else None,
                "fraction_target": (lock.get("fraction") if lock else cfg.eval_fraction),
-               "fraction_actual": round(len(eval_records) / max(1, len(eval_records) + len(train_idx)), 4)},
-        warnings=run.warnings + (["the eval set is empty: too few usable rows for a "
-                                  f"{cfg.eval_fraction:.0%} split"] if not eval_records else []),
-        n_domain_examples=len(train_idx) + len(eval_records),
+               "fraction_actual": round(len(recs.eval) / max(1, len(recs.eval) + len(train_idx)), 4)},
+        warnings=run.warnings + (empty_eval if not recs.eval else []),
+        n_domain_examples=len(train_idx) + len(recs.eval),
     )
 
-    # ---- write everything atomically
+
+def _write(run: _Run, out: Path, src: _Sources, counter: TokenCounter, recs: _Records, counts: dict, report: dict,
+           read: _ReadResult, t_start: float) -> None:
+    """Everything at once: `out` appears complete (train, eval, lock, quarantine, reports, dataset.json) or not at
+    all; the canaries file (outside `out`) after it."""
+    cfg, lock = run.cfg, src.lock
     canary_path = Path(cfg.canary_file) if cfg.canary_file else canary_mod.default_canary_path(out)
-    with _Timer(run, "write"):
+    with run.timed("write"):
         run.progress("write", 0, None)
-        with atomic_dir(out, **guard) as tmp:
-            _write_jsonl(tmp / "train.jsonl", train_records)
-            eval_bytes = _write_jsonl(tmp / "eval.jsonl", eval_records)
-            lock_doc = make_lock(eval_records, lock.get("fraction", cfg.eval_fraction) if lock else cfg.eval_fraction, eval_bytes)
+        with atomic_dir(out, **src.guard) as tmp:
+            _write_jsonl(tmp / "train.jsonl", recs.train)
+            eval_bytes = _write_jsonl(tmp / "eval.jsonl", recs.eval)
+            fraction = lock.get("fraction", cfg.eval_fraction) if lock else cfg.eval_fraction
+            lock_doc = make_lock(recs.eval, fraction, eval_bytes)
             lock_bytes = (json.dumps(lock_doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
             (tmp / "eval.lock.json").write_bytes(lock_bytes)
             _write_jsonl(tmp / "quarantine.jsonl", run.quarantine)
@@ -395,15 +553,14 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
                 "max_tokens": cfg.max_tokens,
                 "counts": counts,
                 "options": cfg.model_dump(mode="json"),
-                "inputs": per_file,
-                "canaries": {"count": len(canary_entries), "file": str(canary_path.resolve())} if canary_entries else None,
+                "inputs": read.per_file,
+                "canaries": ({"count": len(recs.canaries), "file": str(canary_path.resolve())} if recs.canaries
+                             else None),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             })
-        if canary_entries:
-            atomic_write_json(canary_path, canary_mod.canary_document(canary_entries, out))
+        if recs.canaries:
+            atomic_write_json(canary_path, canary_mod.canary_document(recs.canaries, out))
         run.progress("write", 1, 1)
-    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    return report
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> bytes:

@@ -133,6 +133,7 @@ def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict,
         },
         "pii": {t: pii.get(t, 0) for t in PII_TYPES} | {t: n for t, n in pii.items() if t not in PII_TYPES},
         "pii_engine": cfg.pii_engine,
+        "pii_names": cfg.pii_names,
         "pii_in_quarantine": dict(pii_quarantine),
         "control_tokens_neutralised": control_tokens,
         "dedup": {
