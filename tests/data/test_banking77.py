@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 
-from gemtune.cli import main
 from gemtune.data.config import DataConfig
 from gemtune.data.pipeline import build
 from gemtune.data.records import load_dataset_dir
@@ -40,13 +39,10 @@ def test_banking77_builds_as_routing(banking77, tiny_gemma3, tmp_path):
     assert report["tokens"]["all"]["max"] <= 2048 and report["guidance"]["domain_examples"] == c["train"] + c["eval"]
 
 
-def test_cli_map_flags_and_report_html_renders(banking77, tiny_gemma3, tmp_path, chromium):
+def test_cli_map_flags_and_report_html_renders(cli, banking77, tiny_gemma3, tmp_path, chromium):
     out = tmp_path / "cli"
-    try:
-        main(["data", "build", str(banking77 / "test.csv"), "--out", str(out), "--base", str(tiny_gemma3), "-q",
-              "--instruction", ROUTING, "--map", "input=text", "--map", "output=category", "--map", "label=category"])
-    except SystemExit as e:
-        assert e.code == 0
+    assert cli("data", "build", banking77 / "test.csv", "--out", out, "--base", tiny_gemma3, "-q",
+               "--instruction", ROUTING, "--map", "input=text", "--map", "output=category", "--map", "label=category") == 0
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("<svg") >= 3 and "Accounting holds" in html and "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (out / "report.html").as_uri()],

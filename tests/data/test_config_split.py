@@ -68,16 +68,10 @@ def test_balance_caps_at_multiple_of_median():
     assert balance(rows, None)[0] == set()
 
 
-def test_cli_reports_yaml_errors_with_file_line_and_field(tmp_path, capsys):
-    from gemtune.cli import main
-
+def test_cli_reports_yaml_errors_with_file_line_and_field(cli, tmp_path, capsys):
     y = tmp_path / "gemtune.yaml"
     y.write_text("data:\n  max_tokens: lots\n")
     (tmp_path / "in.jsonl").write_text('{"input": "a", "output": "b"}\n')
-    try:
-        main(["data", "build", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--config", str(y)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = cli("data", "build", tmp_path / "in.jsonl", "--out", tmp_path / "o", "--config", y)
     err = capsys.readouterr().err
     assert code == 2 and f"{y}:2:" in err and 'field "data.max_tokens"' in err

@@ -20,21 +20,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemtune.cli import main
-
 SETTINGS = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture])
 WORDS = ("card", "refund", "parcel", "login", "invoice", "transfer", "app", "fee", "pin", "address", "loan", "branch",
          "limit", "statement", "delivery", "password", "account", "charge", "email", "phone")
-
-
-def _cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @st.composite
@@ -83,8 +73,8 @@ def hostile_bytes(draw) -> bytes:
     return row.encode("utf-16-le").replace(b"\n", b" ")
 
 
-def _check(raw: Path, out: Path, base: Path, n_rows: int, bad_lines: set[int], good_lines: set[int]) -> None:
-    code = _cli("data", "build", str(raw), "--out", str(out), "--base", str(base), "--instruction", "Route it.",
+def _check(cli, raw: Path, out: Path, base: Path, n_rows: int, bad_lines: set[int], good_lines: set[int]) -> None:
+    code = cli("data", "build", str(raw), "--out", str(out), "--base", str(base), "--instruction", "Route it.",
                 "--quiet")
     assert code == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -102,7 +92,7 @@ def _check(raw: Path, out: Path, base: Path, n_rows: int, bad_lines: set[int], g
 
 @SETTINGS
 @given(data=st.data(), encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]))
-def test_fuzz_jsonl_build(tiny_gemma3, data, encoding):
+def test_fuzz_jsonl_build(cli, tiny_gemma3, data, encoding):
     n_good = data.draw(st.integers(1, 6), label="good rows")
     goods = [data.draw(good_row(i)) for i in range(n_good)]
     if encoding == "utf-16":  # the whole file in UTF-16: hostile rows are texts, the file is transcoded
@@ -135,7 +125,7 @@ def test_fuzz_jsonl_build(tiny_gemma3, data, encoding):
     with tempfile.TemporaryDirectory() as d:
         raw = Path(d) / "fuzz.jsonl"
         raw.write_bytes(body)
-        _check(raw, Path(d) / "out", tiny_gemma3, n, bad_lines, good_lines)
+        _check(cli, raw, Path(d) / "out", tiny_gemma3, n, bad_lines, good_lines)
 
 
 hostile_cell = st.one_of(
@@ -149,7 +139,7 @@ hostile_cell = st.one_of(
 
 @SETTINGS
 @given(data=st.data())
-def test_fuzz_csv_build(tiny_gemma3, data):
+def test_fuzz_csv_build(cli, tiny_gemma3, data):
     """Hostile `messages` and `provenance` cells, random bytes and latin-1 lines among good rows."""
     n_good = data.draw(st.integers(1, 6), label="good rows")
     goods = [data.draw(good_row(i)) for i in range(n_good)]
@@ -190,12 +180,12 @@ def test_fuzz_csv_build(tiny_gemma3, data):
     with tempfile.TemporaryDirectory() as d:
         raw = Path(d) / "fuzz.csv"
         raw.write_bytes(b"\r\n".join(lines) + b"\r\n")
-        _check(raw, Path(d) / "out", tiny_gemma3, len(lines) - 1, bad_lines, good_lines)
+        _check(cli, raw, Path(d) / "out", tiny_gemma3, len(lines) - 1, bad_lines, good_lines)
 
 
 @SETTINGS
 @given(data=st.data())
-def test_fuzz_parquet_build(tiny_gemma3, data):
+def test_fuzz_parquet_build(cli, tiny_gemma3, data):
     """Wrong types and hostile JSON inside string columns, nulls, out-of-range timestamps, big binary cells."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -228,4 +218,4 @@ def test_fuzz_parquet_build(tiny_gemma3, data):
     with tempfile.TemporaryDirectory() as d:
         raw = Path(d) / "fuzz.parquet"
         pq.write_table(table, raw, row_group_size=data.draw(st.integers(1, 5), label="row group size"))
-        _check(raw, Path(d) / "out", tiny_gemma3, len(kinds), bad_lines, good_lines)
+        _check(cli, raw, Path(d) / "out", tiny_gemma3, len(kinds), bad_lines, good_lines)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from gemtune.cli import main
 from gemtune.data.config import DataConfig
 from gemtune.data.pipeline import build
 from gemtune.errors import UserError
@@ -19,14 +18,6 @@ from gemtune.utils import OUTPUT_MARKER
 
 def _cfg(base: Path, **kw) -> DataConfig:
     return DataConfig(base=str(base), instruction="Route the ticket.", **kw)
-
-
-def _cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _good_rows(n: int, start: int = 0) -> list[dict]:
@@ -44,19 +35,19 @@ def _quarantine(out: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ --out
-def test_build_out_refuses_a_directory_it_did_not_write_and_deletes_nothing(tiny_gemma3, tmp_path, capsys):
+def test_build_out_refuses_a_directory_it_did_not_write_and_deletes_nothing(cli, tiny_gemma3, tmp_path, capsys):
     home = tmp_path / "project"
     home.mkdir()
     raw = _jsonl(home / "raw.jsonl", _good_rows(20))
     (home / "notes.md").write_text("my notes")
-    code = _cli("data", "build", str(raw), "--out", str(home), "--base", str(tiny_gemma3), "--instruction", "Route.", "-q")
+    code = cli("data", "build", str(raw), "--out", str(home), "--base", str(tiny_gemma3), "--instruction", "Route.", "-q")
     err = capsys.readouterr().err
     assert code == 2
     assert f"{home}: field \"--out\": input {raw} lies inside the output directory" in err
     other = tmp_path / "docs"
     other.mkdir()
     (other / "notes.md").write_text("my notes")
-    code = _cli("data", "build", str(raw), "--out", str(other), "--base", str(tiny_gemma3), "--instruction", "Route.", "-q")
+    code = cli("data", "build", str(raw), "--out", str(other), "--base", str(tiny_gemma3), "--instruction", "Route.", "-q")
     err = capsys.readouterr().err
     assert code == 2 and f"{other}: field \"--out\": is not empty and was not written by gemtune" in err
     assert sorted(p.name for p in home.iterdir()) == ["notes.md", "raw.jsonl"]
@@ -105,13 +96,13 @@ HOSTILE_JSONL = [
 ]
 
 
-def test_hostile_jsonl_lines_are_quarantined_with_file_line_and_reason(tiny_gemma3, tmp_path):
+def test_hostile_jsonl_lines_are_quarantined_with_file_line_and_reason(cli, tiny_gemma3, tmp_path):
     good = [json.dumps(r).encode() for r in _good_rows(12)]
     lines = good[:6] + [h for h, _ in HOSTILE_JSONL] + good[6:]
     raw = tmp_path / "hostile.jsonl"
     raw.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "ds"
-    assert _cli("data", "build", str(raw), "--out", str(out), "--base", str(tiny_gemma3),
+    assert cli("data", "build", str(raw), "--out", str(out), "--base", str(tiny_gemma3),
                 "--instruction", "Route the ticket.", "-q") == 0
     q = {r["line"]: r for r in _quarantine(out)}
     for k, (_, needle) in enumerate(HOSTILE_JSONL):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from gemtune.cli import main
 from gemtune.data.config import DataConfig
 from gemtune.data.dedup import jaccard, normalise_key, shingles
 from gemtune.data.pipeline import build
@@ -30,14 +29,6 @@ def _cfg(base: Path, **kw) -> DataConfig:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture
@@ -191,31 +182,31 @@ def test_lock_with_missing_rows_stops_the_build(built, tiny_gemma3, tmp_path):
     assert "locked eval row" in str(e.value) and "--refreeze" in str(e.value)
 
 
-def test_all_bad_and_missing_inputs_exit_2(tmp_path, tiny_gemma3, capsys):
+def test_all_bad_and_missing_inputs_exit_2(cli, tmp_path, tiny_gemma3, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('not json\n{"input": "x"}\n[1, 2]\n', encoding="utf-8")
-    assert _cli("data", "build", str(bad), "--out", str(tmp_path / "o1"), "--base", str(tiny_gemma3), "-q") == 2
+    assert cli("data", "build", str(bad), "--out", str(tmp_path / "o1"), "--base", str(tiny_gemma3), "-q") == 2
     err = capsys.readouterr().err
     assert "no usable row" in err and "bad.jsonl:1" in err
     assert not (tmp_path / "o1").exists()
-    assert _cli("data", "build", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o2"), "--base", str(tiny_gemma3)) == 2
+    assert cli("data", "build", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o2"), "--base", str(tiny_gemma3)) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     empty = tmp_path / "empty.csv"
     empty.write_text("text,category\n", encoding="utf-8")
-    assert _cli("data", "build", str(empty), "--out", str(tmp_path / "o3"), "--base", str(tiny_gemma3)) == 2
+    assert cli("data", "build", str(empty), "--out", str(tmp_path / "o3"), "--base", str(tiny_gemma3)) == 2
 
 
-def test_bad_rows_exit_0_and_summary_points_to_quarantine(messy, tiny_gemma3, tmp_path, capsys):
+def test_bad_rows_exit_0_and_summary_points_to_quarantine(cli, messy, tiny_gemma3, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert _cli("data", "build", str(messy.path), "--out", str(out), "--base", str(tiny_gemma3), "-q") == 0
+    assert cli("data", "build", str(messy.path), "--out", str(out), "--base", str(tiny_gemma3), "-q") == 0
     printed = capsys.readouterr().out
     assert f"{len(messy.malformed_lines)} row(s) quarantined" in printed and "quarantine.jsonl" in printed
-    assert _cli("data", "report", str(out)) == 0
+    assert cli("data", "report", str(out)) == 0
     assert "input rows" in capsys.readouterr().out
 
 
-def test_bad_option_names_the_field_and_exits_2(messy, tiny_gemma3, tmp_path, capsys):
-    assert _cli("data", "build", str(messy.path), "--out", str(tmp_path / "o"), "--base", str(tiny_gemma3),
+def test_bad_option_names_the_field_and_exits_2(cli, messy, tiny_gemma3, tmp_path, capsys):
+    assert cli("data", "build", str(messy.path), "--out", str(tmp_path / "o"), "--base", str(tiny_gemma3),
                 "--eval-fraction", "1.5") == 2  # 0.4 is only advised against (a warning), 1.5 is no fraction
     err = capsys.readouterr().err
     assert 'field "--eval-fraction"' in err and "data.eval_fraction" in err

@@ -14,13 +14,6 @@ from gemtune.errors import UserError
 from gemtune.registry.routes import (RouteTable, RouteWatcher, parse_model, parse_split, pick_version,
                                      read_routes)
 from gemtune.registry.store import CorruptAdapter, Registry, inspect_adapter
-from gemtune.registry.synthetic import make_random_adapters
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_gemma3, tmp_path_factory) -> list[Path]:
-    d = tmp_path_factory.mktemp("adapters")
-    return make_random_adapters(tiny_gemma3, [d / "a", d / "b", d / "c"], r=8)
 
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:
@@ -292,18 +285,14 @@ def test_inspect_adapter_reports_clean_adapter(adapters):
     assert cfg["r"] == 8 and sidecar is None and problems == [] and gate == []
 
 
-def test_cli_push_list_promote_split_rollback(tmp_path, adapters):
-    from gemtune.cli import main
-
+def test_cli_push_list_promote_split_rollback(cli, tmp_path, adapters):
     root = str(tmp_path / "reg")
 
     def run(*args):
-        with pytest.raises(SystemExit) as e:
-            main(["registry", "--root", root, *args])
-        return e.value.code
+        return cli("registry", "--root", root, *args)
 
     def ok(*args):
-        main(["registry", "--root", root, *args])
+        assert run(*args) == 0
 
     ok("push", "s", str(adapters[0]))
     ok("push", "s", str(adapters[1]))

@@ -3,7 +3,6 @@ push, a push killed mid-copy, symlinks and FIFOs in an adapter directory, links 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,13 +16,6 @@ import pytest
 from gemtune.errors import UserError
 from gemtune.registry.routes import RouteTable, RouteWatcher, read_routes
 from gemtune.registry.store import CorruptAdapter, Registry
-from gemtune.registry.synthetic import make_random_adapters
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_gemma3, tmp_path_factory) -> list[Path]:
-    d = tmp_path_factory.mktemp("adapters")
-    return make_random_adapters(tiny_gemma3, [d / "a", d / "b"], r=8)
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -63,9 +55,7 @@ def test_rollback_onto_a_corrupted_version_is_refused_and_routes_unchanged(tmp_p
     assert fresh.resolve("s", "prod", "u") == "v2" and not fresh.rejected
 
 
-def test_cli_rollback_onto_a_corrupted_version_exits_2_naming_version_and_file(tmp_path, adapters, capsys):
-    from gemtune.cli import main
-
+def test_cli_rollback_onto_a_corrupted_version_exits_2_naming_version_and_file(cli, tmp_path, adapters, capsys):
     root = tmp_path / "reg"
     reg = Registry(root)
     v1 = reg.push("s", adapters[0])
@@ -75,16 +65,14 @@ def test_cli_rollback_onto_a_corrupted_version_exits_2_naming_version_and_file(t
     _flip_last_byte(v1.path / "adapter_model.safetensors")
     before = reg.routes_path.read_bytes()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["registry", "--root", str(root), "rollback", "s"])
+    code = cli("registry", "--root", root, "rollback", "s")
     err = capsys.readouterr().err
-    assert e.value.code == 2
+    assert code == 2
     assert "s@v1 fails verification" in err and "adapter_model.safetensors" in err
     assert reg.routes_path.read_bytes() == before
     # a split naming the corrupted version is refused the same way (every path verifies every arm)
-    with pytest.raises(SystemExit) as e:
-        main(["registry", "--root", str(root), "split", "s", "v1=10", "v2=90"])
-    assert e.value.code == 2 and "s@v1 fails verification" in capsys.readouterr().err
+    code = cli("registry", "--root", root, "split", "s", "v1=10", "v2=90")
+    assert code == 2 and "s@v1 fails verification" in capsys.readouterr().err
     assert reg.routes_path.read_bytes() == before
 
 
