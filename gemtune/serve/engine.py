@@ -27,7 +27,8 @@ class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=
     .stats() -> dict                                  # queue_depth, running, loaded_adapters, slot_adapters,
                                                       # adapter_refs{key: n}, tenants{t: {queued, running}},
                                                       # requests_total, requests_finished{reason}, token totals,
-                                                      # prefix_shared_tokens_total, per_adapter{key: counts} (/metrics)
+                                                      # prefix_shared_tokens_total, per_adapter{key: counts} (/metrics),
+                                                      # compute{dtype, lm_head path, cpu, cpu_capability, native_bf16}
 Handle: `async for ev in handle` (from any asyncio loop, in any thread), `for ev in handle` (blocking),
         .cancel() (client disconnect: frees the batch slot at the next step), .result() -> (text, token_ids, reason)
         .admitted: the engine's admission counter when it got a batch row (None while queued)
@@ -66,8 +67,10 @@ batch-mates) and streams events. Greedy outputs equal PEFT's greedy outputs for 
 
 Prefix sharing: a new request whose prompt starts like a running request's (same adapter) copies those positions'
 keys/values from that row instead of recomputing them (a shared system prompt is computed once per adapter).
-Exact: the copied values are what the new row would compute. The fp32 LM head's greedy argmax is screened in bf16
-and confirmed in fp32 with a proven error bound (`engine_sampling`), so it too stays exact.
+Exact: the copied values are what the new row would compute. Where bf16 is native (AVX512-BF16/AMX, a GPU) the fp32
+LM head's greedy argmax is screened in bf16 and confirmed in fp32 with a proven error bound (`engine_sampling`), so
+it too stays exact; where the CPU only emulates bf16 (AVX2-only) the head runs in plain fp32 — no stage leans on
+emulated math (`engine_model`, head paths; `stats()["compute"]` says which one runs).
 
 CPU note: on a machine shared with other busy processes, set OMP_WAIT_POLICY=PASSIVE before torch is imported:
 OpenMP's default spin-waiting then makes multi-threaded GEMMs many times slower (bench/serve.py does this).
@@ -460,6 +463,7 @@ class Engine:
                 "prefix_shared_tokens_total": self._stats["prefix_shared_tokens"],
                 "kv_cache_bytes": self.runner.cache.nbytes(),
                 "lm_head_fallback_rows": getattr(self.runner.screened_head, "fallbacks", 0),
+                "compute": self.runner.compute(),
                 "per_adapter": {k: dict(v) for k, v in self._per_adapter.items()},
             }
         return out

@@ -9,7 +9,16 @@ to be fast and batched:
   whole step (decode rows and prefill chunks together), with per-token LoRA deltas (`lora_batch`);
 - attention runs over the preallocated `KVCache`: decode rows (one query each) in one batched matmul over a
   view of the cache, prefill chunks in one padded batched matmul;
-- the LM head runs only on the last token of each row that needs a next token.
+- the LM head runs only on the last token of each row that needs a next token, in a way chosen from what the
+  hardware computes natively (`head_path`, below).
+
+Head paths (`ModelRunner.head_path`, reported in `Engine.stats()["compute"]`):
+- "bf16-screen": an fp32 model on hardware with native bf16 (AVX512-BF16/AMX, or a GPU): greedy rows are screened
+  with a bf16 GEMM and confirmed in fp32 (`engine_sampling.ScreenedHead`, exact);
+- "fp32": an fp32 model where bf16 is only emulated (AVX2-only CPUs, or torch capped below AVX-512 by
+  `ATEN_CPU_CAPABILITY` / `ONEDNN_MAX_CPU_ISA`): the plain fp32 head, so no bf16 tensor reaches a matmul (an
+  emulated bf16 GEMM ran 3-4x slower than fp32 there);
+- "bf16": a bf16 model (asked for explicitly): its own head, in bf16.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from gemtune.base import device as device_policy
 from gemtune.errors import UserError
 from gemtune.serve.kv_cache import KVCache, LayerKV, slot_positions, visibility
 from gemtune.serve.lora_batch import LoRAContext, LoRAPack, MultiLoRALinear, wrap_linears
@@ -28,6 +38,16 @@ from gemtune.serve.threads import ThreadPolicy
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 math runs in hardware on `device` (a GPU with bf16, or a CPU with AVX512-BF16/AMX that torch
+    may use); read through the module so tests can patch `gemtune.base.device.cpu_has_native_bf16`."""
+    if device.type == "cuda":
+        return device_policy.gpu_supports_bf16(device)
+    if device.type == "cpu":
+        return bool(device_policy.cpu_has_native_bf16())
+    return False
 
 
 def text_parts(model) -> tuple[nn.Module, nn.Module, object, str]:
@@ -85,13 +105,31 @@ class ModelRunner:
         self.rope = self._rope_tables()
         self.has_ple = bool(getattr(self.config, "hidden_size_per_layer_input", 0)) and self.is_gemma4
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.native_bf16 = native_bf16(self.device)
         self.screened_head = self.head_packed = None
-        if self.dtype == torch.bfloat16 and self.prepacked:  # a bf16 model's head: same numbers, blocked layout
+        self.head_path = self._head_path(screen_head)
+        if self.head_path == "bf16" and self.prepacked:  # a bf16 model's head: same numbers, blocked layout
             self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.weight.detach(), None)
-        if self.dtype == torch.float32 and screen_head:
+        if self.head_path == "bf16-screen":
             from gemtune.serve.engine_sampling import ScreenedHead
 
             self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap, threads=self.threads)
+
+    def _head_path(self, screen_head: bool) -> str:
+        """The LM head's path for this model's dtype on this hardware (see the module docstring)."""
+        if self.dtype == torch.bfloat16:
+            return "bf16"
+        if self.dtype == torch.float32 and screen_head and self.native_bf16:
+            return "bf16-screen"
+        return "fp32" if self.dtype == torch.float32 else str(self.dtype).removeprefix("torch.")
+
+    def compute(self) -> dict:
+        """What the engine computes with, and why: dtype, head path and the CPU's capabilities."""
+        d = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "lm_head": self.head_path,
+             "native_bf16": self.native_bf16, "prepacked_linears": bool(self.prepacked)}
+        if self.device.type == "cpu":
+            d.update(cpu=device_policy.cpu_name(), cpu_capability=device_policy.cpu_capability())
+        return d
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _layer_specs(self) -> list[LayerKV]:

@@ -3,15 +3,16 @@
 A seeded request draws only from its own `torch.Generator`, one draw per step on its own logits row, so what else is
 in the batch never changes its random stream.
 
-The LM head (262k x 640 for Gemma 3 270M) is most of a decode step's work. For greedy rows of an fp32 model we
-screen the vocabulary with a bf16 GEMM (3-4x faster on CPUs with AVX512-BF16) and then recompute in fp32 only the
-tokens that could still be the argmax. The screen is exact, not a heuristic: with unit roundoff u = 2^-8, the bf16
-logit of token j differs from the fp32 one by at most E = (2u + u^2 + 2n 2^-24) |h| max_j |w_j| plus the output
-rounding r |logit| (r = 2^-8), so token j can only be the argmax if screen_j + r|screen_j| + E >= top - r|top| - E,
-where top is the best screened logit. x + r|x| is increasing, so that is a threshold on screen_j: one max per
-256-token chunk finds the few chunks that reach it, and only their tokens are compared and recomputed in fp32
-(a full top-k over 262k logits cost 4x more). Rows where too many tokens pass (flat distributions) fall back to the
-full fp32 head.
+The LM head (262k x 640 for Gemma 3 270M) is most of a decode step's work. For greedy rows of an fp32 model on
+hardware with native bf16 (AVX512-BF16/AMX, a GPU: `engine_model` chooses) we screen the vocabulary with a bf16 GEMM
+(3-4x faster than fp32 there) and then recompute in fp32 only the tokens that could still be the argmax. Where bf16
+is emulated (AVX2-only CPUs) the same GEMM runs 3-4x slower than fp32, so the engine uses the plain fp32 head. The
+screen is exact, not a heuristic: with unit roundoff u = 2^-8, the bf16 logit of token j differs from the fp32 one by
+at most E = (2u + u^2 + 2n 2^-24) |h| max_j |w_j| plus the output rounding r |logit| (r = 2^-8), so token j can only
+be the argmax if screen_j + r|screen_j| + E >= top - r|top| - E, where top is the best screened logit. x + r|x| is
+increasing, so that is a threshold on screen_j: one max per 256-token chunk finds the few chunks that reach it, and
+only their tokens are compared and recomputed in fp32 (a full top-k over 262k logits cost 4x more). Rows where too
+many tokens pass (flat distributions) fall back to the full fp32 head.
 """
 
 from __future__ import annotations
