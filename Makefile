@@ -52,8 +52,18 @@ test: $(TEST_DEPS)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark behind README's tables, on this machine (results in bench/results/*.json, each naming the CPU).
+# The bench extra brings TRL (bench/train.py's peer). bench/vllm_serve.py runs only where .venv-vllm exists
+# (`make .venv-vllm/.gemtune-installed` or bench/setup_vllm.sh creates it). BENCH_ARGS_SERVE, e.g.
+# "--cpu-isa avx2", passes options to bench/serve.py.
 bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) bench/data.py
+	$(PY) bench/train.py
+	$(PY) bench/eval.py
+	$(PY) bench/serve.py $(BENCH_ARGS_SERVE)
+	@if [ -x .venv-vllm/bin/python ]; then $(PY) bench/vllm_serve.py; \
+	else echo "bench/vllm_serve.py skipped: no .venv-vllm (bash bench/setup_vllm.sh creates it)"; fi
 
 clean:
 	rm -rf $(VENV) .venv-vllm build dist *.egg-info

@@ -48,6 +48,19 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
+def cpu_info() -> dict:
+    """The CPU the numbers came from: model name, torch's kernel capability, native bf16, and any caps set on the
+    kernel libraries (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_/FBGEMM_ENABLE_INSTRUCTIONS)."""
+    from gemtune.base import device
+
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                       "FBGEMM_ENABLE_INSTRUCTIONS") if os.environ.get(k)}
+    flags = device.cpu_flags()
+    return {"name": device.cpu_name(), "cores": os.cpu_count(), "capability": device.cpu_capability(),
+            "native_bf16": device.cpu_has_native_bf16(), "kernel_caps": caps,
+            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
 def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / f"{name}.json"

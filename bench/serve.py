@@ -20,7 +20,15 @@ and greedy agreement: how many of gemtune's fp32 outputs equal PEFT's mixed-batc
 The process runs with OMP_WAIT_POLICY=PASSIVE (set before torch loads): on a CPU shared with other busy processes,
 OpenMP's default spin-waiting makes multi-threaded GEMMs up to 30x slower, for PEFT and gemtune alike.
 
+The CPU is named in the table and the JSON (`cpu`: model name, torch's kernel capability, native bf16 or not) with
+the engine's chosen compute path (`gemtune_compute`: on a CPU without native bf16 the LM head runs in fp32, and the
+bf16 engine row is left out: bf16 there is emulated). `--cpu-isa avx2` emulates an AVX2-only CPU on an AVX-512 one:
+it caps every kernel library torch uses to AVX2 before torch loads (ATEN_CPU_CAPABILITY=avx2,
+ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2; the PEFT child inherits them)
+and writes bench/results/serve-avx2.json.
+
     .venv/bin/python bench/serve.py [--requests 64] [--tokens 32] [--adapters 8] [--repeats 1] [--skip-peft]
+                                    [--cpu-isa avx2] [--result NAME]
 
 Writes bench/results/serve.json. Importable: `workload()` and `make_adapters()` give the exact inputs.
 """
@@ -28,20 +36,29 @@ Writes bench/results/serve.json. Importable: `workload()` and `make_adapters()` 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# set before torch loads (kernel dispatch is fixed at import): what an AVX2-only CPU gives each kernel library
+ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
+CAP_VARS = sorted({k for caps in ISA_CAPS.values() for k in caps})
+for _i, _a in enumerate(sys.argv[1:], 1):
+    _isa = _a.partition("=")[2] if _a.startswith("--cpu-isa=") else (
+        sys.argv[_i + 1] if _a == "--cpu-isa" and _i + 1 < len(sys.argv) else None)
+    os.environ.update(ISA_CAPS.get(_isa, {}) if _isa else {})
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS, ROUTING_INSTRUCTION, write_result  # noqa: E402
+from common import DATASETS, ROUTING_INSTRUCTION, cpu_info, write_result  # noqa: E402
 
 ADAPTER_SCALE, RANK = 0.5, 16
 
@@ -213,14 +230,22 @@ def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> d
                 r = c.post("/admin/routes/rollback", json={"name": "router"}, headers=admin)
                 rollback_ms.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 200, r.text
-            routes = RouteTable(reg)
-            for i in range(rounds):
-                routes.promote("router", "v2" if i % 2 == 0 else "v1")
-                t = time.perf_counter()
-                assert gw.watcher.refresh(force=True)
-                swap_ms.append((time.perf_counter() - t) * 1000)
     finally:
         server.stop()
+    # The in-memory swap alone. The server's route poller (every 0.2 s) is stopped with the server: left running, it
+    # could pick routes.json up between the promote and our refresh (a busy or slow CPU makes that likely), and
+    # refresh() then rightly says "nothing changed". Each round promotes the version prod does not serve now, so
+    # every refresh has a real change to take.
+    assert gw.watcher._thread is None, "the route poller still runs"
+    routes = RouteTable(reg)
+    gw.watcher.refresh(force=True)
+    for _ in range(rounds):
+        serving = gw.watcher.table["router"]["prod"]
+        routes.promote("router", "v1" if "v2" in serving else "v2")
+        t = time.perf_counter()
+        changed = gw.watcher.refresh(force=True)
+        swap_ms.append((time.perf_counter() - t) * 1000)
+        assert changed and gw.watcher.table["router"]["prod"] != serving, "routes.json changed, the table did not"
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
     return {"rounds": rounds,
             "admin_promote_http_ms": {"median": round(statistics.median(http_ms), 2), "p95": round(q(http_ms, 0.95), 2)},
@@ -249,7 +274,7 @@ def peft_part(args) -> dict:
         print(f"  PEFT mixed batch      {runs['peft_fp32_mixed'][-1]['tok_s']:7.1f} tok/s", flush=True)
         runs.setdefault("peft_fp32_swap", []).append(run_peft_swap(peft, prompts, mixed, args.tokens, pad))
         print(f"  PEFT set_adapter      {runs['peft_fp32_swap'][-1]['tok_s']:7.1f} tok/s", flush=True)
-    return {"peft_load": load, "runs": runs}
+    return {"peft_load": load, "runs": runs, "cpu": cpu_info()}
 
 
 def run_peft_child(args) -> dict:
@@ -260,8 +285,11 @@ def run_peft_child(args) -> dict:
         out = Path(d) / "peft.json"
         subprocess.run([sys.executable, __file__, "--part", "peft", "--requests", str(args.requests), "--tokens",
                         str(args.tokens), "--adapters", str(args.adapters), "--repeats", str(args.repeats),
-                        "--part-out", str(out)], check=True)
-        return json.loads(out.read_text())
+                        "--part-out", str(out), *(["--cpu-isa", args.cpu_isa] if args.cpu_isa else [])], check=True)
+        child = json.loads(out.read_text())
+    if child["cpu"] != cpu_info():  # both sides must have run on the same kernels
+        raise SystemExit(f"the PEFT child ran with other CPU kernels: {child['cpu']} vs {cpu_info()}")
+    return child
 
 
 def best(runs: list[dict]) -> dict:
@@ -276,6 +304,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per system; the best is reported")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--cpu-isa", choices=sorted(ISA_CAPS), help="cap torch's kernels to this ISA (set before torch "
+                    "loads): emulates e.g. an AVX2-only CPU on an AVX-512 one")
+    ap.add_argument("--result", help="result file name under bench/results (default serve, serve-<isa> with --cpu-isa)")
     ap.add_argument("--part", choices=["peft"], help=argparse.SUPPRESS)  # the child process's side
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -291,6 +322,8 @@ def main() -> None:
     from gemtune.base.provision import pull
     from gemtune.serve.engine import Engine
 
+    if args.cpu_isa and cpu_info()["capability"].lower() != args.cpu_isa:
+        raise SystemExit(f"--cpu-isa {args.cpu_isa}: torch still runs {cpu_info()['capability']} kernels")
     base = pull()
     tok = load_tokenizer(base)
     prompts = workload(tok, args.requests)
@@ -301,6 +334,8 @@ def main() -> None:
     single = [names[0]] * len(prompts)
     max_len = max(map(len, prompts)) + args.tokens + 8
     load_avg = [round(x, 2) for x in os.getloadavg()]
+    cpu = cpu_info()
+    print(f"CPU: {describe_cpu(cpu)}", flush=True)
     print(f"{len(prompts)} requests (prompt mean {sum(map(len, prompts)) / len(prompts):.1f} tokens) x {args.tokens} "
           f"greedy tokens over {len(names)} r{RANK} q/k/v/o adapters; torch threads {torch.get_num_threads()}; "
           f"load average {load_avg}", flush=True)
@@ -308,7 +343,7 @@ def main() -> None:
     res: dict = {"workload": {"requests": len(prompts), "max_tokens": args.tokens, "adapters": len(names), "rank": RANK,
                               "targets": "q,k,v,o", "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-                 "load_average_at_start": load_avg}
+                 "cpu": cpu, "load_average_at_start": load_avg}
     runs: dict[str, list[dict]] = {}
 
     peft = None
@@ -321,6 +356,9 @@ def main() -> None:
     eng.start()
     for name, p in zip(names, paths):
         eng.load_adapter(name, p)
+    res["gemtune_compute"] = eng.stats()["compute"]
+    comp = res["gemtune_compute"]
+    print(f"gemtune compute: {comp['dtype']}, LM head {comp['lm_head']}", flush=True)
     run_gemtune(eng, prompts[:4], mixed[:4], 2)  # warm-up
     for rep in range(args.repeats):
         print(f"round {rep + 1}/{args.repeats}", flush=True)
@@ -338,7 +376,11 @@ def main() -> None:
     res["alias_flip"] = alias_flip(base, paths, work)
     print(f"  alias flip (admin promote round trip) {res['alias_flip']['admin_promote_http_ms']['median']:.1f} ms "
           f"median; in-memory swap {res['alias_flip']['in_memory_swap_ms']['median']:.2f} ms", flush=True)
-    if not args.skip_bf16:
+    if not args.skip_bf16 and not cpu["native_bf16"]:
+        res["gemtune_bf16_8_skipped"] = ("this CPU has no native bf16 (bf16 math would be emulated, slower than "
+                                         "fp32): the engine serves fp32 here")
+        print(f"  gemtune bf16 8        skipped: {res['gemtune_bf16_8_skipped']}", flush=True)
+    elif not args.skip_bf16:
         eng = Engine(base, dtype="bfloat16", max_batch=len(prompts), max_loras=len(names), max_lora_rank=RANK,
                      max_model_len=max_len)
         eng.start()
@@ -363,7 +405,8 @@ def main() -> None:
     res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["ratios"] = ratios(res)
     print_table(res)
-    print(f"wrote {write_result('serve', res)}")
+    name = args.result or ("serve" if not args.cpu_isa else f"serve-{args.cpu_isa}")
+    print(f"wrote {write_result(name, res)}")
 
 
 def ratios(res: dict) -> dict:
@@ -388,6 +431,12 @@ def ratios(res: dict) -> dict:
     return out
 
 
+def describe_cpu(cpu: dict) -> str:
+    caps = ", ".join(f"{k}={v}" for k, v in cpu["kernel_caps"].items())
+    return (f"{cpu['name']} ({cpu['cores']} cores), torch kernels {cpu['capability']}, native bf16 "
+            f"{'yes' if cpu['native_bf16'] else 'no'}{f'; capped: {caps}' if caps else ''}")
+
+
 def print_table(res: dict) -> None:
     n = res["workload"]["adapters"]
     rows = [("PEFT fp32 set_adapter per group", "peft_fp32_swap"), ("PEFT fp32 mixed batch (adapter_names)", "peft_fp32_mixed"),
@@ -399,6 +448,9 @@ def print_table(res: dict) -> None:
     w = res["workload"]
     print(f"\n{w['requests']} requests x {w['max_tokens']} greedy tokens, Gemma 3 270M, {w['adapters']} r{w['rank']} "
           f"q/k/v/o adapters")
+    print(f"CPU: {describe_cpu(res['cpu'])}")
+    if "gemtune_compute" in res:
+        print(f"gemtune: {res['gemtune_compute']['dtype']}, LM head path {res['gemtune_compute']['lm_head']}")
     cswap = (res.get("peft_fp32_swap") or {}).get("tok_per_cpu_s")
     print(f"{'engine':48s} {'tok/s':>7s} {'vs PEFT swap':>13s} {'vs PEFT mixed':>14s} {'tok/cpu-s':>10s} {'vs swap':>8s}")
     for label, key in rows:
