@@ -317,7 +317,12 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, log_with: Optional[str]):
         if ":" in cfg.device:
             torch.cuda.set_device(int(cfg.device.split(":")[1]))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+    handlers = []
+    if os.environ.get("GEMTUNE_DIST_TIMEOUT_S"):  # the training group's collective timeout (NCCL/gloo)
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=float(os.environ["GEMTUNE_DIST_TIMEOUT_S"]))))
+    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir), kwargs_handlers=handlers)
 
 
 def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=None) -> Run:

@@ -82,3 +82,37 @@ def test_fsdp2_two_cpu_processes_kill_and_resume_give_the_straight_adapter(tiny_
     sd = pm.state_dict()
     for k, v in a.items():
         assert torch.equal(sd[k.replace(".weight", ".default.weight")], v)
+
+
+HOOK_SCRIPT = """
+import sys, time
+from gemtune.train.config import TrainConfig
+from gemtune.train.trainer import train
+base, data, out, hold = sys.argv[1:5]
+calls = []
+def hook(ck, step):  # rank 0 only: an eval that outlasts the training group's collective timeout
+    calls.append(step)
+    time.sleep(float(hold))
+    return {"accuracy": 1.0}
+train(data, out, TrainConfig(base=base, batch_size=2, lr=1e-3, seed=3, save_every=2), stop_after=2,
+      on_checkpoint=hook, progress=False)
+print("hook calls", calls)
+"""
+
+
+@pytest.mark.slow
+def test_other_processes_outwait_rank0_checkpoint_eval_past_the_collective_timeout(tiny_gemma3, route_data,
+                                                                                    tmp_path):
+    """Two DDP processes, a 5 s collective timeout, a checkpoint eval on rank 0 that takes 15 s: rank 1 waits on
+    its own long-timeout group instead of failing the run."""
+    script = tmp_path / "h.py"
+    script.write_text(HOOK_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           str(tiny_gemma3), str(route_data), str(tmp_path / "run"), "15"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "GEMTUNE_DIST_TIMEOUT_S": "5"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("hook calls [2]") == 1 and r.stdout.count("hook calls []") == 1
+    side = json.loads((tmp_path / "run" / "adapter" / "gemtune.json").read_text())
+    assert side["step"] == 2
