@@ -127,3 +127,118 @@ def test_merge_replaces_its_own_output_and_overwrite_replaces_a_foreign_one(tiny
     (foreign / "x").write_text("x")
     merge_adapter(adapter, foreign, base=str(tiny_gemma3), max_new_tokens=2, overwrite=True)
     assert not (foreign / "x").exists() and (foreign / "gemtune-merge.json").is_file()
+
+
+# ------------------------------------------------------------------------------- base dtype, shards (issue #14)
+@pytest.fixture(scope="module")
+def bf16_base(tiny_gemma3, tmp_path_factory):
+    """The tiny base stored in bfloat16, as real Gemma checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    from gemtune.base.tiny import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("bf16-base")
+    AutoModelForCausalLM.from_pretrained(str(tiny_gemma3), dtype=torch.float32).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer("gemma3").save_pretrained(d)
+    assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+    return d
+
+
+PROMPTS = ["what is up?", "my card was declined", "hello there", "12 times 7"]
+
+
+def _ids(text: str) -> list[int]:
+    return [2, 105] + [300 + ord(c) for c in "user\n" + text] + [106, 300 + 10, 105]
+
+
+def test_bf16_base_merges_in_bf16_into_shards_that_match_peft(bf16_base, adapter, tmp_path):
+    """dtype auto = the base's own (bf16); sharded safetensors with tokenizer and chat template; the reloaded merged
+    model gives PEFT's greedy outputs in bf16 (a divergence only at a near-tie, as the merge's own check allows)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemtune.serve.merge import BF16_TIE, _near_tie
+
+    out = tmp_path / "m16"
+    report = merge_adapter(adapter, out, base=str(bf16_base), max_new_tokens=12, device="cpu",
+                           max_shard_size="100KB")
+    assert report["parity"] is True and (report["dtype"], report["device"]) == ("bfloat16", "cpu")
+    side = json.loads((out / "gemtune-merge.json").read_text())
+    assert (side["dtype"], side["device"], side["placement"]["dtype"]) == ("bfloat16", "cpu", "bfloat16")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and side["files"] == [p.name for p in shards]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    for f in shards:
+        with safe_open(str(f), framework="pt") as st:
+            assert all(st.get_tensor(k).dtype == torch.bfloat16 and "lora" not in k for k in st.keys())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+    base16 = AutoModelForCausalLM.from_pretrained(str(bf16_base), dtype=torch.bfloat16)
+    peft = PeftModel.from_pretrained(base16, str(adapter)).eval()
+    equal = 0
+    for text in PROMPTS:
+        ids = _ids(text)
+        want, got = _greedy(peft, ids), _greedy(merged, ids)
+        if want == got:
+            equal += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
+        with torch.inference_mode():
+            ref = peft(input_ids=torch.tensor([ids + want])).logits[0, len(ids) + k - 1].float()
+        assert _near_tie(ref, want[k], got[k], BF16_TIE)[0], (text, k)
+    assert equal >= 3
+    plain = AutoModelForCausalLM.from_pretrained(str(bf16_base), dtype=torch.bfloat16).eval()
+    assert sum(_greedy(plain, _ids(t)) != _greedy(merged, _ids(t)) for t in PROMPTS) >= 3  # the adapter is in
+
+
+def test_bf16_parity_check_refuses_a_merge_that_lost_the_adapter(bf16_base, adapter):
+    """The near-tie allowance does not let a wrong merge through: the plain base in place of the merged model
+    parts from the adapter where it was confident, and the check says no."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gemtune.base.tiny import tiny_tokenizer
+    from gemtune.serve.merge import BF16_TIE, _logits, parity_rows
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bf16_base), dtype=torch.bfloat16),
+                                     str(adapter)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(str(bf16_base), dtype=torch.bfloat16).eval()
+    ids_list = [_ids(t) for t in PROMPTS]
+    before = [_greedy(peft, ids) for ids in ids_list]
+    after = [_greedy(plain, ids) for ids in ids_list]
+    unmerged = [_logits(peft, ids + a) for ids, a in zip(ids_list, before)]
+    convs = [[{"role": "user", "content": t}] for t in PROMPTS]
+    rows, diff = parity_rows(unmerged, plain, convs, ids_list, before, after, tiny_tokenizer("gemma3"), BF16_TIE)
+    assert not all(r["passed"] for r in rows) and diff > 0
+    same, _ = parity_rows(unmerged, peft, convs, ids_list, before, before, tiny_tokenizer("gemma3"), BF16_TIE)
+    assert all(r["passed"] and r["equal"] for r in same)
+
+
+def test_merged_chat_template_renders_as_gemtune_does():
+    """The template written beside a merged model gives exactly gemtune's own rendering (both families)."""
+    from gemtune.base.families import family_for
+    from gemtune.base.templates import render_text
+    from gemtune.base.tiny import tiny_tokenizer
+    from gemtune.serve.chat_template import ensure_chat_template
+
+    convs = [[{"role": "user", "content": " hi "}],
+             [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "x"},
+              {"role": "assistant", "content": "y "}, {"role": "user", "content": "z\nw"}]]
+    for name, model_type in (("gemma3", "gemma3_text"), ("gemma4", "gemma4_text")):
+        tok, fam = tiny_tokenizer(name), family_for(model_type)
+        assert ensure_chat_template(tok, fam) is True and ensure_chat_template(tok, fam) is False
+        for msgs in convs:
+            for gen in (True, False):
+                assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
+                    render_text(msgs, fam, bos=tok.bos_token, add_generation_prompt=gen)
+
+
+def test_merge_refuses_a_bad_shard_size_before_loading(tiny_gemma3, adapter, tmp_path):
+    with pytest.raises(UserError, match='field "max_shard_size"'):
+        merge_adapter(adapter, tmp_path / "o", base=str(tiny_gemma3), max_shard_size="lots")
+    assert not (tmp_path / "o").exists()

@@ -93,14 +93,20 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it is a non-empty directory "
                                        "gemtune did not write (everything in it is deleted)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: this process's GPU "
+                                   "when there is one)."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (the base's own dtype), bfloat16 or float32."),
+        max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, "
+                                           "500MB."),
     ):
-        """Merge an adapter into its base (fp32) and print a greedy parity check: merged vs unmerged."""
+        """Merge an adapter into its base (in the base's dtype) and print a greedy parity check: merged vs
+        unmerged, on the device the merge ran on."""
         from gemtune.serve.merge import _ParityFailed, merge_adapter
 
         try:
             report = merge_adapter(adapter, out, base=base, prompts=prompts, max_new_tokens=max_new_tokens,
                                    progress=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False),
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, device=device, dtype=dtype, max_shard_size=max_shard_size)
         except _ParityFailed as e:
             _print_parity(e.report)
             raise
@@ -109,10 +115,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_parity(report: dict) -> None:
-    t = Table("prompt", "tokens", "equal", "unmerged", "merged", title="greedy parity, fp32: merged vs unmerged")
+    t = Table("prompt", "tokens", "equal", "unmerged", "merged",
+              title=f"greedy parity, {report['dtype']} on {report['device']}: merged vs unmerged")
     for r in report["prompts"]:
-        t.add_row(r["prompt"], str(r["tokens"]), "yes" if r["equal"] else "[red]NO[/red]", r["unmerged"][:60],
-                  r["merged"][:60])
+        equal = "yes" if r["equal"] else (f"near-tie at {r['diverged_at']}" if r["passed"] else "[red]NO[/red]")
+        t.add_row(r["prompt"], str(r["tokens"]), equal, r["unmerged"][:60], r["merged"][:60])
     console.print(t)
     console.print(f"parity: {'[green]holds[/green]' if report['parity'] else '[red]fails[/red]'}; "
                   f"max |Δlogit| on prompts {report['max_abs_logit_diff']:.3g}", highlight=False)
