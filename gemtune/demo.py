@@ -61,25 +61,43 @@ class _Timer:
 
 def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Console | None = None,
              steps_override: int | None = None) -> list[Step]:
+    """Every stage of the playbook in order; each step records what it proved. GateFailed when one did not."""
     console = console or Console()
-    out = Path(out)
+    out = _fresh_out(Path(out))
+    steps: list[Step] = []
+    t0 = time.time()
+    base = _step_base(steps, console)
+    proj, data = _step_data(steps, console, out, base)
+    _step_plan(steps, console)
+    trained = _step_train(steps, console, out, proj, data, base, steps_override or (36 if quick else 90))
+    _step_eval(steps, console, out, trained, data)
+    private = _privacy_and_card(steps, console, out, trained.result.adapter_dir, data, base)
+    _step_registry(steps, console, out, trained, private)
+    with _Timer(steps, console, "serve") as s:
+        s.done(_serve_round_trip(out / "registry", str(base), data, console))
+    return _finish(steps, console, out, t0)
+
+
+def _fresh_out(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         if not (out / ".gemtune-demo").exists():
             raise UserError("output directory exists and is not a previous demo; choose another --out", file=str(out))
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / ".gemtune-demo").write_text("")
-    steps: list[Step] = []
-    t0 = time.time()
+    return out
 
-    # 1. base ------------------------------------------------------------------------------------------------
+
+def _step_base(steps: list[Step], console: Console) -> Path:
     with _Timer(steps, console, "base") as s:
-        from gemtune.base.provision import DEFAULT_MODEL, pull
+        from gemtune.base.provision import pull
 
         base = pull(progress=lambda m: console.print(f"[dim]{m}[/dim]"))
         s.done(f"embedded Gemma 3 270M converted once and cached ({base})")
+    return base
 
-    # 2. data ------------------------------------------------------------------------------------------------
+
+def _step_data(steps: list[Step], console: Console, out: Path, base: Path) -> tuple[Path, Path]:
     with _Timer(steps, console, "data build") as s:
         from gemtune.data.config import load_data_config
         from gemtune.data.pipeline import build
@@ -95,8 +113,10 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
                       f"eval {c['eval']} (frozen), generic {c['generic_added']}")
         s.done(f"{c['quarantined']} bad rows quarantined with line numbers, {pii} PII values redacted, "
                f"{c['exact_duplicates'] + c['near_duplicates']} duplicates removed, eval set of {c['eval']} frozen")
+    return proj, data
 
-    # 3. plan ------------------------------------------------------------------------------------------------
+
+def _step_plan(steps: list[Step], console: Console) -> None:
     with _Timer(steps, console, "plan") as s:
         from gemtune.train.plan import plan, shape_from_params
 
@@ -112,14 +132,25 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
             console.print(rows[-1])
         s.done("; ".join(rows))
 
-    # 4. train with eval + gate per checkpoint -----------------------------------------------------------------
+
+@dataclass
+class _Trained:
+    run: Path
+    result: object  # train.trainer's result: .adapter_dir, .steps, .losses
+    history: list  # [(checkpoint name, eval summary)] in step order
+    eval_config: object
+
+
+def _step_train(steps: list[Step], console: Console, out: Path, proj: Path, data: Path, base: Path,
+                n_steps: int) -> _Trained:
+    """Train (default preset) with the eval and the regression gate on every checkpoint."""
     with _Timer(steps, console, "train + eval per checkpoint") as s:
+        from gemtune.base.provision import DEFAULT_MODEL
         from gemtune.evals.checkpoint import make_checkpoint_evaluator, mark_best
         from gemtune.evals.config import load_eval_config
         from gemtune.train.config import load_train_config
         from gemtune.train.trainer import train
 
-        n_steps = steps_override or (36 if quick else 90)
         every = n_steps // 2
         tcfg = load_train_config(proj / "gemtune.yaml", {"base": DEFAULT_MODEL, "max_steps": n_steps, "save_every": every,
                                                          "eval_every": every})
@@ -138,13 +169,16 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
                + ", ".join(f"{n} {h.get('accuracy', 0):.2f}" for n, h in hist)
                + (f" vs base {base_acc:.2f}" if base_acc is not None else "")
                + f"; best shippable: {best.get('checkpoint')}")
+    return _Trained(run, res, hist, ecfg)
 
-    # 5. eval report of the final adapter (cached outputs from the checkpoint eval) ----------------------------
+
+def _step_eval(steps: list[Step], console: Console, out: Path, trained: _Trained, data: Path) -> None:
+    """The eval report of the final adapter (cached outputs from the checkpoint eval); it must beat the base."""
     with _Timer(steps, console, "eval") as s:
         from gemtune.evals.pipeline import run_eval
 
-        o = run_eval(str(res.adapter_dir), data / "eval.jsonl", out / "eval", baseline="base", config=ecfg,
-                     echo=console.print)
+        o = run_eval(str(trained.result.adapter_dir), data / "eval.jsonl", out / "eval", baseline="base",
+                     config=trained.eval_config, echo=console.print)
         summ = json.loads((out / "eval" / "summary.json").read_text())
         base_acc = _baseline_accuracy(summ)
         if base_acc is None:
@@ -154,32 +188,29 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, console: Cons
                f"{'PASS' if o.gate is None or o.gate.passed else 'FAIL'}; report {out / 'eval' / 'report.html'}",
                ok=gain >= 30)
 
-    # 6. privacy probe + card: proved before shipping, and carried by the version ----------------------------
-    private = _privacy_and_card(steps, console, out, res.adapter_dir, data, base)
 
-    # 7. registry --------------------------------------------------------------------------------------------
+def _step_registry(steps: list[Step], console: Console, out: Path, trained: _Trained, private: bool) -> None:
+    """Both versions stored immutable; prod promoted to the first, then the final one (a rollback target)."""
     with _Timer(steps, console, "registry") as s:
         from gemtune.registry.routes import RouteTable
         from gemtune.registry.store import Registry
 
         reg = Registry(out / "registry")
-        first_ck = run / hist[0][0]
+        first = trained.history[0][0]
+        first_ck = trained.run / first
         v1 = reg.push("support-router", first_ck, force=not _shippable(first_ck))
         # a failed probe makes push refuse; the demo pushes anyway, recorded as forced, and says so
-        v2 = reg.push("support-router", res.adapter_dir, force=not private)
+        v2 = reg.push("support-router", trained.result.adapter_dir, force=not private)
         routes = RouteTable(reg)
         routes.promote("support-router", v1.version)
         routes.promote("support-router", v2.version)
         carried = [f for f in ("gemtune.json", "README.md") if (v2.path / f).is_file()]
-        s.done(f"support-router {v1.version} ({hist[0][0]}) and {v2.version} (final) stored immutable with sha256, "
+        s.done(f"support-router {v1.version} ({first}) and {v2.version} (final) stored immutable with sha256, "
                f"{v2.version} carrying its probe verdict and card ({', '.join(carried)}); prod → {v2.version}"
                + ("" if private else " — pushed with --force: the privacy probe failed"), ok=private)
 
-    # 8. serve -----------------------------------------------------------------------------------------------
-    with _Timer(steps, console, "serve") as s:
-        proved = _serve_round_trip(out / "registry", str(base), data, console)
-        s.done(proved)
 
+def _finish(steps: list[Step], console: Console, out: Path, t0: float) -> list[Step]:
     table = Table(title=f"gemtune demo — {time.time() - t0:.0f} s, everything in {out}")
     table.add_column("step", style="bold")
     table.add_column("proved")
