@@ -141,14 +141,9 @@ def load_tenants(path: str | Path) -> Tenants:
         except json.JSONDecodeError as e:
             raise UserError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
     else:
-        import yaml
+        from gemtune.config import parse_yaml  # the one YAML reader: same file:line errors as every stage
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(p),
-                            line=mark.line + 1 if mark else None) from None
+        data = parse_yaml(text, str(p)).data
     if not isinstance(data, dict):
         raise UserError("expected a mapping with admin_key and tenants", file=str(p))
     admin = None

@@ -167,6 +167,9 @@ def test_admin_routes_promote_split_rollback(setup):
     assert c.post("/admin/routes/rollback", json={"name": "acme-support"}, headers=h).json()["weights"] == {"v2": 100}
     assert c.post("/admin/routes/rollback", json={"name": "acme-support"}, headers=h).json()["weights"] == {"v1": 100}
     assert c.post("/admin/routes/promote", json={"name": "acme-support", "version": "v9"}, headers=h).status_code == 404
+    assert c.post("/admin/routes/promote", json={"name": "acme-none", "version": "v1"}, headers=h).status_code == 404
+    assert c.post("/admin/routes/rollback", json={"name": "acme-support", "alias": "nope"},
+                  headers=h).status_code == 404  # the registry's NotFound, not its message, makes it a 404
     assert c.post("/admin/routes/split", json={"name": "acme-support", "weights": {"v1": -1}},
                   headers=h).status_code == 400
     assert c.post("/admin/routes/promote", json={"name": "../x", "version": "v1"}, headers=h).status_code == 400

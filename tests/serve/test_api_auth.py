@@ -43,6 +43,7 @@ def test_keys_map_to_tenants_and_patterns(tmp_path):
      "tenants.yaml:3: field \"tenants.b.api_key\": the same key is given to 'a' too"),
     ("tenants: {}", 'field "tenants"'),
     ("tenants: [unclosed", "invalid YAML"),
+    (f"admin_key: {KEY_A}\ntenants:\n  a: {{api_key: x\n  b: [", "tenants.yaml:4: invalid YAML"),  # config's reader
     (f"admin_key: {KEY_A}\ntenants: {{a: {{api_key: {KEY_A}, adapters: [x]}}}}", "the same key is given to 'admin'"),
 ])
 def test_bad_tenants_files_name_file_line_field(tmp_path, text, needle):
