@@ -1,7 +1,8 @@
 """Errors a user can act on.
 
 Every stage raises `UserError` for problems with the user's input (a file, a field, a flag); the CLI prints the
-message and exits 2. `GateFailed` is a check that said no (a regression gate, a privacy threshold): exit 1.
+message and exits 2. `NotFound` is the UserError for a name that does not exist (the gateway answers it with 404).
+`GateFailed` is a check that said no (a regression gate, a privacy threshold): exit 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ class UserError(Exception):
             where += f'field "{field}": '
         super().__init__(where + message)
         self.file, self.line, self.field = file, line, field
+
+
+class NotFound(UserError):
+    """A name the user gave that does not exist (an adapter, a version, an alias in the registry).
+
+    Still a UserError (CLI exit 2, the message names what is missing); callers that answer differently for
+    "no such thing" (the gateway: 404 instead of 400) catch this type instead of matching message text.
+    """
 
 
 class GateFailed(Exception):

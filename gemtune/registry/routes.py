@@ -1,11 +1,6 @@
 """Routes: aliases (`prod`, `canary`, …) that point at one version or at A/B weights, with a history to roll back.
 
-`routes.json` in the registry root is the single source of truth:
-
-    {"format": 1,
-     "routes": {"<name>": {"<alias>": {"weights": {"v3": 90, "v4": 10}, "updated_at": "…",
-                                       "history": [{"weights": {"v2": 100}, "updated_at": "…"}, …]}}},
-     "log": [{"at": "…", "event": "promote", …}, …]}
+`routes.json` in the registry root is the single source of truth (its shape and checks: history.py).
 
 Every change is a read-modify-write under the registry lock, written atomically (temp, fsync, rename), so a reader
 (the server polls the file's stat) sees the old table or the new one, never half of one. A promote or split pushes
@@ -13,38 +8,31 @@ the alias's current weights onto its history; `rollback` pops the last entry bac
 history backwards. Every change (promote, split and rollback alike) sha256-verifies each version it would route to,
 under the lock, before writing: a corrupt version is refused, routes.json is left as it was and the alias keeps
 serving what it served before, so no command can make the table name a version that fails verification.
+
+Imports go one way: names.py ← history.py ← store.py ← routes.py (this module also re-exports the names and
+history helpers it used to define, e.g. `read_routes`, `validate_weights`, `validate_alias`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from gemtune.errors import UserError
-from gemtune.registry.store import (NAME_RE, VERSION_RE, Registry, normalize_version, validate_name,
-                                    version_number)
+from gemtune.errors import NotFound, UserError
+from gemtune.registry.history import (FORMAT, HISTORY_KEEP, LOG_KEEP, append_log, now, public,  # noqa: F401
+                                      read_routes, set_weights)
+from gemtune.registry.names import (NAME_RE, VERSION_RE, normalize_version, validate_alias,  # noqa: F401
+                                    validate_name, validate_weights)
+from gemtune.registry.store import Registry
 from gemtune.utils import atomic_write_json
 
 DEFAULT_ALIAS = "prod"
-FORMAT = 1
-LOG_KEEP = 500
-HISTORY_KEEP = 100
-
-
-def validate_alias(alias: str) -> str:
-    """Aliases share the name alphabet but must not look like a version (`v3` would be ambiguous in `name@v3`)."""
-    if not isinstance(alias, str) or not NAME_RE.match(alias) or ".." in alias or VERSION_RE.match(alias):
-        raise UserError(f"invalid alias {alias!r}: use lower-case letters, digits, '.', '_' or '-', not vN",
-                        field="alias")
-    return alias
 
 
 @dataclass(frozen=True)
@@ -98,20 +86,6 @@ def parse_split(items: list[str]) -> dict[str, int]:
     return validate_weights(weights)
 
 
-def validate_weights(weights: dict) -> dict[str, int]:
-    if not isinstance(weights, dict) or not weights:
-        raise UserError("weights must map versions to integer weights, e.g. {\"v3\": 90, \"v4\": 10}",
-                        field="weights")
-    out = {}
-    for v, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise UserError(f"weight for {v} must be a non-negative integer, got {w!r}", field="weights")
-        out[normalize_version(v)] = w
-    if sum(out.values()) <= 0:
-        raise UserError("at least one weight must be positive", field="weights")
-    return dict(sorted(out.items(), key=lambda kv: version_number(kv[0])))
-
-
 def pick_version(weights: dict[str, int], *, name: str, alias: str, user: str | None) -> str:
     """Choose an arm: sticky on `user` (same user → same arm while weights hold), random without one."""
     arms = [(v, w) for v, w in weights.items() if w > 0]
@@ -128,10 +102,6 @@ def pick_version(weights: dict[str, int], *, name: str, alias: str, user: str | 
             return v
         point -= w
     return arms[-1][0]
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class RouteTable:
@@ -170,7 +140,7 @@ class RouteTable:
             data = self.read()
             entry = data["routes"].get(name, {}).get(alias)
             if not entry:
-                raise UserError(f"alias {name}@{alias} does not exist; nothing to roll back", field="alias")
+                raise NotFound(f"alias {name}@{alias} does not exist; nothing to roll back", field="alias")
             if not entry.get("history"):
                 raise UserError(f"alias {name}@{alias} has no earlier route to roll back to "
                                 f"(it serves {entry['weights']})", field="alias")
@@ -181,11 +151,11 @@ class RouteTable:
             except UserError as e:
                 raise type(e)(f"refusing to roll back {name}@{alias} from {before} to {prev['weights']}, routes.json "
                               f"is unchanged: {e}") from None
-            entry["weights"], entry["updated_at"] = prev["weights"], _now()
-            self._append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
-                                    "to": entry["weights"]})
+            entry["weights"], entry["updated_at"] = prev["weights"], now()
+            append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
+                              "to": entry["weights"]})
             atomic_write_json(self.path, data)
-            return _public(name, alias, entry)
+            return public(name, alias, entry)
 
     def _verify_all(self, name: str, weights: dict[str, int]) -> None:
         """Every version the weights name must pass sha256 verification (the CorruptAdapter names the file)."""
@@ -199,66 +169,16 @@ class RouteTable:
         with self.registry.locked():
             self._verify_all(name, weights)
             data = self.read()
-            aliases = data["routes"].setdefault(name, {})
-            entry = aliases.get(alias)
-            before = None
-            if entry is None:
-                entry = aliases[alias] = {"weights": weights, "updated_at": _now(), "history": []}
-            else:
-                before = entry["weights"]
-                if before != weights:
-                    entry["history"].append({"weights": before, "updated_at": entry.get("updated_at")})
-                    entry["history"] = entry["history"][-HISTORY_KEEP:]
-                entry["weights"], entry["updated_at"] = weights, _now()
-            self._append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights})
+            entry, before = set_weights(data, name, alias, weights)
+            append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights})
             atomic_write_json(self.path, data)
-            return _public(name, alias, entry)
+            return public(name, alias, entry)
 
     def log_event_locked(self, event: dict) -> None:
-        """Append to the audit log; the caller already holds the registry lock (push records forced pushes)."""
+        """Append to the audit log; the caller already holds the registry lock."""
         data = self.read()
-        self._append_log(data, event)
+        append_log(data, event)
         atomic_write_json(self.path, data)
-
-    @staticmethod
-    def _append_log(data: dict, event: dict) -> None:
-        data.setdefault("log", []).append({"at": _now(), **event})
-        data["log"] = data["log"][-LOG_KEEP:]
-
-
-def _public(name: str, alias: str, entry: dict) -> dict:
-    return {"name": name, "alias": alias, "weights": dict(entry["weights"]), "updated_at": entry.get("updated_at"),
-            "history_depth": len(entry.get("history", []))}
-
-
-def read_routes(path: Path) -> dict:
-    """Parse and check routes.json (missing → empty table); a hand-edited mistake names the field."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {"format": FORMAT, "routes": {}, "log": []}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict) or not isinstance(data.get("routes", {}), dict):
-        raise UserError("expected an object with a 'routes' object", file=str(path), field="routes")
-    data.setdefault("format", FORMAT)
-    data.setdefault("routes", {})
-    data.setdefault("log", [])
-    for name, aliases in data["routes"].items():
-        if not isinstance(aliases, dict):
-            raise UserError(f"routes.{name} must be an object of aliases", file=str(path), field=f"routes.{name}")
-        for alias, entry in aliases.items():
-            where = f"routes.{name}.{alias}"
-            if not isinstance(entry, dict) or not isinstance(entry.get("weights"), dict):
-                raise UserError("expected an object with 'weights'", file=str(path), field=where)
-            try:
-                entry["weights"] = validate_weights(entry["weights"])
-            except UserError as e:
-                raise UserError(str(e), file=str(path), field=f"{where}.weights") from None
-            entry.setdefault("history", [])
-    return data
 
 
 class RouteWatcher:

@@ -29,18 +29,18 @@ import re
 import shutil
 import stat
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from gemtune.errors import UserError
+from gemtune.errors import NotFound, UserError
+from gemtune.registry.history import append_log, now, read_routes
+from gemtune.registry.names import (NAME_RE, VERSION_RE, normalize_version, validate_name,  # noqa: F401
+                                    version_number)
 from gemtune.utils import atomic_write_json, fsync_dir, sha256_file
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256)
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 # what a push builds beside the versions (and what utils.atomic_dir left in older releases): never loaded
 TEMP_RE = re.compile(r"^\.v[1-9][0-9]{0,8}\.(tmp|old)-")
 MANIFEST = "manifest.json"
@@ -67,31 +67,6 @@ class VersionInfo:
     def ref(self) -> str:
         """The pinned model name clients use: `name@vN`."""
         return f"{self.name}@{self.version}"
-
-
-def validate_name(name: str, what: str = "adapter name") -> str:
-    """Names become directory names and model ids: lower-case, no separators, no `..`, no `@`."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise UserError(
-            f"invalid {what} {name!r}: use lower-case letters, digits, '.', '_' or '-', starting with a letter or "
-            "digit, at most 64 characters", field="name")
-    if name == "base":
-        raise UserError("'base' is reserved for the base model", field="name")
-    return name
-
-
-def normalize_version(version: str | int) -> str:
-    """Accept `v3`, `3` or 3; return `v3`."""
-    s = str(version).strip()
-    if s.isdigit():
-        s = f"v{int(s)}"
-    if not VERSION_RE.match(s):
-        raise UserError(f"invalid version {version!r}: expected vN such as v3", field="version")
-    return s
-
-
-def version_number(version: str) -> int:
-    return int(normalize_version(version)[1:])
 
 
 def check_adapter_config(cfg: dict, where: str) -> list[str]:
@@ -374,14 +349,14 @@ class Registry:
         d = self.adapters_dir / name / version
         if not self.exists(name, version):
             known = ", ".join(self.versions(name)) or "none"
-            raise UserError(f"adapter {name}@{version} is not in the registry (versions: {known})",
-                            file=str(self.root), field="version")
+            raise NotFound(f"adapter {name}@{version} is not in the registry (versions: {known})",
+                           file=str(self.root), field="version")
         return VersionInfo(name, version, d, _read_json(d / MANIFEST, follow=False))
 
     def latest(self, name: str) -> VersionInfo:
         vs = self.versions(validate_name(name))
         if not vs:
-            raise UserError(f"adapter {name!r} is not in the registry", file=str(self.root), field="name")
+            raise NotFound(f"adapter {name!r} is not in the registry", file=str(self.root), field="name")
         return self.info(name, vs[-1])
 
     def list(self) -> list[dict]:
@@ -461,14 +436,12 @@ class Registry:
                 what.append("its own checks say it must not ship: " + "; ".join(gate))
             raise UserError(" | ".join(what) + " (use --force to push anyway; it will be recorded)",
                             file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
-        from gemtune.registry.routes import RouteTable  # routes imports store; import here to avoid a cycle
-
         with self.locked():
             self.clean_stale_locked()
             # the push is recorded in routes.json's audit log: a damaged file refuses the push before anything
             # exists, instead of failing after the version was made (a retry would then make a second one)
             try:
-                routes = RouteTable(self).read()
+                routes = read_routes(self.routes_path)
             except UserError as e:
                 raise UserError(f"{e} (nothing was pushed: a push is recorded in routes.json, so fix or restore it "
                                 "first)") from None
@@ -486,7 +459,7 @@ class Registry:
                     if os.path.lexists(src / fname):
                         _copy_file(src / fname, tmp / fname)
                 manifest = {
-                    "name": name, "version": version, "pushed_at": _now(), "source": str(src.resolve()),
+                    "name": name, "version": version, "pushed_at": now(), "source": str(src.resolve()),
                     "rank": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
                     "target_modules": cfg.get("target_modules"),
                     "base_model": (sidecar or {}).get("base_model") or cfg.get("base_model_name_or_path"),
@@ -496,8 +469,8 @@ class Registry:
                 }
                 atomic_write_json(tmp / MANIFEST, manifest)
                 _make_read_only(tmp)
-                RouteTable._append_log(routes, {"event": "push", "ref": f"{name}@{version}",
-                                                "forced": manifest["forced"], "reasons": manifest["forced_reasons"]})
+                append_log(routes, {"event": "push", "ref": f"{name}@{version}",
+                                    "forced": manifest["forced"], "reasons": manifest["forced_reasons"]})
                 os.rename(tmp, final)  # the commit point: the version exists from here on
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -531,7 +504,3 @@ def _make_read_only(d: Path) -> None:
     for p in d.iterdir():
         if p.is_file():
             os.chmod(p, 0o444)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

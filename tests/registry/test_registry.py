@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gemtune.errors import UserError
+from gemtune.errors import NotFound, UserError
 from gemtune.registry.routes import (RouteTable, RouteWatcher, parse_model, parse_split, pick_version,
                                      read_routes)
 from gemtune.registry.store import CorruptAdapter, Registry, inspect_adapter
@@ -304,3 +304,73 @@ def test_cli_push_list_promote_split_rollback(cli, tmp_path, adapters):
     assert run("promote", "s", "v7") == 2
     assert run("split", "s", "v1=abc") == 2
     ok("list", "--json")
+
+
+def test_unknown_names_versions_and_aliases_raise_not_found(tmp_path, adapters):
+    """A typed NotFound (still a UserError, CLI exit 2) for what does not exist; other refusals stay plain
+    UserErrors. The message keeps naming what is missing (and "not in the registry" / "does not exist")."""
+    reg = Registry(tmp_path / "reg")
+    reg.push("s", adapters[0])
+    rt = RouteTable(reg)
+    missing = [
+        (lambda: reg.info("s", "v9"), "adapter s@v9 is not in the registry (versions: v1)"),
+        (lambda: reg.verify("s", "v9"), "adapter s@v9 is not in the registry (versions: v1)"),
+        (lambda: reg.latest("nobody"), "adapter 'nobody' is not in the registry"),
+        (lambda: rt.promote("s", "v9"), "s@v9 fails verification: "),
+        (lambda: rt.split("nobody", "prod", {"v1": 100}), "nobody@v1 fails verification: "),
+        (lambda: rt.rollback("s", "canary"), "alias s@canary does not exist; nothing to roll back"),
+    ]
+    for call, needle in missing:
+        with pytest.raises(NotFound) as e:
+            call()
+        assert isinstance(e.value, UserError) and needle in str(e.value)
+    rt.promote("s", "v1")
+    for call in (lambda: rt.rollback("s"), lambda: rt.promote("s", "v1", alias="v2"),
+                 lambda: reg.info("s", "latest"), lambda: rt.split("s", "prod", {"v1": 0})):
+        with pytest.raises(UserError) as e:
+            call()
+        assert not isinstance(e.value, NotFound), str(e.value)
+
+
+def test_registry_modules_import_one_way():
+    """No import loop inside gemtune/registry (function-level imports count too)."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[2] / "gemtune" / "registry"
+    mods = {p.stem for p in pkg.glob("*.py")}
+    deps: dict[str, set[str]] = {}
+    for p in pkg.glob("*.py"):
+        found = set()
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("gemtune.registry"):
+                tail = n.module.split(".")[2:]
+                found |= {tail[0]} if tail else {a.name for a in n.names}
+        deps[p.stem] = (found & mods) - {p.stem}
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, "import loop: " + " -> ".join((*path, m))
+        if m not in done:
+            for d in sorted(deps[m]):
+                visit(d, (*path, m))
+            done.add(m)
+
+    for m in sorted(deps):
+        visit(m, ())
+    assert "routes" not in deps["store"] and deps["names"] == set()
+
+
+def test_list_versions_names_the_aliases_routing_to_each_version(tmp_path, adapters):
+    from gemtune.registry.listing import list_versions
+
+    reg = Registry(tmp_path / "reg")
+    for a in adapters:
+        reg.push("s", a)
+    rt = RouteTable(reg)
+    rt.promote("s", "v1")
+    rt.split("s", "prod", {"v1": 90, "v2": 10, "v3": 0})
+    rt.promote("s", "v2", alias="canary")
+    listing = list_versions(reg)
+    assert {r["ref"]: r["aliases"] for r in listing["versions"]} == {
+        "s@v1": {"prod": 90}, "s@v2": {"prod": 10, "canary": 100}, "s@v3": {}}
+    assert listing["routes"] == {"s": {"prod": {"v1": 90, "v2": 10, "v3": 0}, "canary": {"v2": 100}}}
