@@ -1,8 +1,8 @@
 """The `gemtune` command line. Each verb parses, calls the library, prints with rich.
 
 This is the only module that knows every stage. Stages register their verbs through `register(app)` in their
-own `gemtune/<stage>/commands.py`, listed in STAGE_COMMANDS below; a verb appears in `--help` only once its stage
-is built, so `--help` never lists a verb that does not work.
+own `gemtune/<stage>/commands.py` (the model card: `gemtune/card_commands.py`), listed in STAGE_COMMANDS below; a
+verb appears in `--help` only once its stage is built, so `--help` never lists a verb that does not work.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ STAGE_COMMANDS = (
     "gemtune.registry.commands",
     "gemtune.serve.commands",
     "gemtune.privacy.commands",
+    "gemtune.card_commands",
 )
 
 

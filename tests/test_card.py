@@ -237,3 +237,17 @@ def test_card_says_when_names_were_not_redacted(tmp_path):
         card = build_card(adapter)
         assert "PII redacted before training (engine `builtin`)" in card
         assert (note in card) is said, names
+
+
+def test_card_is_registered_by_its_own_module_not_by_privacy():
+    import typer
+
+    from gemtune import card_commands
+    from gemtune.cli import STAGE_COMMANDS
+    from gemtune.privacy import commands as privacy_commands
+
+    for module, verbs in ((card_commands, ["card"]), (privacy_commands, ["probe"])):
+        app = typer.Typer()
+        module.register(app)
+        assert [c.name for c in app.registered_commands] == verbs
+    assert "gemtune.card_commands" in STAGE_COMMANDS

@@ -1,16 +1,14 @@
-"""`gemtune data build` and `gemtune data report`: parse flags, call the pipeline, print with rich."""
+"""`gemtune data build` and `gemtune data report`: CLI wiring only: parse flags, call the pipeline (pipeline.py,
+config.py, report.py), print with rich."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from gemtune.errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -126,11 +124,6 @@ def register(app: typer.Typer) -> None:
     @data_app.command("report")
     def report_cmd(directory: str = typer.Argument(..., help="A dataset directory written by `data build`.")):
         """Print the summary of an existing build."""
-        p = Path(directory) / "report.json"
-        if not p.is_file():
-            raise UserError("no report.json: not a dataset directory built by `gemtune data build`", file=str(directory))
-        try:
-            report = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise UserError(f"unreadable report: {e}", file=str(p)) from None
-        _print_summary(report, directory)
+        from gemtune.data.report import read_report
+
+        _print_summary(read_report(directory), directory)

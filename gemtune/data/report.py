@@ -8,18 +8,32 @@ scripts, no network), so it opens offline from a laptop or a CI artifact.
 from __future__ import annotations
 
 import html
+import json
 import re
 import statistics
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 from gemtune.data.pii import PII_TYPES
 from gemtune.data.split import group_of
+from gemtune.errors import UserError
 
 MIN_EXAMPLES, MAX_EXAMPLES = 2000, 10000
 IDENTITY = ("input_rows = train - generic_added + eval + quarantined + exact_duplicates + near_duplicates "
             "+ decontaminated + balanced_out")
+
+
+def read_report(directory: str | Path) -> dict:
+    """The report.json of a dataset directory `gemtune data build` wrote; a UserError naming the file otherwise."""
+    p = Path(directory) / "report.json"
+    if not p.is_file():
+        raise UserError("no report.json: not a dataset directory built by `gemtune data build`", file=str(directory))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"unreadable report: {e}", file=str(p)) from None
 
 
 def _percentile(sorted_vals: list[int], q: float) -> int:

@@ -1,6 +1,6 @@
-"""`gemtune probe` and `gemtune card`.
+"""`gemtune probe`: CLI wiring over probe.py (the run, the thresholds) and a rich table of its report.
 
-Exit codes: 0 every privacy check passed (or the card was written), 1 a probe exceeded a threshold (`GateFailed`,
+Exit codes: 0 every privacy check passed, 1 a probe exceeded a threshold (`GateFailed`,
 after the report is written), 2 usage or input error (`UserError`, naming the file and field).
 """
 
@@ -81,21 +81,3 @@ def register(app: typer.Typer) -> None:
         report = run_probe(adapter, data, out, base=base, config=cfg, canaries=canaries, progress=_say)
         print_report(report)
         enforce(report)
-
-    @app.command("card")
-    def card(
-        adapter: str = typer.Option(..., "--adapter", help="PEFT adapter directory."),
-        out: str = typer.Option(..., "--out", help="Model card file (README.md)."),
-        data: Optional[str] = typer.Option(None, "--data", help="Dataset dir (default: from gemtune.json)."),
-        eval_dir: Optional[str] = typer.Option(None, "--eval", help="`gemtune eval --out` directory (default: the "
-                                               "eval summary in gemtune.json)."),
-        probe: Optional[str] = typer.Option(None, "--probe", help="`gemtune probe --out` report (default: the one "
-                                            "recorded in gemtune.json)."),
-        name: Optional[str] = typer.Option(None, "--name", help="Model name in the card (default: adapter dir name)."),
-        license: Optional[str] = typer.Option(None, "--license", help="License id for the metadata [gemma]."),
-    ):
-        """Write a Hugging Face model card from the adapter's sidecars: data, training, eval, privacy."""
-        from gemtune.card import write_card
-
-        path = write_card(adapter, out, data=data, eval_dir=eval_dir, probe=probe, name=name, license=license)
-        console.print(f"wrote {path}")

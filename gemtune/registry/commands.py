@@ -1,4 +1,4 @@
-"""`gemtune registry --root DIR push|list|promote|rollback|split`: thin wrappers over store.py and routes.py."""
+"""`gemtune registry --root DIR push|list|promote|rollback|split`: CLI wiring over store.py, routes.py, listing.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gemtune.registry.listing import list_versions
 from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable, parse_split
 from gemtune.registry.store import Registry
 
@@ -44,18 +45,12 @@ def register(app: typer.Typer) -> None:
     @reg.command("list")
     def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
         """Every adapter version and the aliases that route to it."""
-        r = _registry()
-        rows = r.list()
-        routes = RouteTable(r).read()["routes"]
-        for row in rows:
-            row["aliases"] = {a: e["weights"][row["version"]] for a, e in routes.get(row["name"], {}).items()
-                              if e["weights"].get(row["version"])}
+        listing = list_versions(_registry())
         if as_json:
-            print(json.dumps({"versions": rows, "routes": {n: {a: e["weights"] for a, e in al.items()}
-                                                          for n, al in routes.items()}}, indent=2))
+            print(json.dumps(listing, indent=2))
             return
         t = Table("adapter", "rank", "targets", "pushed", "aliases (weight)", "forced")
-        for row in rows:
+        for row in listing["versions"]:
             al = ", ".join(f"{a} ({w})" for a, w in row["aliases"].items())
             t.add_row(row["ref"], str(row["rank"]), ",".join(row["target_modules"] or []) if isinstance(
                 row["target_modules"], list) else str(row["target_modules"]), row["pushed_at"] or "", al,
