@@ -330,12 +330,15 @@ def render_front_matter(meta: dict) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
-def parse_front_matter(text: str) -> dict:
-    """The YAML metadata block of a card (what the Hub reads)."""
+def parse_front_matter(text: str, source: Optional[str] = None) -> dict:
+    """The YAML metadata block of a card (what the Hub reads); invalid YAML is a UserError at `source:line`
+    (gemtune/config.py's one YAML reader)."""
+    from gemtune.config import parse_yaml
+
     if not text.startswith("---\n"):
         raise ValueError("no front matter")
     end = text.index("\n---\n", 4)
-    return yaml.safe_load(text[4:end]) or {}
+    return parse_yaml(text[4:end], source, first_line=2).data or {}
 
 
 # ------------------------------------------------------------------------------------------------ sections

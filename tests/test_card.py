@@ -251,3 +251,12 @@ def test_card_is_registered_by_its_own_module_not_by_privacy():
         module.register(app)
         assert [c.name for c in app.registered_commands] == verbs
     assert "gemtune.card_commands" in STAGE_COMMANDS
+
+
+def test_front_matter_is_read_by_the_one_yaml_reader_with_file_and_line():
+    from gemtune.errors import UserError
+
+    assert parse_front_matter("---\nlicense: gemma\n---\n# x\n") == {"license": "gemma"}
+    with pytest.raises(UserError) as e:
+        parse_front_matter("---\nlicense: gemma\ntags: [a, b\n  - c: d\n---\n# x\n", "README.md")
+    assert str(e.value).startswith("README.md:4: invalid YAML: ")
