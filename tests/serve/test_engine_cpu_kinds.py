@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,7 @@ def test_with_native_bf16_the_greedy_head_is_screened_in_bf16_and_stays_exact(ti
         assert ids == reference[combo], combo
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 caps are x86 settings")
 def test_torch_capped_to_avx2_is_seen_as_emulated_bf16_and_takes_the_fp32_head(tiny_gemma3):
     """The real switch, no patching: a fresh process with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (how an
     AVX2-only CPU is emulated on an AVX-512 one) reports no native bf16 and the engine runs the fp32 head there."""
