@@ -28,8 +28,9 @@ from typing import Any, Optional
 
 import yaml
 
+from gemtune.adapter import SIDECAR, base_named_in, check_adapter_dir, read_adapter_config, read_sidecar, weights_sha256
 from gemtune.errors import UserError
-from gemtune.utils import atomic_write_text, sha256_file
+from gemtune.utils import atomic_write_text
 
 NOT_RUN = "not run"
 NOT_RECORDED = "not recorded"
@@ -107,16 +108,9 @@ def _train_rows_summary(data_dir: Path) -> tuple[Counter, Counter]:
 def gather(adapter: str | Path, *, data: Optional[str | Path] = None, eval_dir: Optional[str | Path] = None,
            probe: Optional[str | Path] = None, name: Optional[str] = None) -> Sources:
     """Read every source the card draws on; explicit paths must exist, recorded ones are used when present."""
-    a = Path(adapter)
-    if not a.is_dir():
-        raise UserError("adapter directory not found", file=str(a), field="--adapter")
-    cfg = _read_json(a / "adapter_config.json", "adapter_config.json")
-    if cfg is None:
-        raise UserError("not a PEFT adapter: adapter_config.json missing", file=str(a), field="--adapter")
-    side = _read_json(a / "gemtune.json", "gemtune.json") or {}
-    src = Sources(a, name or _adapter_name(a.resolve()), cfg, side)
-    if (a / "adapter_model.safetensors").is_file():
-        src.weights_sha256 = sha256_file(a / "adapter_model.safetensors")
+    a = check_adapter_dir(adapter, field="--adapter")
+    src = Sources(a, name or _adapter_name(a.resolve()), read_adapter_config(a), read_sidecar(a))
+    src.weights_sha256 = weights_sha256(a)
     _gather_data(src, data)
     _gather_eval(src, eval_dir)
     _gather_privacy(src, probe)
@@ -177,7 +171,7 @@ def _gather_privacy(src: Sources, probe: Optional[str | Path]) -> None:
             raise UserError("not a `gemtune probe` report (no checks/extraction)", file=str(path), field="--probe")
         src.privacy, src.privacy_full, src.privacy_source = doc, True, str(path)
     elif recorded:
-        src.privacy, src.privacy_source = recorded, "gemtune.json"
+        src.privacy, src.privacy_source = recorded, SIDECAR
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -259,7 +253,7 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def base_ids(src: Sources) -> tuple[str, str]:
     """(hub id for the metadata, what the card calls the base)."""
-    name = src.sidecar.get("base_model") or src.adapter_config.get("base_model_name_or_path") or NOT_RECORDED
+    name = base_named_in(src.sidecar, src.adapter_config) or NOT_RECORDED
     hub = HUB_IDS.get(str(name), str(name))
     return hub, str(name)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from gemtune.adapter import SIDECAR, read_sidecar
 from gemtune.errors import GateFailed, UserError
 
 PROJECT_FILES = ("tickets.jsonl", "generic.jsonl", "gemtune.yaml")
@@ -204,7 +205,7 @@ def _step_registry(steps: list[Step], console: Console, out: Path, trained: _Tra
         routes = RouteTable(reg)
         routes.promote("support-router", v1.version)
         routes.promote("support-router", v2.version)
-        carried = [f for f in ("gemtune.json", "README.md") if (v2.path / f).is_file()]
+        carried = [f for f in (SIDECAR, "README.md") if (v2.path / f).is_file()]
         s.done(f"support-router {v1.version} ({first}) and {v2.version} (final) stored immutable with sha256, "
                f"{v2.version} carrying its probe verdict and card ({', '.join(carried)}); prod → {v2.version}"
                + ("" if private else " — pushed with --force: the privacy probe failed"), ok=private)
@@ -231,8 +232,7 @@ def _baseline_accuracy(summary: dict) -> float | None:
 
 
 def _shippable(adapter_dir: Path) -> bool:
-    side = adapter_dir / "gemtune.json"
-    return bool(json.loads(side.read_text()).get("shippable", True)) if side.is_file() else True
+    return bool(read_sidecar(adapter_dir).get("shippable", True))
 
 
 def _serve_round_trip(registry_dir: Path, base: str, data: Path, console: Console) -> str:

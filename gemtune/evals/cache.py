@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from gemtune.adapter import PEFT_FILES, SIDECAR
 from gemtune.base.provision import MARKER, gemtune_home
 from gemtune.utils import atomic_write_json, sha256_file, sha256_text
 
@@ -62,7 +63,7 @@ def dir_fingerprint(d: str | Path, names: Optional[tuple[str, ...]] = None) -> s
             continue
         if names is not None and p.name not in names:
             continue
-        if names is None and (not p.name.endswith(WEIGHT_SUFFIXES) or p.name == "gemtune.json"):
+        if names is None and (not p.name.endswith(WEIGHT_SUFFIXES) or p.name == SIDECAR):
             continue
         parts[p.name] = file_sha(p)
     return sha256_text(json.dumps(parts, sort_keys=True))
@@ -70,7 +71,7 @@ def dir_fingerprint(d: str | Path, names: Optional[tuple[str, ...]] = None) -> s
 
 def adapter_fingerprint(adapter_dir: str | Path) -> str:
     """Only the files PEFT loads: the sidecar's eval summary changes after each eval and must not bust the cache."""
-    return dir_fingerprint(adapter_dir, ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"))
+    return dir_fingerprint(adapter_dir, PEFT_FILES)
 
 
 class OutputCache:

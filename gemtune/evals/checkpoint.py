@@ -24,8 +24,8 @@ from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
 from gemtune.evals.compare import load_results
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.adapters import read_sidecar
-from gemtune.evals.pipeline import Evaluator, compare_and_report, history_point, is_results_file, resolve_adapter
+from gemtune.evals.pipeline import (Evaluator, compare_and_report, history_point, is_results_file, record_eval,
+                                   resolve_adapter)
 from gemtune.evals.runner import ModelUnderTest, evaluate
 from gemtune.evals.suite import load_suite
 from gemtune.utils import atomic_write_json
@@ -47,15 +47,6 @@ def _read_summary(ckpt: Path) -> Optional[dict]:
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
     except ValueError:
         return None
-
-
-def update_sidecar(ckpt_dir: Path, summary: dict) -> dict:
-    """Merge the eval summary and the shippable flag into `gemtune.json`, keeping what training wrote there."""
-    side = read_sidecar(ckpt_dir)
-    side["eval"] = summary
-    side["shippable"] = bool(summary.get("shippable"))
-    atomic_write_json(ckpt_dir / "gemtune.json", side)
-    return side
 
 
 class CheckpointEvaluator:
@@ -144,7 +135,7 @@ class CheckpointEvaluator:
         results["summary"]["checkpoint"] = str(ckpt)
         outcome = compare_and_report(results, baseline, ckpt / "eval", config=self.config, webhook=self.webhook,
                                      history=collect_history(ckpt.parent), echo=self.echo)
-        update_sidecar(ckpt, outcome.summary)
+        record_eval(ckpt, outcome.summary)
         return outcome.summary
 
 

@@ -80,13 +80,12 @@ def register(app: typer.Typer) -> None:
         if record:
             from pathlib import Path
 
-            from gemtune.evals.checkpoint import update_sidecar
-            from gemtune.evals.pipeline import resolve_adapter
+            from gemtune.evals.pipeline import record_eval, resolve_adapter
 
             if outcome.gate is None:
                 raise UserError("--record needs a gate, and this run compared against no baseline", field="baseline")
             adapter_dir = Path(resolve_adapter(adapter))
-            side = update_sidecar(adapter_dir, outcome.summary)
+            side = record_eval(adapter_dir, outcome.summary)
             _progress(f"recorded eval verdict in {adapter_dir / 'gemtune.json'}: shippable {side['shippable']}")
         if outcome.gate is not None:
             enforce(outcome.gate, outcome.line)

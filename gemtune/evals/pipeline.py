@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from gemtune.adapter import ADAPTER_CONFIG, base_of, check_adapter_dir, update_sidecar
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
 from gemtune.evals.compare import compare, load_results
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.adapters import adapter_base, check_adapter_dir
 from gemtune.evals.gate import GateResult
 from gemtune.evals.notify import notify, summary_line
 from gemtune.evals.report import render_report
@@ -80,13 +80,19 @@ class EvalOutcome:
 
 
 def resolve_adapter(adapter: str) -> Optional[Path]:
-    return None if adapter in ("base", "", None) else check_adapter_dir(adapter)
+    return None if adapter in ("base", "", None) else check_adapter_dir(adapter, or_base=True)
+
+
+def record_eval(adapter_dir: Path, summary: dict) -> dict:
+    """The eval summary and the gate verdict into the adapter's sidecar (sections `eval` and `shippable`), keeping
+    what training and the probe wrote there; returns the sidecar. The registry refuses a non-shippable adapter."""
+    return update_sidecar(adapter_dir, {"eval": summary, "shippable": bool(summary.get("shippable"))})
 
 
 def is_results_file(path: str) -> bool:
     p = Path(path)
     return (p.is_file() and p.suffix == ".json") or (p.is_dir() and (p / "results.json").is_file()
-                                                     and not (p / "adapter_config.json").is_file())
+                                                     and not (p / ADAPTER_CONFIG).is_file())
 
 
 def with_comparison(results: dict, comparison: Optional[dict], gate: Optional[GateResult], line: str,
@@ -168,7 +174,7 @@ def run_eval(adapter: str, suite: str | Path, out: str | Path, *, baseline: Opti
     config = config or EvalConfig()
     adapter_dir = resolve_adapter(adapter)
     suite_obj = load_suite(suite, config, max_cases=max_cases)
-    base_name = adapter_base(adapter_dir, base) if adapter_dir else (base or DEFAULT_MODEL)
+    base_name = base_of(adapter_dir, base) if adapter_dir else (base or DEFAULT_MODEL)
     if baseline == "auto":
         baseline = "base" if adapter_dir is not None else None
     if baseline in ("none", ""):
@@ -185,7 +191,7 @@ def run_eval(adapter: str, suite: str | Path, out: str | Path, *, baseline: Opti
     if baseline == "base":
         baseline_doc = to_save = ev.run(suite_obj, None, name="base")
     elif baseline_dir is not None:
-        other_base = adapter_base(baseline_dir, base)
+        other_base = base_of(baseline_dir, base)
         bev = ev if str(pull(other_base)) == str(ev.base_path) else Evaluator(other_base, config=config, cache=cache,
                                                                                 progress=progress)
         baseline_doc = to_save = bev.run(suite_obj, baseline_dir)

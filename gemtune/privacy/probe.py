@@ -33,6 +33,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from gemtune.adapter import SIDECAR, base_of, check_adapter_dir, read_sidecar, sidecar_path, weights_sha256
+from gemtune.adapter import update_sidecar as _update_sidecar  # run_probe has a flag of that name
 from gemtune.errors import GateFailed, UserError
 from gemtune.privacy import canary as canary_probe
 from gemtune.privacy import extraction
@@ -79,8 +81,8 @@ def resolve_data_dir(data: Optional[str | Path], sidecar: dict, adapter: Path) -
         return Path(data)
     d = (sidecar.get("dataset") or {}).get("dir") if isinstance(sidecar.get("dataset"), dict) else None
     if not d:
-        raise UserError("no --data given and the adapter's gemtune.json records no dataset dir",
-                        file=str(adapter / "gemtune.json"), field="dataset.dir")
+        raise UserError(f"no --data given and the adapter's {SIDECAR} records no dataset dir",
+                        file=str(sidecar_path(adapter)), field="dataset.dir")
     return Path(d)
 
 
@@ -190,11 +192,10 @@ class Plan:
 
 def check_inputs(adapter, data, out, base, canaries) -> Inputs:
     from gemtune.base.provision import pull
-    from gemtune.evals.adapters import adapter_base, check_adapter_dir, read_sidecar
 
-    adapter_dir = check_adapter_dir(adapter)
+    adapter_dir = check_adapter_dir(adapter, or_base=True)
     sidecar = read_sidecar(adapter_dir)
-    base_name = adapter_base(adapter_dir, base)
+    base_name = base_of(adapter_dir, base)
     data_dir = resolve_data_dir(data, sidecar, adapter_dir)
     records, meta = load_train(data_dir)
     canary_doc, canary_path = resolve_canaries(canaries, data_dir, meta)
@@ -283,7 +284,7 @@ def run_probe(adapter: str | Path, data: Optional[str | Path] = None, out: Optio
         report["report"] = str(Path(out).resolve())
         atomic_write_json(out, report)
     if update_sidecar:
-        write_sidecar(inp.adapter_dir, summary(report))
+        record_privacy(inp.adapter_dir, summary(report))
     return report
 
 
@@ -413,21 +414,10 @@ def summary(report: dict) -> dict:
     return s
 
 
-def weights_sha256(adapter_dir: Path) -> Optional[str]:
-    """Identity of the probed weights: the card refuses to present a report made for other weights as this one's."""
-    from gemtune.utils import sha256_file
-
-    p = Path(adapter_dir) / "adapter_model.safetensors"
-    return sha256_file(p) if p.is_file() else None
-
-
-def write_sidecar(adapter_dir: Path, privacy: dict) -> None:
-    """Merge `privacy` into gemtune.json atomically, keeping what training and eval wrote there."""
-    from gemtune.evals.adapters import read_sidecar
-
-    side = read_sidecar(Path(adapter_dir))
-    side["privacy"] = privacy
-    atomic_write_json(Path(adapter_dir) / "gemtune.json", side)
+def record_privacy(adapter_dir: Path, privacy: dict) -> dict:
+    """`privacy` (the `summary` of a report) into the adapter's sidecar, keeping what training and eval wrote
+    there; returns the sidecar."""
+    return _update_sidecar(adapter_dir, {"privacy": privacy})
 
 
 def enforce(report: dict) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from gemtune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, base_named_in
 from gemtune.errors import NotFound, UserError
 from gemtune.registry.history import append_log, now, read_routes
 from gemtune.registry.names import (NAME_RE, VERSION_RE, normalize_version, validate_name,  # noqa: F401
@@ -44,9 +45,6 @@ VLLM_RANKS = (8, 16, 32, 64, 128, 256)
 # what a push builds beside the versions (and what utils.atomic_dir left in older releases): never loaded
 TEMP_RE = re.compile(r"^\.v[1-9][0-9]{0,8}\.(tmp|old)-")
 MANIFEST = "manifest.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SIDECAR = "gemtune.json"
 # Files a version may carry besides the two PEFT files: metadata a reader needs, never executable formats.
 OPTIONAL_FILES = (SIDECAR, "README.md", "model_card.md", "card.md")
 LOCK_TIMEOUT_S = 30.0
@@ -462,7 +460,7 @@ class Registry:
                     "name": name, "version": version, "pushed_at": now(), "source": str(src.resolve()),
                     "rank": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
                     "target_modules": cfg.get("target_modules"),
-                    "base_model": (sidecar or {}).get("base_model") or cfg.get("base_model_name_or_path"),
+                    "base_model": base_named_in(sidecar or {}, cfg),
                     "forced": bool(force and (problems or gate)),
                     "forced_reasons": (problems + gate) if force else [],
                     "note": note, "files": _manifest_files(tmp),

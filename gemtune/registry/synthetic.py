@@ -8,8 +8,9 @@ PEFT write (adapter_config.json + adapter_model.safetensors), so they exercise t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from gemtune.adapter import write_sidecar
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -42,7 +43,7 @@ def make_random_adapters(base, outs: list[str | Path], *, r: int = 8, alpha: int
         out = Path(out)
         pm.save_pretrained(str(out), safe_serialization=True)
         if sidecar is not None:
-            (out / "gemtune.json").write_text(json.dumps(sidecar, indent=2))
+            write_sidecar(out, sidecar)
         written.append(out)
     return written
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gemtune.adapter import base_of, weights_sha256
 from gemtune.errors import GateFailed, UserError
-from gemtune.utils import atomic_dir, check_out_dir, iter_jsonl, sha256_file
+from gemtune.utils import atomic_dir, check_out_dir, iter_jsonl
 
 SAMPLE_PROMPTS = [
     [{"role": "user", "content": "My card payment was declined at the shop. What should I do?"}],
@@ -33,28 +34,6 @@ SAMPLE_PROMPTS = [
     [{"role": "user", "content": "Write one sentence about the sea."}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 12 times 7?"}],
 ]
-
-
-def resolve_base(adapter: Path, base: str | None) -> str:
-    """The base to merge into: --base, else the sidecar's base_model, else adapter_config's base path."""
-    if base:
-        return base
-    side = adapter / "gemtune.json"
-    if side.is_file():
-        try:
-            b = json.loads(side.read_text()).get("base_model")
-        except ValueError:
-            b = None
-        if isinstance(b, dict):
-            b = b.get("path") or b.get("name")
-        if b:
-            return str(b)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    b = cfg.get("base_model_name_or_path")
-    if not b:
-        raise UserError("adapter names no base model; pass --base", file=str(adapter / "adapter_config.json"),
-                        field="base_model_name_or_path")
-    return str(b)
 
 
 def load_prompts(path: str | Path | None) -> list[list[dict]]:
@@ -213,7 +192,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     check_out_dir(out, **{k: v for k, v in guard.items() if k != "writer"})
     max_shard_size = shard_bytes(max_shard_size)
     _, _, problems, _ = inspect_adapter(adapter)
-    base_ref = resolve_base(adapter, base)
+    base_ref = base_of(adapter, base)
     conversations = load_prompts(prompts)
     place = merge_placement(pull(base_ref), device, dtype)
     say(f"loading base {base_ref} ({place.dtype_name} on {place.device})")
@@ -231,7 +210,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     tie = 0.0 if place.dtype == torch.float32 else BF16_TIE
     rows, max_diff = parity_rows(unmerged, merged, conversations, ids_list, before, after, tok, tie)
     report = {"adapter": str(adapter.resolve()), "base": base_ref,
-              "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"), "dtype": place.dtype_name,
+              "adapter_sha256": weights_sha256(adapter), "dtype": place.dtype_name,
               "device": str(place.device), "placement": place.describe(), "max_new_tokens": max_new_tokens,
               "parity": all(r["passed"] for r in rows), "exact": all(r["equal"] for r in rows),
               "near_tie_tolerance": tie, "max_abs_logit_diff": max_diff, "prompts": rows, "compat_notes": problems}

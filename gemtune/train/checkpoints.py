@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemtune.adapter import ADAPTER_WEIGHTS, write_sidecar
 from gemtune.errors import UserError
 from gemtune.train.config import TrainConfig
-from gemtune.utils import atomic_dir, atomic_write_json, sha256_file
+from gemtune.utils import atomic_dir, sha256_file
 
 STATE_FILE = "trainer_state.pt"
 # trainer_state.pt holds tensors and plain containers only, so resume loads it with torch.load(weights_only=True):
@@ -86,7 +87,7 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for p in Path(run_dir).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file() and (p / "adapter_model.safetensors").is_file():
+        if m and (p / STATE_FILE).is_file() and (p / ADAPTER_WEIGHTS).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -144,7 +145,7 @@ def save_adapter(peft_model, out: Path, side: dict, state_dict: dict | None = No
 
     with atomic_dir(out) as tmp:
         save_peft(peft_model, tmp, state_dict)
-        atomic_write_json(tmp / "gemtune.json", side)
+        write_sidecar(tmp, side)
 
 
 def prune(run_dir: Path, limit: int | None) -> None:

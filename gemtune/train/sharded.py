@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from gemtune.adapter import write_sidecar
 from gemtune.train.checkpoints import STATE_FILE, STATE_FORMAT, plain, prune, rng_state, sidecar
-from gemtune.utils import atomic_dir, atomic_write_json
+from gemtune.utils import atomic_dir
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def write_checkpoint(r, step: int, extra: dict) -> Path:
                        extra=extra)
         with atomic_dir(ck) as tmp:
             save_peft(r.peft_model, tmp, adapter)
-            atomic_write_json(tmp / "gemtune.json", side)
+            write_sidecar(tmp, side)
             torch.save({"format": STATE_FORMAT, "optimizer": optim, "optimizer_keys": "fqn" if r.sharded else "index",
                         "scheduler": r.sched.state_dict(), "rng": rngs, "step": step, "history": plain(r.history)},
                        tmp / STATE_FILE)

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from gemtune.adapter import read_sidecar
 from gemtune.base.families import family_of, linear_leaf_names, matched_modules, target_modules
 from gemtune.base.provision import pull
 from gemtune.errors import UserError
@@ -615,11 +616,8 @@ def save_final(r: Run, result: TrainResult) -> None:
                                              "final_train_loss": result.losses[-1] if result.losses else None,
                                              "final_eval_loss": final_eval})
         ck = r.run_dir / f"checkpoint-{result.steps}"
-        if (ck / "gemtune.json").is_file():  # carry the eval hook's verdict onto the final adapter
-            prev = json.loads((ck / "gemtune.json").read_text())
-            for k in ("eval", "shippable"):
-                if k in prev:
-                    side[k] = prev[k]
+        prev = read_sidecar(ck) if ck.is_dir() else {}  # carry the eval hook's verdict onto the final adapter
+        side.update({k: prev[k] for k in ("eval", "shippable") if k in prev})
         save_adapter(r.peft_model, result.adapter_dir, side, state_dict=adapter_state)
         _plot_loss(r.run_dir)
     if final_eval is not None:
