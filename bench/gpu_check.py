@@ -43,6 +43,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__" and "--dry-run" in __import__("sys").argv[1:]:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU pass, on a GPU host too
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
@@ -196,7 +198,7 @@ def train_config(ctx: Ctx, **kw):
 
     s = ctx.sizes
     d = dict(base=ctx.base, batch_size=s.batch, lr=s.lr, seed=7, max_len=s.max_len, warmup_ratio=0.0,
-             scheduler="constant", max_steps=s.train_steps, dtype="bfloat16", device="auto")
+             scheduler="constant", max_steps=s.train_steps, dtype="bfloat16", device="cpu" if ctx.dry else "auto")
     d.update(kw)
     fields = TrainConfig.model_fields
     return TrainConfig(**{k: v for k, v in d.items() if k in fields})
@@ -632,7 +634,8 @@ def step_probe(ctx: Ctx) -> dict:
 
     adapter = fixture_adapter(ctx, "probe")
     out = ctx.dir("probe") / "privacy.json"
-    cfg = PrivacyConfig(**{k: v for k, v in ctx.sizes.probe.items() if k in PrivacyConfig.model_fields})
+    opts = {**ctx.sizes.probe, "device": "cpu" if ctx.dry else "auto"}
+    cfg = PrivacyConfig(**{k: v for k, v in opts.items() if k in PrivacyConfig.model_fields})
     rep = run_probe(adapter, ctx.data, out, base=ctx.base, config=cfg, canaries=ctx.canaries, update_sidecar=False)
     if not out.is_file():
         raise AssertionError("no report written")
@@ -660,7 +663,7 @@ def step_merge(ctx: Ctx) -> dict:
     adapter = fixture_adapter(ctx, "merge")
     out = ctx.dir("merge") / "merged"
     params = inspect.signature(merge_adapter).parameters
-    kw = {k: "auto" for k in ("device", "dtype") if k in params}  # where merge follows the device policy
+    kw = {k: v for k, v in (("device", "cpu" if ctx.dry else "auto"), ("dtype", "auto")) if k in params}
     try:
         rep = merge_adapter(adapter, out, base=ctx.base, max_new_tokens=ctx.sizes.merge_new_tokens, overwrite=True,
                             **kw)
