@@ -1,8 +1,9 @@
-"""The `gemtune` command line. Each verb parses, calls the library, prints with rich.
+"""The `gemtune` command line: assembles the stages' verbs, in playbook order, and turns errors into exit codes.
 
-This is the only module that knows every stage. Stages register their verbs through `register(app)` in their
-own `gemtune/<stage>/commands.py` (the model card: `gemtune/card_commands.py`), listed in STAGE_COMMANDS below; a
-verb appears in `--help` only once its stage is built, so `--help` never lists a verb that does not work.
+This is the only module that knows every stage, and it defines no verb itself. Stages register their verbs through
+`register(app)` in their own `gemtune/<stage>/commands.py` (the model card: `gemtune/card_commands.py`, the demo:
+`gemtune/demo_commands.py`), listed in STAGE_COMMANDS below; a verb appears in `--help` only once its stage is
+built, so `--help` never lists a verb that does not work.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from rich.console import Console  # noqa: E402
 
 from gemtune.errors import GateFailed, UserError  # noqa: E402
 
-console = Console()
 err_console = Console(stderr=True)
 
 # `--help` lists the verbs in the order of the playbook; a verb not named here follows, in registration order.
@@ -47,60 +47,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-base_app = typer.Typer(help="Provision and inspect base models.", no_args_is_help=True)
-app.add_typer(base_app, name="base")
 
-# Stage modules exposing `register(app)`; PLAYBOOK_ORDER, not this order, is the order of --help.
+# Each stage's `register(app)` module, in playbook order (base, data, plan + train, eval, probe, card, registry,
+# serve + merge, demo); PlaybookGroup orders --help by PLAYBOOK_ORDER whatever the registration order.
 STAGE_COMMANDS = (
+    "gemtune.base.commands",
     "gemtune.data.commands",
     "gemtune.train.commands",
     "gemtune.evals.commands",
-    "gemtune.registry.commands",
-    "gemtune.serve.commands",
     "gemtune.privacy.commands",
     "gemtune.card_commands",
+    "gemtune.registry.commands",
+    "gemtune.serve.commands",
+    "gemtune.demo_commands",
 )
-
-
-@base_app.command("pull")
-def base_pull(
-    model: str = typer.Option("gemma-3-270m", "--model", help="Embedded name, local directory or hub id."),
-    force: bool = typer.Option(False, "--force", help="Rebuild the cached conversion."),
-):
-    """Provision and cache a base model; print its local directory as the last line."""
-    from gemtune.base.provision import pull
-
-    path = pull(model, force=force, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
-    print(path)
-
-
-@base_app.command("info")
-def base_info(model: str = typer.Option("gemma-3-270m", "--model")):
-    """Family facts for a base: model type, template, end-of-turn token, LoRA targets."""
-    import json
-
-    from transformers import AutoConfig
-
-    from gemtune.base.families import family_for, target_modules
-    from gemtune.base.provision import pull
-
-    path = pull(model)
-    cfg = AutoConfig.from_pretrained(str(path))
-    fam = family_for(cfg.model_type)
-    print(json.dumps({"path": str(path), "model_type": cfg.model_type, "template": fam.name,
-                      "end_of_turn": fam.end_of_turn, "multimodal": fam.multimodal,
-                      "lora_targets": target_modules(fam)}, indent=2))
-
-
-@app.command("demo")
-def demo(
-    out: str = typer.Option("demo-out", "--out", help="Directory for everything the demo writes."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer steps: about 5 minutes on 2 CPU cores."),
-):
-    """Run the whole playbook on the embedded default base."""
-    from gemtune.demo import run_demo
-
-    run_demo(out, quick=quick, console=console)
 
 
 def _register_stages() -> None:

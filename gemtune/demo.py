@@ -147,7 +147,7 @@ def _step_train(steps: list[Step], console: Console, out: Path, proj: Path, data
     """Train (default preset) with the eval and the regression gate on every checkpoint."""
     with _Timer(steps, console, "train + eval per checkpoint") as s:
         from gemtune.base.provision import DEFAULT_MODEL
-        from gemtune.evals.checkpoint import make_checkpoint_evaluator, mark_best
+        from gemtune.evals.checkpoint import checkpoint_evals
         from gemtune.evals.config import load_eval_config
         from gemtune.train.config import load_train_config
         from gemtune.train.trainer import train
@@ -156,11 +156,10 @@ def _step_train(steps: list[Step], console: Console, out: Path, proj: Path, data
         tcfg = load_train_config(proj / "gemtune.yaml", {"base": DEFAULT_MODEL, "max_steps": n_steps, "save_every": every,
                                                          "eval_every": every})
         ecfg = load_eval_config(proj / "gemtune.yaml")
-        hook = make_checkpoint_evaluator(data / "eval.jsonl", str(base), baseline="base", gate=ecfg.gate,
-                                         config=ecfg)
         run = out / "run"
-        res = train(data, run, tcfg, on_checkpoint=hook, console=console)
-        best = mark_best(run)
+        with checkpoint_evals(run, data, str(base), gate=ecfg.gate, config=ecfg) as hook:
+            res = train(data, run, tcfg, on_checkpoint=hook, console=console)
+        best = hook.best
         hist = []
         for ck in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
             summ = json.loads((ck / "eval" / "summary.json").read_text())

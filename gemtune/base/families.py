@@ -54,6 +54,20 @@ def family_of(model_or_config) -> Family:
     return family_for(config.model_type)
 
 
+def describe(model: str) -> dict:
+    """`gemtune base info`: where a base is (provisioned when needed) and its family facts: model type, chat
+    template, end-of-turn token, multimodality, LoRA targets."""
+    from transformers import AutoConfig
+
+    from gemtune.base.provision import pull
+
+    path = pull(model)
+    cfg = AutoConfig.from_pretrained(str(path))
+    fam = family_for(cfg.model_type)
+    return {"path": str(path), "model_type": cfg.model_type, "template": fam.name, "end_of_turn": fam.end_of_turn,
+            "multimodal": fam.multimodal, "lora_targets": target_modules(fam)}
+
+
 def target_modules(family: Family, modules: tuple[str, ...] | list[str] = ATTENTION) -> list[str] | str:
     """LoRA `target_modules` for a family.
 

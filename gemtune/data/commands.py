@@ -17,7 +17,7 @@ STAGE_LABELS = {"read": "reading + sanitising + PII", "generic": "generic rows",
                 "dedup": "dedup + decontaminate", "write": "writing"}
 
 
-class RichProgress:
+class _RichProgress:
     """Adapter from the pipeline's (stage, done, total) callback to rich progress bars, one per stage."""
 
     def __init__(self, progress):
@@ -37,7 +37,7 @@ class RichProgress:
         self.p.update(self.tasks[stage], completed=done, total=total)
 
 
-def summary_table(report: dict, out: str) -> Table:
+def _summary_table(report: dict, out: str) -> Table:
     c = report["counts"]
     t = Table(title=f"dataset {out}", show_header=True, header_style="bold")
     t.add_column("rows")
@@ -57,7 +57,7 @@ def summary_table(report: dict, out: str) -> Table:
 
 
 def _print_summary(report: dict, out: str) -> None:
-    console.print(summary_table(report, out))
+    console.print(_summary_table(report, out))
     q = report["quarantine"]
     if q["total"]:
         first = q["first"][0]
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         else:
             with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err_console, transient=False) as p:
-                report = build(inputs, out, cfg, progress=RichProgress(p), overwrite=overwrite)
+                report = build(inputs, out, cfg, progress=_RichProgress(p), overwrite=overwrite)
         _print_summary(report, out)
 
     @data_app.command("report")

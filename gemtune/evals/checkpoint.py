@@ -71,6 +71,7 @@ class CheckpointEvaluator:
         self._live = None  # the PEFT model being trained, when the trainer attached it
         self._live_tok = None
         self.cache = OutputCache(read=not no_cache)
+        self.best: Optional[dict] = None  # best.json of the run, once `checkpoint_evals` has written it
         if self.baseline != "base" and is_results_file(self.baseline):
             self._baseline_doc = load_results(self.baseline)
 
@@ -187,3 +188,21 @@ def mark_best(run_dir: str | Path) -> dict:
            "checkpoints": rows}
     atomic_write_json(run / "best.json", doc)
     return doc
+
+
+@contextlib.contextmanager
+def checkpoint_evals(run_dir: str | Path, data_dir: str | Path, base: str | Path, *, enabled: bool = True,
+                     suite: str | Path | None = None, gate: Optional[float] = 0.02, webhook: Optional[str] = None,
+                     max_cases: Optional[int] = None, config: EvalConfig | None = None
+                     ) -> Iterator[Optional[CheckpointEvaluator]]:
+    """The eval at every checkpoint of one training run, as `gemtune train --eval-every` and the demo run it:
+    yields the hook to hand the trainer (`suite`, default the dataset's frozen `eval.jsonl`, gated against the
+    base), or None when not `enabled`; once training has returned, names the run's best gate-passing checkpoint
+    in `run_dir/best.json` (the document is also left on the hook as `.best`)."""
+    if not enabled:
+        yield None
+        return
+    hook = make_checkpoint_evaluator(Path(suite) if suite else Path(data_dir) / "eval.jsonl", base, baseline="base",
+                                     gate=gate, webhook=webhook, max_cases=max_cases, config=config)
+    yield hook
+    hook.best = mark_best(run_dir)

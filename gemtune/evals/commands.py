@@ -60,17 +60,11 @@ def register(app: typer.Typer) -> None:
         missing = [f for f, v in (("--adapter", adapter), ("--suite", suite), ("--out", out)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (see `gemtune eval --help`)", field=missing[0].lstrip("-"))
-        if record:  # refuse before generating anything: a verdict must come from a gate over the whole suite
-            if adapter == "base":
-                raise UserError("--record writes into an adapter's gemtune.json; `base` has none", field="record")
-            if baseline in ("none", ""):
-                raise UserError("--record needs a gate: drop --baseline none (an ungated run has no verdict)",
-                                field="baseline")
-            if max_cases is not None:
-                raise UserError("--record needs the full suite: a --max-cases smoke run cannot vouch for an adapter",
-                                field="max_cases")
         from gemtune.evals.gate import enforce
-        from gemtune.evals.pipeline import run_eval
+        from gemtune.evals.pipeline import check_record, record_verdict, run_eval
+
+        if record:  # refused before anything is generated
+            check_record(adapter, baseline, max_cases)
 
         cfg = _config(config, gate=gate, max_new_tokens=max_new_tokens, batch_size=batch_size)
         outcome = run_eval(adapter, suite, out, baseline=baseline, config=cfg, webhook=slack_webhook,
@@ -78,15 +72,8 @@ def register(app: typer.Typer) -> None:
                            max_cases=max_cases, progress=_progress)
         _progress(f"wrote {outcome.out}/results.json, summary.json, report.html")
         if record:
-            from pathlib import Path
-
-            from gemtune.evals.pipeline import record_eval, resolve_adapter
-
-            if outcome.gate is None:
-                raise UserError("--record needs a gate, and this run compared against no baseline", field="baseline")
-            adapter_dir = Path(resolve_adapter(adapter))
-            side = record_eval(adapter_dir, outcome.summary)
-            _progress(f"recorded eval verdict in {adapter_dir / 'gemtune.json'}: shippable {side['shippable']}")
+            path, side = record_verdict(adapter, outcome)
+            _progress(f"recorded eval verdict in {path}: shippable {side['shippable']}")
         if outcome.gate is not None:
             enforce(outcome.gate, outcome.line)
 

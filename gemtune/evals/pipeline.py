@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from gemtune.adapter import ADAPTER_CONFIG, base_of, check_adapter_dir, update_sidecar
+from gemtune.adapter import ADAPTER_CONFIG, SIDECAR, base_of, check_adapter_dir, sidecar_path, update_sidecar
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
@@ -87,6 +87,28 @@ def record_eval(adapter_dir: Path, summary: dict) -> dict:
     """The eval summary and the gate verdict into the adapter's sidecar (sections `eval` and `shippable`), keeping
     what training and the probe wrote there; returns the sidecar. The registry refuses a non-shippable adapter."""
     return update_sidecar(adapter_dir, {"eval": summary, "shippable": bool(summary.get("shippable"))})
+
+
+def check_record(adapter: str, baseline: Optional[str], max_cases: Optional[int]) -> None:
+    """`gemtune eval --record`, refused before anything is generated: a verdict written into an adapter must come
+    from a gate over the whole suite."""
+    if adapter == "base":
+        raise UserError(f"--record writes into an adapter's {SIDECAR}; `base` has none", field="record")
+    if baseline in ("none", ""):
+        raise UserError("--record needs a gate: drop --baseline none (an ungated run has no verdict)",
+                        field="baseline")
+    if max_cases is not None:
+        raise UserError("--record needs the full suite: a --max-cases smoke run cannot vouch for an adapter",
+                        field="max_cases")
+
+
+def record_verdict(adapter: str, outcome: EvalOutcome) -> tuple[Path, dict]:
+    """`gemtune eval --record`, after the run: the outcome's summary and gate verdict into the adapter's sidecar;
+    (the sidecar's path, its content)."""
+    if outcome.gate is None:
+        raise UserError("--record needs a gate, and this run compared against no baseline", field="baseline")
+    adapter_dir = Path(resolve_adapter(adapter))
+    return sidecar_path(adapter_dir), record_eval(adapter_dir, outcome.summary)
 
 
 def is_results_file(path: str) -> bool:

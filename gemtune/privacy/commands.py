@@ -30,7 +30,7 @@ def _fmt(v, unit: str) -> str:
     return str(v)
 
 
-def print_report(report: dict) -> None:
+def _print_report(report: dict) -> None:
     t = Table(title="privacy probe: adapter vs base")
     for col, just in (("check", "left"), ("adapter", "right"), ("base", "right"), ("limit", "right"), ("", "left")):
         t.add_column(col, justify=just)
@@ -79,5 +79,5 @@ def register(app: typer.Typer) -> None:
         cfg = load_privacy_config(config, {"samples": samples, "candidates": candidates, "pii_samples": pii_samples,
                                            "seed": seed})
         report = run_probe(adapter, data, out, base=base, config=cfg, canaries=canaries, progress=_say)
-        print_report(report)
+        _print_report(report)
         enforce(report)

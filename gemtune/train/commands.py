@@ -1,4 +1,5 @@
-"""CLI verbs of the training stage: `gemtune train` and `gemtune plan`."""
+"""CLI verbs of the training stage: `gemtune plan` (train/plan.py) and `gemtune train` (train/trainer.py, with
+the per-checkpoint eval of evals/checkpoint.py wired in). Wiring only: parse flags, call the library, print."""
 
 from __future__ import annotations
 
@@ -13,55 +14,94 @@ from rich.table import Table
 console = Console()
 
 
-def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset directory from `gemtune data build`."),
-    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, adapter, metrics)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="gemtune.yaml (its `train:` section)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="default | routing | style | structured | code"),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model name, directory or hub id."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train this many steps: the LR schedule's "
-                                            "horizon, as train.max_steps and HF Trainer's max_steps."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop after this step without moving "
-                                             "the LR horizon (resume later to finish the schedule)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Off a terminal: a progress line every N "
-                                            "steps (default: every 30 s)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Run the eval suite on every Nth step's checkpoint."),
-    eval_suite: Optional[Path] = typer.Option(None, "--eval-suite", help="Suite for --eval-every (default: DATA/eval.jsonl)."),
-    eval_max_cases: Optional[int] = typer.Option(None, "--eval-max-cases", help="Evaluate at most N cases per checkpoint."),
-    gate: float = typer.Option(0.02, "--gate", help="Max fraction of regressed cases for a checkpoint to ship."),
-    slack_webhook: Optional[str] = typer.Option(None, "--slack-webhook", envvar="SLACK_WEBHOOK_URL"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank override."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="4bit = QLoRA (bitsandbytes NF4)."),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out."),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="mlflow | wandb | tensorboard (when installed)."),
-):
-    """Train a LoRA adapter on a dataset directory."""
-    from gemtune.train.config import load_train_config
-    from gemtune.train.trainer import train
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        model: Optional[str] = typer.Option(None, "--model", help="Base name, directory or hub id."),
+        params: Optional[str] = typer.Option(None, "--params", help="Size instead of a model: 9b, 27b, 270m…"),
+        config: Optional[Path] = typer.Option(None, "--config", help="Plan the run this gemtune.yaml would start on "
+                                              "a GPU (its base, method, batch, seq, rank, dtype, checkpointing); "
+                                              "flags given as well override it."),
+        method: Optional[str] = typer.Option(None, "--method", help="lora | qlora  [default: lora]"),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="[default: 2048]"),
+        batch: Optional[int] = typer.Option(None, "--batch", help="[default: 1]"),
+        rank: Optional[int] = typer.Option(None, "--rank", help="[default: 16]"),
+        mlp: Optional[bool] = typer.Option(None, "--mlp/--no-mlp", help="LoRA on MLP projections too "
+                                           "(structured/code presets)."),
+        grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="[default: on, as the "
+                                                 "trainer on a GPU]"),
+        supervised_frac: float = typer.Option(1.0, "--supervised-frac", help="Share of tokens that carry loss."),
+        train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens per epoch, for "
+                                                     "hours/epoch."),
+        price: Optional[list[str]] = typer.Option(None, "--price",
+                                                  help="GPU=USD per GPU-hour, overriding the indicative list price "
+                                                       "(repeatable), e.g. --price H100-80GB=2.10."),
+        as_json: bool = typer.Option(False, "--json"),
+    ):
+        """GPU memory plan for a LoRA/QLoRA run: the GPUs it fits on, and the one to rent."""
+        from gemtune.train.plan import plan_run
 
-    cfg = load_train_config(config, {
-        "preset": preset, "base": base, "save_every": save_every, "eval_every": eval_every, "batch_size": batch_size,
-        "lr": lr, "lora.r": rank, "quant": quant, "packing": packing, "seed": seed, "report_to": report_to,
-        "max_steps": max_steps, "log_every": log_every,
-    }, flags={"max_steps": "--max-steps", "log_every": "--log-every"})
-    hook = None
-    if cfg.eval_every:
-        from gemtune.evals.checkpoint import make_checkpoint_evaluator
+        shape, p, kw = plan_run(model=model, params=params, config=config,
+                                settings={"method": method, "seq_len": seq_len, "batch": batch, "rank": rank,
+                                          "mlp": mlp, "grad_ckpt": grad_ckpt},
+                                supervised_frac=supervised_frac, train_tokens=train_tokens, prices=_prices(price))
+        if as_json:
+            print(json.dumps(p, indent=2))
+        else:
+            _print_plan(shape, p, kw, by_epoch=bool(train_tokens))
+
+    @app.command("train")
+    def train_cmd(
+        data: Path = typer.Option(..., "--data", help="Dataset directory from `gemtune data build`."),
+        out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, adapter, metrics)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="gemtune.yaml (its `train:` section)."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="default | routing | style | structured | code"),
+        base: Optional[str] = typer.Option(None, "--base", help="Base model name, directory or hub id."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train this many steps: the LR "
+                                                "schedule's horizon, as train.max_steps and HF Trainer's "
+                                                "max_steps."),
+        stop_after: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop after this step without "
+                                                 "moving the LR horizon (resume later to finish the schedule)."),
+        log_every: Optional[int] = typer.Option(None, "--log-every", help="Off a terminal: a progress line every "
+                                                "N steps (default: every 30 s)."),
+        save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+        eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Run the eval suite on every Nth "
+                                                 "step's checkpoint."),
+        eval_suite: Optional[Path] = typer.Option(None, "--eval-suite", help="Suite for --eval-every (default: "
+                                                  "DATA/eval.jsonl)."),
+        eval_max_cases: Optional[int] = typer.Option(None, "--eval-max-cases", help="Evaluate at most N cases per "
+                                                     "checkpoint."),
+        gate: float = typer.Option(0.02, "--gate", help="Max fraction of regressed cases for a checkpoint to ship."),
+        slack_webhook: Optional[str] = typer.Option(None, "--slack-webhook", envvar="SLACK_WEBHOOK_URL"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        lr: Optional[float] = typer.Option(None, "--lr"),
+        rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank override."),
+        quant: Optional[str] = typer.Option(None, "--quant", help="4bit = QLoRA (bitsandbytes NF4)."),
+        packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", help="mlflow | wandb | tensorboard (when "
+                                                "installed)."),
+    ):
+        """Train a LoRA adapter on a dataset directory."""
+        from gemtune.evals.checkpoint import checkpoint_evals
         from gemtune.evals.config import load_eval_config
+        from gemtune.train.config import load_train_config
+        from gemtune.train.trainer import train
 
-        suite = eval_suite or (data / "eval.jsonl")
-        hook = make_checkpoint_evaluator(suite, cfg.base, baseline="base", gate=gate, webhook=slack_webhook,
-                                         max_cases=eval_max_cases, config=load_eval_config(config))
-    res = train(data, out, cfg, stop_after=stop_after, resume=resume, on_checkpoint=hook, console=console)
-    if hook is not None:
-        from gemtune.evals.checkpoint import mark_best
+        cfg = load_train_config(config, {
+            "preset": preset, "base": base, "save_every": save_every, "eval_every": eval_every,
+            "batch_size": batch_size, "lr": lr, "lora.r": rank, "quant": quant, "packing": packing, "seed": seed,
+            "report_to": report_to, "max_steps": max_steps, "log_every": log_every,
+        }, flags={"max_steps": "--max-steps", "log_every": "--log-every"})
+        with checkpoint_evals(out, data, cfg.base, enabled=bool(cfg.eval_every), suite=eval_suite, gate=gate,
+                              webhook=slack_webhook, max_cases=eval_max_cases,
+                              config=load_eval_config(config) if cfg.eval_every else None) as hook:
+            res = train(data, out, cfg, stop_after=stop_after, resume=resume, on_checkpoint=hook, console=console)
+        _print_result(res)
 
-        mark_best(out)
+
+def _print_result(res) -> None:
     t = Table(title=f"trained {res.steps} steps in {res.seconds:.0f}s")
     t.add_column("what")
     t.add_column("value")
@@ -75,70 +115,23 @@ def train_cmd(
     console.print(t)
 
 
-def plan_cmd(
-    model: Optional[str] = typer.Option(None, "--model", help="Base name, directory or hub id."),
-    params: Optional[str] = typer.Option(None, "--params", help="Size instead of a model: 9b, 27b, 270m…"),
-    config: Optional[Path] = typer.Option(None, "--config", help="Plan the run this gemtune.yaml would start on a "
-                                          "GPU (its base, method, batch, seq, rank, dtype, checkpointing); flags "
-                                          "given as well override it."),
-    method: Optional[str] = typer.Option(None, "--method", help="lora | qlora  [default: lora]"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="[default: 2048]"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="[default: 1]"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="[default: 16]"),
-    mlp: Optional[bool] = typer.Option(None, "--mlp/--no-mlp", help="LoRA on MLP projections too (structured/code "
-                                       "presets)."),
-    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="[default: on, as the "
-                                             "trainer on a GPU]"),
-    supervised_frac: float = typer.Option(1.0, "--supervised-frac", help="Share of tokens that carry loss."),
-    train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens per epoch, for hours/epoch."),
-    price: Optional[list[str]] = typer.Option(None, "--price",
-                                              help="GPU=USD per GPU-hour, overriding the indicative list price "
-                                                   "(repeatable), e.g. --price H100-80GB=2.10."),
-    as_json: bool = typer.Option(False, "--json"),
-):
-    """GPU memory plan for a LoRA/QLoRA run: the GPUs it fits on, and the one to rent."""
-    from gemtune.errors import UserError
-    from gemtune.train.plan import config_plan, plan, shape_from_config, shape_from_params
-
-    assumed, resolved = {}, None
-    if config is not None:
-        from gemtune.train.config import load_train_config
-
-        cfg = load_train_config(config)
-        assumed, resolved = config_plan(cfg)
-        model = model if (model or params) else cfg.base
-    if bool(model) == bool(params):
-        raise UserError("give exactly one of --model or --params (or --config)", field="model")
-    given = {"method": method, "seq_len": seq_len, "batch": batch, "rank": rank, "mlp": mlp, "grad_ckpt": grad_ckpt}
-    defaults = {"method": "lora", "seq_len": 2048, "batch": 1, "rank": 16, "mlp": False, "grad_ckpt": True}
-    kw = {**defaults, **assumed, **{k: v for k, v in given.items() if v is not None}}
-    if method is not None and method != assumed.get("method", method):
-        kw["weight_bytes"] = None  # a method flag over a config: that method's own weight bytes
-    prices = _prices(price)
-    shape = shape_from_params(params) if params else shape_from_config(model)
-    p = plan(shape, supervised_frac=supervised_frac, train_tokens=train_tokens, prices=prices, **kw)
-    if resolved is not None:
-        p["config"] = {"path": str(config), "resolved": resolved, "assumed": assumed}
-    method, seq_len, batch, rank = kw["method"], kw["seq_len"], kw["batch"], kw["rank"]
-    if as_json:
-        print(json.dumps(p, indent=2))
-        return
-    console.print(f"[bold]{shape.params / 1e9:.2f}B params, {method}, seq {seq_len} x batch {batch}, rank {rank}[/bold]: "
-                  f"{p['total_gib']:.1f} GiB")
+def _print_plan(shape, p: dict, kw: dict, *, by_epoch: bool) -> None:
+    console.print(f"[bold]{shape.params / 1e9:.2f}B params, {kw['method']}, seq {kw['seq_len']} x batch "
+                  f"{kw['batch']}, rank {kw['rank']}[/bold]: {p['total_gib']:.1f} GiB")
     for k, v in p["breakdown"].items():
         console.print(f"  {k[:-4]:<26} {v:8.2f} GiB")
     t = Table(title="minimum GPUs")
-    for col in ("GPU", "count", "GiB/GPU", "headroom", "$/h") + (("h/epoch", "$/epoch") if train_tokens else ("$/1B tok",)):
+    for col in ("GPU", "count", "GiB/GPU", "headroom", "$/h") + (("h/epoch", "$/epoch") if by_epoch else ("$/1B tok",)):
         t.add_column(col, justify="left" if col == "GPU" else "right")
     rec = p["recommended"] or {}
     for f in p["fits"]:
         mark = " *" if f["gpu"] == rec.get("gpu") else ""
         t.add_row(f["gpu"] + mark, str(f["count"]), f"{f['per_gpu_gib']:.1f}", f"{100 * f['headroom']:.0f}%",
                   f"{f['usd_per_hour']:.2f}",
-                  *([f"{f['hours_per_epoch']:.2f}", f"{f['usd_per_epoch']:.2f}"] if train_tokens
+                  *([f"{f['hours_per_epoch']:.2f}", f"{f['usd_per_epoch']:.2f}"] if by_epoch
                     else [f"{f['usd_per_1b_tokens']:.2f}"]))
     for g in p["does_not_fit"]:
-        t.add_row(g, "does not fit on 8", "-", "-", "-", "-", *(["-"] if train_tokens else []))
+        t.add_row(g, "does not fit on 8", "-", "-", "-", "-", *(["-"] if by_epoch else []))
     console.print(t)
     if rec:
         console.print(f"recommended: {rec['count']} x {rec['gpu']} — {rec['why']} "
@@ -161,8 +154,3 @@ def _prices(price: Optional[list[str]]) -> dict[str, float]:
         if prices[gpu.strip()] <= 0:
             raise UserError(f"--price {item!r}: the price must be positive", field="price")
     return prices
-
-
-def register(app: typer.Typer) -> None:
-    app.command("plan")(plan_cmd)
-    app.command("train")(train_cmd)

@@ -245,3 +245,35 @@ def config_plan(cfg, *, device: str = "cuda", native_bf16: bool = True) -> tuple
     kw = plan_assumptions(policy, rank=cfg.lora.r or preset.r, mlp=any(m in MLP for m in modules))
     return kw, policy.record()
 
+
+
+# what `gemtune plan` assumes for a setting neither a flag nor --config gives
+PLAN_DEFAULTS = {"method": "lora", "seq_len": 2048, "batch": 1, "rank": 16, "mlp": False, "grad_ckpt": True}
+
+
+def plan_run(*, model: str | None = None, params: str | None = None, config: str | Path | None = None,
+             settings: dict | None = None, supervised_frac: float = 1.0, train_tokens: float | None = None,
+             prices: dict[str, float] | None = None) -> tuple[Shape, dict, dict]:
+    """`gemtune plan`: (shape, plan, the settings planned with) for exactly one of `model` (a base name, dir or
+    hub id), `params` (a size such as 9b) or `config` (a gemtune.yaml: its base, and the run it would start on a
+    GPU). `settings` (method, seq_len, batch, rank, mlp, grad_ckpt; None = not given) override what the config
+    implies, which overrides PLAN_DEFAULTS; a method other than the config's plans with that method's own weight
+    bytes. With a config, the plan records it under "config" (path, resolved policy, assumptions)."""
+    assumed, resolved = {}, None
+    if config is not None:
+        from gemtune.train.config import load_train_config
+
+        cfg = load_train_config(config)
+        assumed, resolved = config_plan(cfg)
+        model = model if (model or params) else cfg.base
+    if bool(model) == bool(params):
+        raise UserError("give exactly one of --model or --params (or --config)", field="model")
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    kw = {**PLAN_DEFAULTS, **assumed, **given}
+    if "method" in given and given["method"] != assumed.get("method", given["method"]):
+        kw["weight_bytes"] = None  # a method flag over a config: that method's own weight bytes
+    shape = shape_from_params(params) if params else shape_from_config(model)
+    p = plan(shape, supervised_frac=supervised_frac, train_tokens=train_tokens, prices=prices, **kw)
+    if resolved is not None:
+        p["config"] = {"path": str(config), "resolved": resolved, "assumed": assumed}
+    return shape, p, kw

@@ -121,6 +121,21 @@ def test_training_run_with_eval_every_writes_one_summary_per_checkpoint(tiny_gem
     assert "shippable" in final and final["eval"]["step"] == 4
 
 
+def test_train_cli_with_eval_every_evaluates_each_checkpoint_and_names_the_best(tiny_gemma3, tmp_path, cli):
+    """`gemtune train --eval-every` wires the hook (the dataset's eval.jsonl by default, the base as baseline) and,
+    once training returns, writes best.json (evals.checkpoint.checkpoint_evals)."""
+    data = _route_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(data), "--out", str(run), "--base", str(tiny_gemma3), "--batch-size", "4",
+                "--lr", "1e-3", "--seed", "7", "--eval-every", "2", "--stop-after-steps", "4", "--eval-max-cases", "3",
+                "--gate", "1.0"]) == 0
+    summaries = {p.parent.parent.name: json.loads(p.read_text()) for p in run.glob("checkpoint-*/eval/summary.json")}
+    assert sorted(summaries) == ["checkpoint-2", "checkpoint-4"] and {s["n"] for s in summaries.values()} == {3}
+    assert all(s["shippable"] is True for s in summaries.values())  # --gate 1.0 passes every checkpoint
+    best = json.loads((run / "best.json").read_text())
+    assert best["checkpoint"] in summaries and [r["checkpoint"] for r in best["checkpoints"]] == sorted(summaries)
+
+
 def test_checkpoint_eval_runs_on_the_training_model_not_a_second_base(tiny_gemma3, tmp_path, monkeypatch):
     """The hook evaluates the in-memory training model (adapter on for the checkpoint, off for the base): the base
     is never loaded a second time, and the outputs equal those of the saved checkpoint on a freshly loaded base."""
