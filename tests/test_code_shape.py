@@ -33,3 +33,36 @@ def test_cli_assembles_stages_and_defines_no_verb():
                       "demo_commands"]
     assert {f"gemtune.{p.parent.name}.commands" if p.name == "commands.py" else f"gemtune.{p.stem}"
             for p in _cli_modules()} == set(STAGE_COMMANDS)
+
+
+def _module_name(p: Path) -> str:
+    parts = p.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(p: Path, modules: set[str]) -> set[str]:
+    """The gemtune modules `p` imports anywhere (inside functions too); `from pkg import child` names the child."""
+    me = _module_name(p)
+    pkg = me if p.name == "__init__.py" else me.rpartition(".")[0]
+    out = set()
+    for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name in modules}
+        elif isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:
+                anchor = pkg.split(".")[:len(pkg.split(".")) - (n.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for a in n.names:
+                child = f"{base}.{a.name}"
+                out.add(child if child in modules else base)
+    return {m for m in out if m in modules and m != me}
+
+
+def test_no_two_modules_import_each_other():
+    files = sorted(PKG.rglob("*.py"))
+    modules = {_module_name(p) for p in files}
+    graph = {_module_name(p): _imports(p, modules) for p in files}
+    loops = sorted(f"{a} <-> {b}" for a, deps in graph.items() for b in deps
+                   if a < b and a in graph.get(b, ()) and not (b.startswith(a + ".") or a.startswith(b + ".")))
+    assert loops == []

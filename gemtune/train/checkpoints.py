@@ -138,11 +138,20 @@ def hardware_record(device: torch.device, processes: int) -> dict:
     return hw
 
 
+def save_peft(peft_model, out: Path, state_dict: dict | None = None) -> None:
+    """PEFT's own save (adapter_config.json + adapter_model.safetensors); a gathered state dict when sharded."""
+    if state_dict is None:
+        peft_model.save_pretrained(out, safe_serialization=True)
+        return
+    from peft import get_peft_model_state_dict
+
+    full = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    peft_model.save_pretrained(out, safe_serialization=True, state_dict=full)
+
+
 def save_adapter(peft_model, out: Path, side: dict, state_dict: dict | None = None) -> None:
     """PEFT-format adapter + gemtune.json, written atomically (`state_dict`: the gathered weights of a sharded
     run)."""
-    from gemtune.train.sharded import save_peft
-
     with atomic_dir(out) as tmp:
         save_peft(peft_model, tmp, state_dict)
         write_sidecar(tmp, side)

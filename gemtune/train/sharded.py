@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gemtune.adapter import write_sidecar
-from gemtune.train.checkpoints import STATE_FILE, STATE_FORMAT, plain, prune, rng_state, sidecar
+from gemtune.train.checkpoints import STATE_FILE, STATE_FORMAT, plain, prune, rng_state, save_peft, sidecar
 from gemtune.utils import atomic_dir
 
 
@@ -72,17 +72,6 @@ def write_checkpoint(r, step: int, extra: dict) -> Path:
         prune(r.run_dir, r.cfg.save_total_limit)
     r.acc.wait_for_everyone()
     return ck
-
-
-def save_peft(peft_model, out: Path, state_dict: dict | None = None) -> None:
-    """PEFT's own save (adapter_config.json + adapter_model.safetensors); a gathered state dict when sharded."""
-    if state_dict is None:
-        peft_model.save_pretrained(out, safe_serialization=True)
-        return
-    from peft import get_peft_model_state_dict
-
-    full = get_peft_model_state_dict(peft_model, state_dict=state_dict)
-    peft_model.save_pretrained(out, safe_serialization=True, state_dict=full)
 
 
 def load_training_state(r, ck: Path, state: dict) -> None:
