@@ -198,7 +198,7 @@ def main() -> None:
 def _through_gateway(reg, vllm_url, base, names, prompts, args) -> dict:
     """The same mixed batch through `gemtune serve --engine vllm` (aliases resolved per request)."""
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     print("vLLM LoRA through the gemtune gateway ...", flush=True)
     gw = build_gateway(str(reg.root), engine="vllm", vllm_url=vllm_url, base=str(base), max_model_len=1024,
@@ -213,7 +213,7 @@ def _through_gateway(reg, vllm_url, base, names, prompts, args) -> dict:
 def _embedded_through_gateway(reg, base, names, prompts, args) -> dict:
     """gemtune's own engine behind the same gateway, same requests: end-to-end HTTP numbers comparable to vLLM's."""
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     print(f"gemtune embedded engine ({args.embedded_dtype}) through the gateway ...", flush=True)
     gw = build_gateway(str(reg.root), engine="embedded", base=str(base), dtype=args.embedded_dtype,

@@ -51,7 +51,7 @@ def pipeline(tiny_gemma3, tmp_path_factory):
     hook = make_checkpoint_evaluator(data / "eval.jsonl", str(tiny_gemma3), baseline="base", gate=0.5,
                                      config=EvalConfig(max_new_tokens=6), echo=lambda s: None)
     cfg = TrainConfig(base=str(tiny_gemma3), batch_size=8, lr=1e-3, seed=3, eval_every=2)
-    res = train(data, root / "run", cfg, max_steps=2, on_checkpoint=hook, progress=False)
+    res = train(data, root / "run", cfg, stop_after=2, on_checkpoint=hook, progress=False)
     probe = run_probe(res.adapter_dir, None, root / "probe.json",
                       config=PrivacyConfig(samples=4, candidates=16, pii_samples=4))
     return {"root": root, "data": data, "report": report, "adapter": res.adapter_dir, "probe": probe}

@@ -20,31 +20,23 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _fmt(v, unit: str) -> str:
-    if v is None:
-        return "-"
-    if unit == "share":
-        return f"{100 * v:.1f}%"
-    if unit == "bits":
-        return f"{v:.2f}"
-    return str(v)
-
-
 def _print_report(report: dict) -> None:
+    from gemtune.privacy.probe import fmt_value
+
     t = Table(title="privacy probe: adapter vs base")
     for col, just in (("check", "left"), ("adapter", "right"), ("base", "right"), ("limit", "right"), ("", "left")):
         t.add_column(col, justify=just)
     for c in report["checks"]:
         verdict = "[dim]not run[/dim]" if c.get("note") == "not run" else (
             "[green]ok[/green]" if c["passed"] else "[bold red]FAIL[/bold red]")
-        unit = " bits" if c["unit"] == "bits" else ""
-        t.add_row(c["name"], _fmt(c["adapter"], c["unit"]) + unit, _fmt(c["base"], c["unit"]) + unit,
-                  "off" if c["limit"] is None else _fmt(c["limit"], c["unit"]) + unit, verdict)
+        t.add_row(c["name"], fmt_value(c["adapter"], c["unit"]), fmt_value(c["base"], c["unit"]),
+                  "off" if c["limit"] is None else fmt_value(c["limit"], c["unit"]), verdict)
     console.print(t)
     ext = report["extraction"]
     if ext["status"] == "run":
-        console.print(f"extraction: {ext['sampled']} training examples ({ext['probes']} probes), "
-                      f"exact {_fmt(ext['adapter']['exact_rate'], 'share')} vs base {_fmt(ext['base']['exact_rate'], 'share')}")
+        console.print(f"extraction: {ext['sampled']} training examples ({ext['probes']} probes), exact "
+                      f"{fmt_value(ext['adapter']['exact_rate'], 'share')} vs base "
+                      f"{fmt_value(ext['base']['exact_rate'], 'share')}")
     if report["canaries"]["status"] == "run":
         c = report["canaries"]
         console.print(f"canaries: {c['count']} x R={c['candidates']}, mean exposure {c['adapter']['mean_exposure']:.2f} "

@@ -424,12 +424,14 @@ def enforce(report: dict) -> None:
     """`GateFailed` (CLI exit 1) naming every check that failed."""
     failed = [c for c in report["checks"] if not c["passed"]]
     if failed:
-        parts = [f"{c['name']} {_fmt(c['adapter'], c['unit'])} > limit {_fmt(c['limit'], c['unit'])}" for c in failed]
+        parts = [f"{c['name']} {fmt_value(c['adapter'], c['unit'])} > limit {fmt_value(c['limit'], c['unit'])}" for c in failed]
         where = f" (report: {report['report']})" if report.get("report") else ""
         raise GateFailed("privacy probe failed: " + "; ".join(parts) + where)
 
 
-def _fmt(v, unit: str) -> str:
+def fmt_value(v, unit: str) -> str:
+    """A check's number as the gate message and `gemtune probe`'s table show it: a share as %, bits with 2 decimals
+    and the unit, "-" when not measured."""
     if v is None:
         return "-"
     if unit == "share":

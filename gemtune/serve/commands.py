@@ -126,8 +126,8 @@ def _print_parity(report: dict) -> None:
 
 
 def __getattr__(name: str):
-    """`build_gateway` moved to gemtune.serve.gateway; bench/serve.py and bench/vllm_serve.py still import it from
-    here (lazily, so the CLI does not load the server to show --help)."""
+    """`build_gateway` moved to gemtune.serve.gateway; bench/serve.py still imports it from here (lazily, so the
+    CLI does not load the server to show --help). Remove once it imports gemtune.serve.gateway."""
     if name == "build_gateway":
         from gemtune.serve.gateway import build_gateway
 

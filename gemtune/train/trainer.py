@@ -287,11 +287,16 @@ class Run:
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, stop_after: int | None = None,
           max_steps: int | None = None, resume: bool = False, on_checkpoint: CheckpointHook | None = None,
           console=None, progress: bool = True) -> TrainResult:
-    """Train, checkpoint and save the adapter. The horizon is `cfg.max_steps` (or `cfg.epochs`); `stop_after`
-    stops at that step without moving it (`--stop-after-steps`). `max_steps` here is the keyword's old meaning,
-    kept for library callers: stop after that step, extending the horizon to it when the plan is shorter."""
+    """Train, checkpoint and save the adapter. `max_steps` is the LR schedule's horizon, as `--max-steps` on the
+    command line and HF Trainer's max_steps: it replaces `cfg.max_steps` (without either, `cfg.epochs` over the
+    data sets the horizon). `stop_after` stops at that step without moving the horizon (`--stop-after-steps`):
+    resuming later finishes the same schedule."""
+    if max_steps is not None:
+        if max_steps < 1:
+            raise UserError(f"max_steps {max_steps}: must be at least 1", field="max_steps")
+        cfg = cfg.model_copy(update={"max_steps": max_steps})
     r = setup(data_dir, run_dir, cfg, console)
-    plan_steps(r, stop_after=stop_after, legacy_stop=max_steps)
+    plan_steps(r, stop_after=stop_after)
     prepare(r)
     step = resume_from_checkpoint(r) if resume else start_fresh(r)
     write_run_record(r)
@@ -380,7 +385,7 @@ def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=N
     return r
 
 
-def plan_steps(r: Run, *, stop_after: Optional[int] = None, legacy_stop: Optional[int] = None) -> None:
+def plan_steps(r: Run, *, stop_after: Optional[int] = None) -> None:
     """Global batch, the LR horizon and the step the loop stops at."""
     r.world = r.acc.num_processes
     r.hardware = hardware_record(r.acc.device, r.world)
@@ -388,10 +393,6 @@ def plan_steps(r: Run, *, stop_after: Optional[int] = None, legacy_stop: Optiona
     r.global_batch = r.cfg.batch_size * r.cfg.grad_accum * r.world
     r.horizon = planned_steps(r.cfg, len(r.train_ex), r.global_batch)
     r.stop_at = min(stop_after, r.horizon) if stop_after else r.horizon
-    if legacy_stop:
-        r.stop_at = min(legacy_stop, r.stop_at)
-        if legacy_stop > r.horizon:
-            r.horizon = r.stop_at = legacy_stop
 
 
 def prepare(r: Run) -> None:

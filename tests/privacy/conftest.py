@@ -77,8 +77,9 @@ def memorised(tiny_gemma3, tmp_path_factory) -> Memorised:
 
     root = tmp_path_factory.mktemp("memorised")
     data, canaries, secret, raw = write_dataset(root)
-    cfg = TrainConfig(base=str(tiny_gemma3), batch_size=8, lr=1e-2, seed=1, warmup_ratio=0.0, scheduler="constant")
-    res = train(data, root / "run", cfg, max_steps=60, progress=False)
+    cfg = TrainConfig(base=str(tiny_gemma3), batch_size=8, lr=1e-2, seed=1, warmup_ratio=0.0, scheduler="constant",
+                      max_steps=60)
+    res = train(data, root / "run", cfg, progress=False)
     return Memorised(tiny_gemma3, data, canaries, res.adapter_dir, secret, raw)
 
 

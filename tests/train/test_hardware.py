@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gemtune.train.trainer as trainer
+from gemtune.errors import UserError
 from gemtune.train.collate import collate
 from gemtune.train.config import TrainConfig
 from gemtune.train.loss import SupervisedLM, _causal_lm
@@ -185,3 +186,23 @@ def test_max_steps_sets_the_lr_horizon_and_stop_after_steps_does_not(tiny_gemma3
     # without --max-steps the horizon is one epoch: 32 examples / 4 = 8 steps
     run, _ = _run_cli(tiny_gemma3, route_data, tmp_path / "c", "--stop-after-steps", "2")
     assert run["horizon"] == 8 and run["stop_at"] == 2
+
+
+def test_python_api_max_steps_is_the_horizon_as_on_the_command_line(tiny_gemma3, route_data, tmp_path):
+    """`train(..., max_steps=6)` means what `--max-steps 6` means: the LR horizon (replacing train.max_steps), the
+    schedule ending at zero there; `stop_after` stops early on the same schedule."""
+    from gemtune.train.trainer import train
+
+    def run(out, **kw):
+        cfg = TrainConfig(base=str(tiny_gemma3), batch_size=4, lr=1e-3, max_steps=20)
+        train(route_data, out, cfg, progress=False, **kw)
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((out / "run.json").read_text()), [row["lr"] for row in rows]
+
+    whole, lrs = run(tmp_path / "a", max_steps=6)  # one epoch would be 8 steps, the config says 20
+    assert whole["horizon"] == 6 and whole["stop_at"] == 6 and len(lrs) == 6
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    early, first = run(tmp_path / "b", max_steps=6, stop_after=3)
+    assert early["horizon"] == 6 and early["stop_at"] == 3 and first == lrs[:3]
+    with pytest.raises(UserError, match="max_steps 0: must be at least 1"):
+        run(tmp_path / "c", max_steps=0)
