@@ -137,3 +137,27 @@ def weights_sha256(adapter_dir: str | Path) -> Optional[str]:
     """sha256 of the adapter's weights file: the identity of the weights (None when there is none)."""
     p = Path(adapter_dir) / ADAPTER_WEIGHTS
     return sha256_file(p) if p.is_file() else None
+
+
+def load_onto(model, adapter_dir: str | Path, *, base: Optional[str] = None):
+    """The adapter attached to a loaded base model (unmerged, as vLLM applies it; PEFT's own loader), in eval mode.
+    An adapter that does not fit the base (shapes, unknown target modules) is a UserError naming the adapter."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - whatever PEFT raises for an adapter that does not fit
+        raise UserError(f"cannot load the adapter onto {base or 'this base'}: {type(e).__name__}: {e}",
+                        file=str(adapter_dir)) from None
+    return peft_model.eval()
+
+
+@contextlib.contextmanager
+def attached(model, adapter_dir: str | Path) -> Iterator[object]:
+    """`load_onto` for the length of a block; the base is restored afterwards, so one loaded base serves every
+    adapter (every checkpoint of a run, the probe's adapter after its base)."""
+    peft_model = load_onto(model, adapter_dir)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()

@@ -10,16 +10,13 @@ really runs in) is part of the eval output-cache key, so CPU and GPU outputs nev
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Optional, Protocol
 
 from gemtune.base import generate as gen_lib
 from gemtune.base.device import Placement, placement_of
 from gemtune.base.families import Family, family_of
 from gemtune.base.generate import left_pad, plan_batches  # noqa: F401 - re-exported for older importers (bench/)
-from gemtune.errors import UserError
 
 
 class Generator(Protocol):
@@ -72,23 +69,6 @@ HFGenerator = LocalGenerator  # the name it had while it wrapped transformers' `
 
 
 # ---------------------------------------------------------------- adapters
-
-@contextlib.contextmanager
-def attached_adapter(model, adapter_dir: Path) -> Iterator[object]:
-    """The base with the LoRA adapter attached (unmerged, as vLLM applies it); the base is restored afterwards so
-    one loaded base serves every checkpoint."""
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise UserError(f"cannot load the adapter onto this base: {type(e).__name__}: {e}", file=str(adapter_dir)) from None
-    peft_model.eval()
-    try:
-        yield peft_model
-    finally:
-        peft_model.unload()
-
 
 def make_generator(model, tokenizer, *, batch_size: int = 16, seed: int = 0, family: Family | None = None,
                    placement: Placement | None = None) -> LocalGenerator:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from gemtune.adapter import ADAPTER_CONFIG, SIDECAR, base_of, check_adapter_dir, sidecar_path, update_sidecar
+from gemtune.adapter import (ADAPTER_CONFIG, SIDECAR, attached, base_of, check_adapter_dir, sidecar_path,
+                             update_sidecar)
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
@@ -47,7 +48,7 @@ class Evaluator:
 
     @contextlib.contextmanager
     def model_under_test(self, adapter: Optional[Path], name: Optional[str] = None) -> Iterator[ModelUnderTest]:
-        from gemtune.evals.engine import attached_adapter, make_generator
+        from gemtune.evals.engine import make_generator
 
         cfg = self.config
         if adapter is None:
@@ -55,7 +56,7 @@ class Evaluator:
                                  family=self.family, placement=self.placement)
             yield ModelUnderTest(name or "base", gen, self.tokenizer, self.family, self.base_name, self.base_sha)
             return
-        with attached_adapter(self.model, adapter) as peft_model:
+        with attached(self.model, adapter) as peft_model:
             gen = make_generator(peft_model, self.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed,
                                  family=self.family, placement=self.placement)
             yield ModelUnderTest(name or adapter.name, gen, self.tokenizer, self.family, self.base_name, self.base_sha,

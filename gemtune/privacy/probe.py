@@ -33,7 +33,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from gemtune.adapter import SIDECAR, base_of, check_adapter_dir, read_sidecar, sidecar_path, weights_sha256
+from gemtune.adapter import (SIDECAR, attached, base_of, check_adapter_dir, read_sidecar, sidecar_path,
+                             weights_sha256)
 from gemtune.adapter import update_sidecar as _update_sidecar  # run_probe has a flag of that name
 from gemtune.errors import GateFailed, UserError
 from gemtune.privacy import canary as canary_probe
@@ -230,7 +231,6 @@ def run_models(inp: Inputs, plan: Plan, cfg: PrivacyConfig, timings: dict, say) 
     in the dtype of `privacy.device`/`privacy.dtype`; `results["placement"]` records where."""
     from gemtune.base.device import resolve
     from gemtune.base.loader import load_base
-    from gemtune.evals.engine import attached_adapter
 
     placement = resolve(cfg.device, cfg.dtype)
     with _Stage(timings, "load", say):
@@ -238,7 +238,7 @@ def run_models(inp: Inputs, plan: Plan, cfg: PrivacyConfig, timings: dict, say) 
         model, _ = load_base(inp.base_path, placement=placement)
     args = (plan.tok, plan.fam, cfg, plan.probes, plan.tasks, plan.pii_prompts, timings, say)
     results = {"placement": placement.describe(), "base": _probe_model("base", model, *args)}
-    with attached_adapter(model, inp.adapter_dir) as peft_model:
+    with attached(model, inp.adapter_dir) as peft_model:
         results["adapter"] = _probe_model("adapter", peft_model, *args)
     return results
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gemtune.adapter import base_of, weights_sha256
+from gemtune.adapter import base_of, load_onto, weights_sha256
 from gemtune.errors import GateFailed, UserError
 from gemtune.utils import atomic_dir, check_out_dir, iter_jsonl
 
@@ -200,7 +200,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     fam = family_of(model)
     ids_list = [render_prompt(m, tok, fam).input_ids for m in conversations]
     stops = stop_token_ids(tok, fam)
-    peft_model = _attach(model, adapter, base_ref)
+    peft_model = load_onto(model, adapter, base=base_ref)
     say("generating with the unmerged adapter")
     before = _greedy(peft_model, ids_list, stops, tok.pad_token_id, max_new_tokens)
     unmerged = [_logits(peft_model, ids + a) for ids, a in zip(ids_list, before)]
@@ -222,17 +222,6 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     report["saved"] = True
     report["out"] = str(out)
     return report
-
-
-def _attach(model, adapter: Path, base_ref: str):
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except Exception as e:  # shapes that do not fit this base, unknown target modules
-        raise UserError(f"cannot apply this adapter to {base_ref}: {type(e).__name__}: {e}",
-                        file=str(adapter / "adapter_config.json")) from None
-    return peft_model.eval()
 
 
 def _save(merged, tok, fam, out: Path, guard: dict, report: dict, max_shard_size) -> list[str]:

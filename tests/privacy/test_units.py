@@ -72,7 +72,7 @@ def test_cached_canary_scoring_equals_full_forward(family, request, tmp_path):
     """KV cache of the prefix repeated over a batch (sliding-window layers included: the prefix is longer than the
     window) gives the same log-likelihoods as scoring each full sequence, with a LoRA adapter attached."""
     from gemtune.base.loader import load_base
-    from gemtune.evals.engine import attached_adapter
+    from gemtune.adapter import attached
 
     base = request.getfixturevalue(f"tiny_{family}")
     adapter = _random_adapter(base, tmp_path / "a")
@@ -80,7 +80,7 @@ def test_cached_canary_scoring_equals_full_forward(family, request, tmp_path):
     g = torch.Generator().manual_seed(3)
     prefix = [2] + torch.randint(300, 420, (39,), generator=g).tolist()
     conts = [torch.randint(300, 420, (n,), generator=g).tolist() for n in (1, 4, 6, 5, 9, 2, 7)]
-    with attached_adapter(model, adapter) as pm, torch.inference_mode():
+    with attached(model, adapter) as pm, torch.inference_mode():
         got = cp.continuation_logprobs(pm, prefix, conts, max_positions=12)  # several batches
         want = []
         for c in conts:
