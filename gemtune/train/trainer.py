@@ -49,7 +49,6 @@ from gemtune.train.sharded import cpu_fsdp_requested, fully_shard_cpu, local_val
 from gemtune.utils import atomic_write_json, iter_jsonl, sha256_file
 
 CheckpointHook = Callable[[Path, int], Optional[dict]]
-_STEP_DELAY = float(os.environ.get("GEMTUNE_TEST_STEP_DELAY", "0") or 0)
 # how long the other processes wait for rank 0's checkpoint eval (a gloo barrier of its own, not the training
 # group's collective timeout, which an eval of a few hundred cases on a 27B model would exceed)
 EVAL_WAIT = timedelta(hours=float(os.environ.get("GEMTUNE_EVAL_WAIT_HOURS", "24")))
@@ -482,8 +481,6 @@ def train_loop(r: Run, step: int, on_checkpoint: CheckpointHook | None, progress
     while step < r.stop_at:
         loss, grad_norm = train_step(r, step, meter)
         step += 1
-        if _STEP_DELAY:  # tests only: widen the window in which a SIGKILL lands mid-run
-            time.sleep(_STEP_DELAY)
         rec = log_step(r, step, loss, grad_norm, meter, result, bar)
         _test_gate(step)
         stop_early = False

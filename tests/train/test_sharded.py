@@ -25,13 +25,15 @@ train(data, out, cfg, stop_after=int(stop), resume=resume == "1", progress=False
 """
 
 
-def launch(script: Path, *args, delay: float = 0.0) -> subprocess.Popen:
+def launch(script: Path, *args, gate: Path | None = None) -> subprocess.Popen:
     """`accelerate launch --use_fsdp --fsdp_version 2` with two processes; on a host without GPUs they join over
     gloo, and the trainer shards with FSDP2 itself (accelerate leaves CPU process groups unsharded)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEMTUNE_TEST_STEP_DELAY": str(delay)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if gate is not None:  # every rank waits after step n until gate/step-n exists
+        env["GEMTUNE_TEST_STEP_GATE"] = str(gate)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group: SIGKILL reaches every rank
 
@@ -50,14 +52,20 @@ def test_fsdp2_two_cpu_processes_kill_and_resume_give_the_straight_adapter(tiny_
     run = json.loads((straight / "run.json").read_text())
     assert run["processes"] == 2 and run["distributed"].startswith("fsdp2")
 
-    p = launch(script, tiny_gemma3, route_data, killed, 6, 0, delay=0.5)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(complete_checkpoints(killed)) < 2 and p.poll() is None:
+    # held at step 3 by the gate: checkpoints 1 and 2 are whole, step 3's is never written, whatever the speed
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    for s in (1, 2):
+        (gate / f"step-{s}").touch()
+    p = launch(script, tiny_gemma3, route_data, killed, 6, 0, gate=gate)
+    deadline = time.time() + 600  # generous: the run waits at the gate, so only a broken run reaches it
+    while len(complete_checkpoints(killed)) < 2 and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it was held at step 3: " + p.stderr.read()[-3000:]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     done = [s for s, _ in complete_checkpoints(killed)]
-    assert 2 <= max(done) < 6 and not (killed / "adapter").exists(), done
+    assert done == [1, 2] and not (killed / "adapter").exists(), done
     finish(launch(script, tiny_gemma3, route_data, killed, 6, 1))
 
     a, b = load_file(str(straight / "adapter" / "adapter_model.safetensors")), \

@@ -87,15 +87,22 @@ def test_sigkill_mid_run_then_resume(tiny_gemma3, route_data, tmp_path):
     run = tmp_path / "killed"
     cmd = GEMTUNE + ["train", "--data", str(route_data), "--out", str(run), "--base", str(tiny_gemma3),
                      "--max-steps", "8", "--save-every", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "7"]
-    env = {**os.environ, "GEMTUNE_TEST_STEP_DELAY": "0.5"}
+    # the run is held at step 4 (GEMTUNE_TEST_STEP_GATE): checkpoints 1-3 are whole, step 4's is never written,
+    # and the kill lands there whatever the machine's speed
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    for s in (1, 2, 3):
+        (gate / f"step-{s}").touch()
+    env = {**os.environ, "GEMTUNE_TEST_STEP_GATE": str(gate)}
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(complete_checkpoints(run)) < 3:
+    deadline = time.time() + 600  # generous: the run waits at the gate, so only a broken run reaches it
+    while len(complete_checkpoints(run)) < 3 and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it was held at step 4"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     done = [s for s, _ in complete_checkpoints(run)]
-    assert 3 <= max(done) < 8 and not (run / "adapter").exists()
+    assert done == [1, 2, 3] and not (run / "adapter").exists(), done
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert max_diff(weights(straight.adapter_dir), weights(run / "adapter")) < 1e-5
