@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "gemtune"
@@ -66,3 +67,39 @@ def test_no_two_modules_import_each_other():
     loops = sorted(f"{a} <-> {b}" for a, deps in graph.items() for b in deps
                    if a < b and a in graph.get(b, ()) and not (b.startswith(a + ".") or a.startswith(b + ".")))
     assert loops == []
+
+
+MAX_FUNCTION_LINES = 120
+
+
+def test_no_function_in_the_package_is_longer_than_the_limit():
+    long = []
+    for p in sorted(PKG.rglob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES:
+                long.append(f"{p.relative_to(PKG.parent)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert long == []
+
+
+def _files_containing(needle: str) -> list[str]:
+    return sorted(str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if needle in p.read_text(encoding="utf-8"))
+
+
+def test_one_yaml_reader_and_one_owner_of_the_adapter_sidecar():
+    assert _files_containing("yaml.safe_load") == ["gemtune/config.py"]
+    assert _files_containing('"gemtune.json"') == ["gemtune/adapter.py"]
+
+
+def test_architecture_page_describes_the_tree():
+    """docs/architecture.md names every package folder and top-level module; every stage folder has its page."""
+    docs = PKG.parent / "docs"
+    page = (docs / "architecture.md").read_text(encoding="utf-8")
+    folders = sorted(p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__")
+    modules = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    missing = [f"gemtune/{f}/" for f in folders if f"gemtune/{f}/" not in page]
+    missing += [f"gemtune/{m}" for m in modules if f"gemtune/{m}" not in page]
+    assert missing == [], f"docs/architecture.md does not describe {missing}"
+    stages = [f for f in folders if (PKG / f / "__init__.py").exists()]
+    assert [s for s in stages if not (docs / "stages" / f"{s}.md").is_file()] == []
+    for link in re.findall(r"\]\((stages/[^)]+)\)", page):
+        assert (docs / link).exists(), link
