@@ -199,7 +199,7 @@ def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> d
     from gemtune.registry.routes import RouteTable
     from gemtune.registry.store import Registry
     from gemtune.serve.api import ServerThread, create_app
-    from gemtune.serve.commands import build_gateway
+    from gemtune.serve.gateway import build_gateway
 
     root = work / "flip-registry"
     reg = Registry(root)

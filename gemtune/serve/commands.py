@@ -123,13 +123,3 @@ def _print_parity(report: dict) -> None:
     console.print(t)
     console.print(f"parity: {'[green]holds[/green]' if report['parity'] else '[red]fails[/red]'}; "
                   f"max |Δlogit| on prompts {report['max_abs_logit_diff']:.3g}", highlight=False)
-
-
-def __getattr__(name: str):
-    """`build_gateway` moved to gemtune.serve.gateway; bench/serve.py still imports it from here (lazily, so the
-    CLI does not load the server to show --help). Remove once it imports gemtune.serve.gateway."""
-    if name == "build_gateway":
-        from gemtune.serve.gateway import build_gateway
-
-        return build_gateway
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
