@@ -65,7 +65,6 @@ class LocalGenerator:
         return [self.decode(r) for r in rows]
 
 
-HFGenerator = LocalGenerator  # the name it had while it wrapped transformers' `generate`
 
 
 # ---------------------------------------------------------------- adapters

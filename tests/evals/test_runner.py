@@ -9,7 +9,7 @@ import torch
 from gemtune.errors import UserError
 from gemtune.evals.cache import OutputCache
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.engine import HFGenerator, plan_batches
+from gemtune.evals.engine import LocalGenerator, plan_batches
 from gemtune.evals.pipeline import Evaluator, run_eval
 from gemtune.evals.suite import load_suite
 
@@ -80,7 +80,7 @@ def test_per_row_stop_and_length_sorted_plan(tiny_gemma3):
     from gemtune.base.loader import load_base
 
     model, tok = load_base(tiny_gemma3)
-    gen = HFGenerator(model, tok, family_of(model), batch_size=2)
+    gen = LocalGenerator(model, tok, family_of(model), batch_size=2)
     a = tok.encode("<bos>hello there", add_special_tokens=False)
     b = tok.encode("<bos>zz", add_special_tokens=False)
     free = gen.generate_batch([a, b], 8)

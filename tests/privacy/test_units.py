@@ -45,13 +45,13 @@ def test_early_stopped_greedy_agrees_with_full_greedy(tiny_gemma3):
     random held-out text must stop within allowed_edits + 1 tokens; every early output is a prefix of the full one."""
     from gemtune.base.families import family_of
     from gemtune.base.loader import load_base
-    from gemtune.evals.engine import HFGenerator
+    from gemtune.evals.engine import LocalGenerator
 
     model, tok = load_base(tiny_gemma3)
     fam = family_of(model)
     g = torch.Generator().manual_seed(0)
     contexts = [[2] + torch.randint(300, 420, (n,), generator=g).tolist() for n in (5, 9, 14, 7, 11, 6)]
-    gen = HFGenerator(model, tok, fam, batch_size=4)
+    gen = LocalGenerator(model, tok, fam, batch_size=4)
     full = [[t for t in r if t not in gen.stops] for r in gen.generate_batch(contexts, 24)]
     probes = []
     for i, c in enumerate(contexts):
