@@ -65,10 +65,6 @@ class LocalGenerator:
         return [self.decode(r) for r in rows]
 
 
-
-
-# ---------------------------------------------------------------- adapters
-
 def make_generator(model, tokenizer, *, batch_size: int = 16, seed: int = 0, family: Family | None = None,
                    placement: Placement | None = None) -> LocalGenerator:
     return LocalGenerator(model, tokenizer, family or family_of(model), batch_size=batch_size, seed=seed,
