@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.gemtune-installed
 
-.PHONY: demo test test-fast install bench clean chromium
+.PHONY: demo test test-fast install bench clean chromium redis
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ endif
 
 chromium:
 	@bash tests/setup_chromium.sh
+
+# redis-server (Debian) for the shared route store and cluster tests; the tests start their own instance on a free
+# port (GEMTUNE_SKIP_REDIS=1: those tests skip instead, and say why).
+ifneq ($(GEMTUNE_SKIP_REDIS),1)
+TEST_DEPS += redis
+export GEMTUNE_REQUIRE_REDIS := 1
+endif
+
+redis:
+	@bash tests/setup_redis.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/gemtune demo $(DEMO_ARGS)

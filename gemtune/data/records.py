@@ -1,6 +1,8 @@
 """The normalised record written to train.jsonl / eval.jsonl, and reading a built dataset directory back.
 
-A record is `{"id", "task", "messages", "provenance", "sha256"[, "label"]}`. `sha256` covers the content that
+A record is `{"id", "task", "messages", "provenance", "sha256"[, "label"][, "schema"]}`. A turn is
+`{"role", "content"}` plus, on tool-use conversations, `tool_calls` (an assistant's calls, OpenAI shape) and
+`tool_call_id` / `name` (a `tool` turn's result); `schema` is the JSON Schema the answer must satisfy. `sha256` covers the content that
 training and evaluation see (task, messages, label) in a canonical JSON form, so a frozen eval set can be checked
 row by row no matter how the rows were spelled in the input. Provenance is metadata and is not hashed.
 """
@@ -18,26 +20,38 @@ DATASET_FILES = ("train.jsonl", "eval.jsonl", "eval.lock.json", "quarantine.json
 PROVENANCE_FIELDS = ("source", "reviewer", "review_status", "license", "collected_at")
 
 
-def content_sha256(task: str, messages: list[dict], label: Optional[str]) -> str:
+TURN_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def turn(m: dict) -> dict:
+    """One turn as the dataset contract keeps it: role and content, and the tool-use fields when present."""
+    return {k: m[k] for k in TURN_FIELDS if k in m and (k in ("role", "content") or m[k] is not None)}
+
+
+def content_sha256(task: str, messages: list[dict], label: Optional[str], schema: Optional[dict] = None) -> str:
     """Hash of what the model sees; key order and whitespace of the input never change it."""
-    body = {"task": task, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    body: dict[str, Any] = {"task": task, "messages": [turn(m) for m in messages]}
     if label is not None:
         body["label"] = label
+    if schema is not None:
+        body["schema"] = schema
     return sha256_text(json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
 def make_record(rid: str, task: str, messages: list[dict], provenance: dict, label: Optional[str],
-                sha256: Optional[str] = None) -> dict:
+                sha256: Optional[str] = None, schema: Optional[dict] = None) -> dict:
     """A record in the dataset contract; pass `sha256` when already computed (it is the costliest field)."""
     rec: dict[str, Any] = {
         "id": rid,
         "task": task,
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "messages": [turn(m) for m in messages],
         "provenance": provenance,
-        "sha256": sha256 or content_sha256(task, messages, label),
+        "sha256": sha256 or content_sha256(task, messages, label, schema),
     }
     if label is not None:
         rec["label"] = label
+    if schema is not None:
+        rec["schema"] = schema
     return rec
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gemtune.base.device import check_device_spec, check_dtype_spec
 from gemtune.config import load_section
 
-SCORER_NAMES = ("exact", "label", "contains", "regex", "json_schema", "latency")
+SCORER_NAMES = ("exact", "label", "contains", "regex", "json_schema", "json", "tool_call", "latency")
 
 
 class EvalConfig(BaseModel):
@@ -37,6 +37,8 @@ class EvalConfig(BaseModel):
                        "float32 on a CPU), bfloat16 or float32; never fp16. Part of the output-cache key.")
     bootstrap: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples for the accuracy-delta CI.")
     max_latency_ms: Optional[float] = Field(None, gt=0, description="Budget for the `latency` scorer.")
+    constrained: bool = Field(False, description="Decode each case that carries a JSON Schema under that schema "
+                              "(as the server does for `response_format`), beside the free decoding.")
 
     @field_validator("device")
     @classmethod
