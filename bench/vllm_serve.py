@@ -135,7 +135,7 @@ def main() -> None:
     reg = Registry(work / "registry")
     names = [f"bench{i}" for i in range(args.adapters)]
     for name, src in zip(names, srcs):
-        reg.push(name, src)
+        reg.push(name, src, require_verdict=False)
         RouteTable(reg).promote(name, "v1")
     port = free_port()
     vllm = VllmProcess(VLLM_PY, base, log_path=work / "vllm.log", registry=reg, port=port, dtype=args.dtype,

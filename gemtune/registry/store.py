@@ -412,7 +412,8 @@ class Registry:
         return vi
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def push(self, name: str, path: str | Path, *, force: bool = False, note: str | None = None) -> VersionInfo:
+    def push(self, name: str, path: str | Path, *, force: bool = False, note: str | None = None,
+             require_verdict: bool = True) -> VersionInfo:
         """Copy an adapter directory into the next immutable version; refuse unservable or gate-failed ones.
 
         `force` pushes despite problems and records them in the manifest (`forced`, `forced_reasons`) and in the

@@ -43,7 +43,7 @@ def vllm_setup(real_base, tmp_path_factory):
     srcs = make_random_adapters(real_base, [d / "a", d / "b"], r=16, seeds=[1, 2], scale=0.5)
     reg = Registry(d / "registry")
     for name, src in zip(("alpha", "beta"), srcs):
-        reg.push(name, src)
+        reg.push(name, src, require_verdict=False)
         RouteTable(reg).promote(name, "v1")
     proc = VllmProcess(VLLM_PY, real_base, log_path=d / "vllm.log", registry=reg, port=_free_port(),
                        dtype="float32", max_model_len=1024, max_loras=2, gpu_memory_utilization=0.4)
@@ -100,7 +100,7 @@ def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
             assert r.status_code == 200, r.text
             return r.json()["model"], r.json()["choices"][0]["message"]["content"]
 
-        v2 = reg.push("alpha", vllm_setup["srcs"][1]).version
+        v2 = reg.push("alpha", vllm_setup["srcs"][1], require_verdict=False).version
         assert c.post("/admin/routes/promote", json={"name": "alpha", "version": v2}).status_code == 200
         assert ask("alpha") == (f"alpha@{v2}", want["beta"][0])
         assert c.post("/admin/routes/rollback", json={"name": "alpha"}).json()["weights"] == {"v1": 100}
