@@ -3,7 +3,9 @@
 - which linear layers LoRA targets (language model only on multimodal checkpoints; Gemma 4 KV-shared layers have
   no k/v projections, so they are simply absent from the match),
 - the end-of-turn token (must be inside the loss or the model never stops),
-- tied embeddings (never put `embed_tokens`/`lm_head` in `modules_to_save`).
+- tied embeddings (never put `embed_tokens`/`lm_head` in `modules_to_save`),
+- the token a model emits to hand its tool calls over (Gemma 4's `<|tool_response>`, a stop token of real
+  checkpoints; Gemma 3 has no tool tokens and ends a calling turn with its end-of-turn).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ class Family:
     multimodal: bool = False
     tied_embeddings: bool = True
     extra_stop_tokens: tuple[str, ...] = field(default=("<eos>",))
+    tool_stop_tokens: tuple[str, ...] = ()
 
 
 GEMMA3_TEXT = Family("gemma3", ("gemma3_text",), "<start_of_turn>", "<end_of_turn>")
 GEMMA3_MM = Family("gemma3", ("gemma3",), "<start_of_turn>", "<end_of_turn>", multimodal=True)
-GEMMA4_TEXT = Family("gemma4", ("gemma4_text",), "<|turn>", "<turn|>")
-GEMMA4_MM = Family("gemma4", ("gemma4",), "<|turn>", "<turn|>", multimodal=True)
+GEMMA4_TEXT = Family("gemma4", ("gemma4_text",), "<|turn>", "<turn|>", tool_stop_tokens=("<|tool_response>",))
+GEMMA4_MM = Family("gemma4", ("gemma4",), "<|turn>", "<turn|>", multimodal=True, tool_stop_tokens=("<|tool_response>",))
 
 _BY_TYPE = {t: f for f in (GEMMA3_TEXT, GEMMA3_MM, GEMMA4_TEXT, GEMMA4_MM) for t in f.model_types}
 SUPPORTED_MODEL_TYPES = sorted(set(_BY_TYPE) | {"gemma4_unified*"})
