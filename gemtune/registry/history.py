@@ -6,9 +6,12 @@
      "log": [{"at": "…", "event": "promote", …}, …]}
 
 `history` (per alias, newest last) is what `rollback` pops; `log` is the audit log every push and route change
-appends to. This module only reads, checks and edits the document in memory; the caller writes it (atomically,
-under the registry lock). The store (a push is logged here) and the route commands (routes.py) both build on it,
-so neither imports the other.
+appends to. A route (or history entry) made with `--force` over a missing eval verdict carries `"forced": true`
+and `"forced_reasons"`, so an unvetted route stays visible as such.
+
+This module only reads, checks and edits the document in memory; the caller writes it (atomically, under the
+registry lock). The store (a push is logged here) and the route commands (routes.py) both build on it, so neither
+imports the other.
 """
 
 from __future__ import annotations
@@ -70,20 +73,44 @@ def append_log(data: dict, event: dict) -> None:
     data["log"] = data["log"][-LOG_KEEP:]
 
 
-def set_weights(data: dict, name: str, alias: str, weights: dict[str, int]) -> tuple[dict, dict | None]:
-    """Point `name@alias` at `weights`; the weights it had go onto its history (unless unchanged).
-    Returns (the alias entry, the weights before or None for a new alias)."""
+ROUTE_META = ("forced", "forced_reasons")  # how a route came to be, kept with it (and with it in history)
+
+
+def _meta(entry: dict) -> dict:
+    return {k: entry[k] for k in ROUTE_META if k in entry}
+
+
+def set_weights(data: dict, name: str, alias: str, weights: dict[str, int],
+                **meta) -> tuple[dict, dict | None]:
+    """Point `name@alias` at `weights`; the weights it had go onto its history (unless unchanged), with how they
+    came to be (`forced`, `forced_reasons` when a route change overrode a missing eval verdict). `meta` is that
+    record for the new weights (none: a plain change). Returns (the alias entry, the weights before or None for a
+    new alias)."""
+    unknown = set(meta) - set(ROUTE_META)
+    if unknown:
+        raise ValueError(f"unknown route fields: {sorted(unknown)}")
     aliases = data["routes"].setdefault(name, {})
     entry = aliases.get(alias)
     if entry is None:
-        entry = aliases[alias] = {"weights": weights, "updated_at": now(), "history": []}
+        entry = aliases[alias] = {"weights": weights, "updated_at": now(), "history": [], **meta}
         return entry, None
     before = entry["weights"]
     if before != weights:
-        entry["history"].append({"weights": before, "updated_at": entry.get("updated_at")})
+        entry["history"].append({"weights": before, "updated_at": entry.get("updated_at"), **_meta(entry)})
         entry["history"] = entry["history"][-HISTORY_KEEP:]
+    for k in ROUTE_META:
+        entry.pop(k, None)
+    entry.update(meta)
     entry["weights"], entry["updated_at"] = weights, now()
     return entry, before
+
+
+def restore(entry: dict, prev: dict) -> None:
+    """Rollback: `prev` (popped from the entry's history) becomes the route again, with its own record."""
+    for k in ROUTE_META:
+        entry.pop(k, None)
+    entry.update(_meta(prev))
+    entry["weights"], entry["updated_at"] = prev["weights"], now()
 
 
 def public(name: str, alias: str, entry: dict) -> dict:
