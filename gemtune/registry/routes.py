@@ -26,7 +26,7 @@ from typing import Callable
 
 from gemtune.errors import NotFound, UserError
 from gemtune.registry.history import (FORMAT, HISTORY_KEEP, LOG_KEEP, append_log, now, public,  # noqa: F401
-                                      read_routes, set_weights)
+                                      read_routes, restore, set_weights)
 from gemtune.registry.names import (NAME_RE, VERSION_RE, normalize_version, validate_alias,  # noqa: F401
                                     validate_name, validate_weights)
 from gemtune.registry.store import Registry
@@ -107,10 +107,12 @@ def pick_version(weights: dict[str, int], *, name: str, alias: str, user: str | 
 class RouteTable:
     """Reads and changes `routes.json` for one registry (used by the CLI and the server's admin API)."""
 
-    def __init__(self, registry: Registry, verify: Callable[[str, str], object] | None = None):
+    def __init__(self, registry: Registry, verify: Callable[[str, str], object] | None = None,
+                 check: Callable[[dict, str, str, dict], dict] | None = None):
         self.registry = registry
         self.path = registry.routes_path
         self.verify = verify or registry.verify
+        self.check = check  # under the lock before a promote/split: raises to refuse, or returns fields to record
 
     def read(self) -> dict:
         return read_routes(self.path)
@@ -151,7 +153,7 @@ class RouteTable:
             except UserError as e:
                 raise type(e)(f"refusing to roll back {name}@{alias} from {before} to {prev['weights']}, routes.json "
                               f"is unchanged: {e}") from None
-            entry["weights"], entry["updated_at"] = prev["weights"], now()
+            restore(entry, prev)
             append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
                               "to": entry["weights"]})
             atomic_write_json(self.path, data)
@@ -169,8 +171,9 @@ class RouteTable:
         with self.registry.locked():
             self._verify_all(name, weights)
             data = self.read()
-            entry, before = set_weights(data, name, alias, weights)
-            append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights})
+            extra = self.check(data, name, alias, weights) if self.check else {}
+            entry, before = set_weights(data, name, alias, weights, **extra)
+            append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights, **extra})
             atomic_write_json(self.path, data)
             return public(name, alias, entry)
 
