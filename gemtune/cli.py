@@ -81,9 +81,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        # one unwrapped line: a `file:line: field "x"` reference must survive a narrow or piped terminal intact
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        # one unwrapped line: a `file:line: field "x"` reference must survive a narrow or piped terminal intact;
+        # a UserError that is a gate saying no (the registry's Refused) carries exit_code 1
+        code = getattr(e, "exit_code", 2)
+        label = "[bold yellow]gate:[/bold yellow]" if code == 1 else "[bold red]error:[/bold red]"
+        err_console.print(f"{label} {e}", highlight=False, soft_wrap=True)
+        sys.exit(code)
     except GateFailed as e:
         err_console.print(f"[bold yellow]gate:[/bold yellow] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

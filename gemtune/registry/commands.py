@@ -32,10 +32,11 @@ def register(app: typer.Typer) -> None:
     @reg.command("push")
     def push(name: str = typer.Argument(..., help="Adapter name (lower-case, digits, . _ -)."),
              path: str = typer.Argument(..., help="PEFT adapter directory."),
-             force: bool = typer.Option(False, "--force", help="Push despite compatibility or gate problems; "
-                                        "recorded in the manifest and the audit log."),
+             force: bool = typer.Option(False, "--force", help="Push despite compatibility or gate problems or a "
+                                        "missing eval verdict; recorded in the manifest and the audit log."),
              note: Optional[str] = typer.Option(None, "--note", help="Free text stored in the manifest.")):
-        """Copy an adapter into the next immutable version NAME/vN with a sha256 manifest."""
+        """Copy an adapter into the next immutable version NAME/vN with a sha256 manifest. Needs a passing eval
+        verdict for these weights (`gemtune eval --adapter DIR --suite … --record`); exit 1 without one."""
         vi = _registry(create=True).push(name, path, force=force, note=note)
         if vi.manifest.get("forced"):
             console.print(f"[yellow]forced:[/yellow] {'; '.join(vi.manifest['forced_reasons'])}", highlight=False)
@@ -57,20 +58,34 @@ def register(app: typer.Typer) -> None:
                 "yes" if row["forced"] else "")
         console.print(t)
 
+    def _routes(force: bool) -> RouteTable:
+        reg = _registry()
+        return RouteTable(reg, check=reg.route_check(force=force))
+
+    def _routed(name: str, alias: str, out: dict) -> None:
+        entry = RouteTable(_registry()).get(name, alias) or {}
+        if entry.get("forced"):
+            console.print(f"[yellow]forced:[/yellow] {'; '.join(entry.get('forced_reasons') or [])}", highlight=False)
+        console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
+
+    route_force = typer.Option(False, "--force", help="Route a version that has no passing eval verdict against "
+                               "what the alias serves now; recorded on the route, in its history and the audit log.")
+
     @reg.command("promote")
     def promote(name: str = typer.Argument(...), version: str = typer.Argument(..., help="vN or N."),
-                alias: str = typer.Option(DEFAULT_ALIAS, "--alias", help="Alias to point at VERSION.")):
-        """Route 100% of an alias to one version (verifies its sha256 first)."""
-        out = RouteTable(_registry()).promote(name, version, alias)
-        console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
+                alias: str = typer.Option(DEFAULT_ALIAS, "--alias", help="Alias to point at VERSION."),
+                force: bool = route_force):
+        """Route 100% of an alias to one version (verifies its sha256 first). The version needs a passing eval
+        verdict against what the alias serves now (`--baseline registry:NAME@ALIAS`); exit 1 without one."""
+        _routed(name, alias, _routes(force).promote(name, version, alias))
 
     @reg.command("split")
     def split(name: str = typer.Argument(...),
               weights: List[str] = typer.Argument(..., help="VERSION=WEIGHT pairs, e.g. v3=90 v4=10."),
-              alias: str = typer.Option(DEFAULT_ALIAS, "--alias")):
-        """A/B split an alias over versions by weight, sticky per request `user`."""
-        out = RouteTable(_registry()).split(name, alias, parse_split(weights))
-        console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
+              alias: str = typer.Option(DEFAULT_ALIAS, "--alias"), force: bool = route_force):
+        """A/B split an alias over versions by weight, sticky per request `user`. A version the alias does not
+        serve yet needs a passing eval verdict against one it serves (as promote)."""
+        _routed(name, alias, _routes(force).split(name, alias, parse_split(weights)))
 
     @reg.command("rollback")
     def rollback(name: str = typer.Argument(...), alias: str = typer.Option(DEFAULT_ALIAS, "--alias")):

@@ -34,11 +34,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from gemtune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, base_named_in
+from gemtune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, base_named_in, read_sidecar
 from gemtune.errors import NotFound, UserError
 from gemtune.registry.history import append_log, now, read_routes
 from gemtune.registry.names import (NAME_RE, VERSION_RE, normalize_version, validate_name,  # noqa: F401
                                     version_number)
+from gemtune.registry.verdicts import for_weights, push_problem, route_problem
 from gemtune.utils import atomic_write_json, fsync_dir, sha256_file
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256)
@@ -52,6 +53,13 @@ LOCK_TIMEOUT_S = 30.0
 
 class CorruptAdapter(UserError):
     """A stored version whose files no longer match its manifest: refused, never loaded."""
+
+
+class Refused(UserError):
+    """A gate said no: the adapter's own checks, or no passing eval verdict for these weights (verdicts.py).
+    CLI exit 1; still a UserError, so the admin API answers it with 400 like every other refused push."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -411,13 +419,56 @@ class Registry:
         self._verified[key] = tuple(signature)
         return vi
 
+    def route_refusals(self, routes: dict, name: str, alias: str, weights: dict[str, int]) -> list[str]:
+        """Why arms of `weights` that `name@alias` does not serve yet may not take traffic (verdicts.py): each needs
+        a passing eval verdict for its weights against a version the alias serves now (`routes` is the routes.json
+        document), or any passing verdict when it serves nothing. Verdicts are read from the version's own
+        sidecar and from the directory it was pushed from, when that still holds a sidecar."""
+        current = ((routes.get("routes") or {}).get(name, {}).get(alias) or {}).get("weights") or {}
+        live = [v for v, w in current.items() if w > 0]
+        out = []
+        for version, w in weights.items():
+            if w <= 0 or version in live:
+                continue
+            vi = self.info(name, version)
+            sha = ((vi.manifest.get("files") or {}).get(ADAPTER_WEIGHTS) or {}).get("sha256")
+            source = vi.manifest.get("source")
+            sidecars = [self._sidecar_or_none(vi.path), self._sidecar_or_none(source) if source else None]
+            why = route_problem(sidecars, sha, name=name, version=vi.version, alias=alias, live=live,
+                                where=str(source or vi.path))
+            if why:
+                out.append(why)
+        return out
+
+    def route_check(self, *, force: bool = False):
+        """The check a route change runs under the registry lock (`RouteTable(registry, check=...)`): refuses
+        (`Refused`, exit 1) a new arm without a passing verdict, or with `force` lets it through and returns the
+        fields that record it on the route and in the audit log (`forced`, `forced_reasons`)."""
+        def check(routes: dict, name: str, alias: str, weights: dict[str, int]) -> dict:
+            reasons = self.route_refusals(routes, name, alias, weights)
+            if reasons and not force:
+                raise Refused("; ".join(reasons) + f" — {name}@{alias} is unchanged (use --force to route anyway; "
+                              "it will be recorded in the route history)", field="alias")
+            return {"forced": True, "forced_reasons": reasons} if reasons else {}
+        return check
+
+    @staticmethod
+    def _sidecar_or_none(d: str | Path) -> dict | None:
+        """A sidecar to read verdicts from; a missing or unreadable one holds none (it cannot vouch for anything)."""
+        try:
+            return read_sidecar(d) if _is_real_dir(Path(d)) else None
+        except (UserError, OSError):
+            return None
+
     # ---- writing -------------------------------------------------------------------------------------------
     def push(self, name: str, path: str | Path, *, force: bool = False, note: str | None = None,
              require_verdict: bool = True) -> VersionInfo:
-        """Copy an adapter directory into the next immutable version; refuse unservable or gate-failed ones.
+        """Copy an adapter directory into the next immutable version; refuse unservable or gate-failed ones, and
+        (`require_verdict`, the default) ones without a passing eval verdict for these weights (verdicts.py).
 
         `force` pushes despite problems and records them in the manifest (`forced`, `forced_reasons`) and in the
-        routes audit log, so a forced version is always visible as such.
+        routes audit log, so a forced version is always visible as such. `require_verdict=False` is for adapters
+        nobody means to ship (random test adapters, benchmarks): the verdict is not asked for, nothing is forced.
         """
         validate_name(name)
         src = Path(path).expanduser()
@@ -427,14 +478,21 @@ class Registry:
         hard = [p for p in problems if "not a readable safetensors" in p or "holds no tensors" in p]
         if hard:
             raise UserError("; ".join(hard), file=str(src / ADAPTER_WEIGHTS))
+        checked_sha = sha256_file(src / ADAPTER_WEIGHTS) if require_verdict else None
+        missing = push_problem(sidecar, checked_sha, str(src)) if require_verdict else None
+        gate = gate + ([missing] if missing else [])
         if (problems or gate) and not force:
             what = []
             if problems:
                 what.append("not servable unchanged by vLLM/gemtune: " + "; ".join(problems))
-            if gate:
-                what.append("its own checks say it must not ship: " + "; ".join(gate))
-            raise UserError(" | ".join(what) + " (use --force to push anyway; it will be recorded)",
-                            file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
+            if gate != [missing]:
+                what.append("its own checks say it must not ship: " + "; ".join(g for g in gate if g != missing))
+            if missing:
+                what.append(missing)
+            raise (UserError if problems else Refused)(
+                " | ".join(what) + " (use --force to push anyway; it will be recorded)",
+                file=str(src / (ADAPTER_CONFIG if problems else SIDECAR)))
+        passing = [v for v in for_weights([sidecar], checked_sha) if v.get("passed") is True]
         with self.locked():
             self.clean_stale_locked()
             # the push is recorded in routes.json's audit log: a damaged file refuses the push before anything
@@ -465,7 +523,12 @@ class Registry:
                     "forced": bool(force and (problems or gate)),
                     "forced_reasons": (problems + gate) if force else [],
                     "note": note, "files": _manifest_files(tmp),
+                    "eval_verdict": passing[-1] if passing else None,
                 }
+                copied = manifest["files"][ADAPTER_WEIGHTS]["sha256"]
+                if checked_sha is not None and copied != checked_sha:
+                    raise UserError(f"the weights changed during the push (checked sha256 {checked_sha[:12]}…, "
+                                    f"copied {copied[:12]}…): nothing was pushed", file=str(src / ADAPTER_WEIGHTS))
                 atomic_write_json(tmp / MANIFEST, manifest)
                 _make_read_only(tmp)
                 append_log(routes, {"event": "push", "ref": f"{name}@{version}",

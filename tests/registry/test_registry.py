@@ -26,8 +26,8 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 
 def test_push_creates_immutable_versions_with_manifest(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    v1 = reg.push("support", adapters[0])
-    v2 = reg.push("support", adapters[1])
+    v1 = reg.push("support", adapters[0], require_verdict=False)
+    v2 = reg.push("support", adapters[1], require_verdict=False)
     assert (v1.version, v2.version) == ("v1", "v2")
     assert v1.ref == "support@v1"
     m = json.loads((v1.path / "manifest.json").read_text())
@@ -57,10 +57,10 @@ def test_push_refuses_vllm_incompatible_unless_forced(tmp_path, adapters, change
     bad = _edit_config(adapters[0], tmp_path / "bad", **changes)
     reg = Registry(tmp_path / "reg")
     with pytest.raises(UserError, match=needle) as e:
-        reg.push("x", bad)
+        reg.push("x", bad, require_verdict=False)
     assert "adapter_config.json" in str(e.value)
     assert reg.versions("x") == []
-    vi = reg.push("x", bad, force=True)
+    vi = reg.push("x", bad, force=True, require_verdict=False)
     assert vi.manifest["forced"] is True and any(needle in r for r in vi.manifest["forced_reasons"])
     assert reg.list()[0]["forced"] is True
 
@@ -72,9 +72,9 @@ def test_push_refuses_failed_gate_unless_forced(tmp_path, adapters, sidecar):
     (src / "gemtune.json").write_text(json.dumps(sidecar))
     reg = Registry(tmp_path / "reg")
     with pytest.raises(UserError, match="must not ship: gemtune.json says") as e:
-        reg.push("x", src)
+        reg.push("x", src, require_verdict=False)
     assert "gemtune.json" in str(e.value)
-    vi = reg.push("x", src, force=True)
+    vi = reg.push("x", src, force=True, require_verdict=False)
     assert vi.manifest["forced"] and (vi.path / "gemtune.json").is_file()
     forced = [e for e in read_routes(reg.routes_path)["log"] if e["event"] == "push"]
     assert forced[-1]["forced"] is True and forced[-1]["reasons"]
@@ -95,15 +95,15 @@ def test_push_refuses_failed_privacy_probe_for_these_weights(tmp_path, adapters)
     for recorded in (sha, None):  # the probe named these weights, or named none: the failure stands
         (src / "gemtune.json").write_text(json.dumps(_privacy(False, recorded)))
         with pytest.raises(UserError, match=r"privacy.passed: false \(extraction rate\)") as e:
-            reg.push("x", src)
+            reg.push("x", src, require_verdict=False)
         assert "gemtune.json" in str(e.value) and reg.versions("x") == []
     # a failed report made for other weights does not describe this adapter; a passed one never blocks
     (src / "gemtune.json").write_text(json.dumps(_privacy(False, "0" * 64)))
-    assert reg.push("x", src).manifest["forced"] is False
+    assert reg.push("x", src, require_verdict=False).manifest["forced"] is False
     (src / "gemtune.json").write_text(json.dumps(_privacy(True, sha)))
-    assert reg.push("x", src).version == "v2"
+    assert reg.push("x", src, require_verdict=False).version == "v2"
     (src / "gemtune.json").write_text(json.dumps(_privacy(False, sha)))
-    vi = reg.push("x", src, force=True)
+    vi = reg.push("x", src, force=True, require_verdict=False)
     assert vi.version == "v3" and vi.manifest["forced"] is True
     assert any("privacy.passed: false" in r for r in vi.manifest["forced_reasons"])
 
@@ -112,29 +112,29 @@ def test_push_refuses_non_peft_and_pickles(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a PEFT adapter"):
-        reg.push("x", tmp_path / "empty")
+        reg.push("x", tmp_path / "empty", require_verdict=False)
     pick = tmp_path / "pickled"
     shutil.copytree(adapters[0], pick)
     (pick / "adapter_model.safetensors").rename(pick / "adapter_model.bin")
     with pytest.raises(UserError, match="pickled weights are refused"):
-        reg.push("x", pick, force=True)
+        reg.push("x", pick, force=True, require_verdict=False)
     junk = tmp_path / "junk"
     shutil.copytree(adapters[0], junk)
     (junk / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(UserError, match="not a readable safetensors"):
-        reg.push("x", junk, force=True)
+        reg.push("x", junk, force=True, require_verdict=False)
 
 
 @pytest.mark.parametrize("name", ["../x", "a@b@c", "A", "x/y", "", "base", ".hidden", "a..b"])
 def test_invalid_names_rejected(tmp_path, adapters, name):
     with pytest.raises(UserError, match="invalid|reserved"):
-        Registry(tmp_path / "reg").push(name, adapters[0])
+        Registry(tmp_path / "reg").push(name, adapters[0], require_verdict=False)
     assert not (tmp_path / "x").exists()
 
 
 def test_verify_detects_corruption_and_extra_files(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    vi = reg.push("s", adapters[0])
+    vi = reg.push("s", adapters[0], require_verdict=False)
     w = vi.path / "adapter_model.safetensors"
     os.chmod(w, 0o644)
     data = bytearray(w.read_bytes())
@@ -142,7 +142,7 @@ def test_verify_detects_corruption_and_extra_files(tmp_path, adapters):
     w.write_bytes(bytes(data))
     with pytest.raises(CorruptAdapter, match="sha256 mismatch"):
         reg.verify("s", "v1")
-    vi2 = reg.push("s", adapters[1])
+    vi2 = reg.push("s", adapters[1], require_verdict=False)
     (vi2.path / "adapter_model.bin").write_bytes(b"x")
     with pytest.raises(CorruptAdapter, match="not in the manifest"):
         reg.verify("s", "v2")
@@ -152,7 +152,7 @@ def test_verify_remembers_a_clean_hash_but_not_past_a_rewrite(tmp_path, adapters
     import gemtune.registry.store as store
 
     reg = Registry(tmp_path / "reg")
-    vi = reg.push("s", adapters[0])
+    vi = reg.push("s", adapters[0], require_verdict=False)
     reg.verify("s", "v1")
     hashed = []
     real = store._sha256_nofollow
@@ -185,7 +185,7 @@ def test_parse_model():
 def test_promote_split_rollback_walks_history(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
     for a in adapters:
-        reg.push("s", a)
+        reg.push("s", a, require_verdict=False)
     rt = RouteTable(reg)
     assert rt.promote("s", "v1")["weights"] == {"v1": 100}
     assert rt.promote("s", "2", alias="prod")["weights"] == {"v2": 100}
@@ -208,8 +208,8 @@ def test_promote_split_rollback_walks_history(tmp_path, adapters):
 
 def test_promote_refuses_corrupt_version(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    reg.push("s", adapters[0])
-    vi = reg.push("s", adapters[1])
+    reg.push("s", adapters[0], require_verdict=False)
+    vi = reg.push("s", adapters[1], require_verdict=False)
     RouteTable(reg).promote("s", "v1")
     os.chmod(vi.path / "adapter_config.json", 0o644)
     (vi.path / "adapter_config.json").write_text("{}")
@@ -230,7 +230,7 @@ def test_split_is_sticky_per_user_and_follows_weights():
 def test_watcher_follows_file_and_keeps_last_good_on_corrupt(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
     for a in adapters:
-        reg.push("s", a)
+        reg.push("s", a, require_verdict=False)
     rt = RouteTable(reg)
     rt.promote("s", "v1")
     rejected = []
@@ -259,7 +259,7 @@ PUSH_LOOP = """
 import sys
 from gemtune.registry.store import Registry
 reg = Registry(sys.argv[1])
-print(" ".join(reg.push("s", sys.argv[2]).version for _ in range(int(sys.argv[3]))))
+print(" ".join(reg.push("s", sys.argv[2], require_verdict=False).version for _ in range(int(sys.argv[3]))))
 """
 
 
@@ -285,8 +285,13 @@ def test_inspect_adapter_reports_clean_adapter(adapters):
     assert cfg["r"] == 8 and sidecar is None and problems == [] and gate == []
 
 
-def test_cli_push_list_promote_split_rollback(cli, tmp_path, adapters):
+def test_cli_push_list_promote_split_rollback(cli, tmp_path, adapters, verdict):
     root = str(tmp_path / "reg")
+    srcs = [tmp_path / "a", tmp_path / "b"]
+    for src, a in zip(srcs, adapters):
+        shutil.copytree(a, src)
+    verdict(srcs[0])
+    verdict(srcs[1], baseline_id="registry:s@v1")  # what the split below needs for its new arm
 
     def run(*args):
         return cli("registry", "--root", root, *args)
@@ -294,8 +299,8 @@ def test_cli_push_list_promote_split_rollback(cli, tmp_path, adapters):
     def ok(*args):
         assert run(*args) == 0
 
-    ok("push", "s", str(adapters[0]))
-    ok("push", "s", str(adapters[1]))
+    ok("push", "s", str(srcs[0]))
+    ok("push", "s", str(srcs[1]))
     ok("promote", "s", "v1")
     ok("split", "s", "--alias", "prod", "v1=50", "v2=50")
     ok("rollback", "s")
@@ -310,7 +315,7 @@ def test_unknown_names_versions_and_aliases_raise_not_found(tmp_path, adapters):
     """A typed NotFound (still a UserError, CLI exit 2) for what does not exist; other refusals stay plain
     UserErrors. The message keeps naming what is missing (and "not in the registry" / "does not exist")."""
     reg = Registry(tmp_path / "reg")
-    reg.push("s", adapters[0])
+    reg.push("s", adapters[0], require_verdict=False)
     rt = RouteTable(reg)
     missing = [
         (lambda: reg.info("s", "v9"), "adapter s@v9 is not in the registry (versions: v1)"),
@@ -365,7 +370,7 @@ def test_list_versions_names_the_aliases_routing_to_each_version(tmp_path, adapt
 
     reg = Registry(tmp_path / "reg")
     for a in adapters:
-        reg.push("s", a)
+        reg.push("s", a, require_verdict=False)
     rt = RouteTable(reg)
     rt.promote("s", "v1")
     rt.split("s", "prod", {"v1": 90, "v2": 10, "v3": 0})

@@ -36,8 +36,8 @@ def _push_log(reg: Registry) -> list[str]:
 # ------------------------------------------------------------------------------------------------ rollback
 def test_rollback_onto_a_corrupted_version_is_refused_and_routes_unchanged(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    v1 = reg.push("s", adapters[0])
-    reg.push("s", adapters[1])
+    v1 = reg.push("s", adapters[0], require_verdict=False)
+    reg.push("s", adapters[1], require_verdict=False)
     rt = RouteTable(reg)
     rt.promote("s", "v1")
     rt.promote("s", "v2")
@@ -58,8 +58,8 @@ def test_rollback_onto_a_corrupted_version_is_refused_and_routes_unchanged(tmp_p
 def test_cli_rollback_onto_a_corrupted_version_exits_2_naming_version_and_file(cli, tmp_path, adapters, capsys):
     root = tmp_path / "reg"
     reg = Registry(root)
-    v1 = reg.push("s", adapters[0])
-    reg.push("s", adapters[1])
+    v1 = reg.push("s", adapters[0], require_verdict=False)
+    reg.push("s", adapters[1], require_verdict=False)
     RouteTable(reg).promote("s", "v1")
     RouteTable(reg).split("s", "prod", {"v1": 50, "v2": 50})
     _flip_last_byte(v1.path / "adapter_model.safetensors")
@@ -79,16 +79,16 @@ def test_cli_rollback_onto_a_corrupted_version_exits_2_naming_version_and_file(c
 # ------------------------------------------------------------------------------------------------ atomic push
 def test_push_with_damaged_routes_changes_nothing_and_a_retry_makes_one_version(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    reg.push("s", adapters[0])
+    reg.push("s", adapters[0], require_verdict=False)
     good = reg.routes_path.read_bytes()
     reg.routes_path.write_text('{"routes": {"s": ')
     with pytest.raises(UserError, match="nothing was pushed") as e:
-        reg.push("s", adapters[1])
+        reg.push("s", adapters[1], require_verdict=False)
     assert str(reg.routes_path) in str(e.value)
     assert reg.versions("s") == ["v1"] and _dot_entries(reg, "s") == []
     assert sorted(p.name for p in (reg.adapters_dir / "s").iterdir()) == ["v1"]
     reg.routes_path.write_bytes(good)  # the operator restores the file and retries
-    assert reg.push("s", adapters[1]).version == "v2"
+    assert reg.push("s", adapters[1], require_verdict=False).version == "v2"
     assert reg.versions("s") == ["v1", "v2"] and _push_log(reg) == ["s@v1", "s@v2"]
 
 
@@ -96,7 +96,7 @@ def test_push_whose_record_cannot_be_written_takes_the_version_back(tmp_path, ad
     import gemtune.registry.store as store
 
     reg = Registry(tmp_path / "reg")
-    reg.push("s", adapters[0])
+    reg.push("s", adapters[0], require_verdict=False)
     real = store.atomic_write_json
 
     def disk_full(path, obj, *a, **k):
@@ -106,10 +106,10 @@ def test_push_whose_record_cannot_be_written_takes_the_version_back(tmp_path, ad
 
     monkeypatch.setattr(store, "atomic_write_json", disk_full)
     with pytest.raises(OSError):
-        reg.push("s", adapters[1])
+        reg.push("s", adapters[1], require_verdict=False)
     assert reg.versions("s") == ["v1"] and _dot_entries(reg, "s") == []
     monkeypatch.setattr(store, "atomic_write_json", real)
-    assert reg.push("s", adapters[1]).version == "v2" and _push_log(reg) == ["s@v1", "s@v2"]
+    assert reg.push("s", adapters[1], require_verdict=False).version == "v2" and _push_log(reg) == ["s@v1", "s@v2"]
 
 
 BLOCKED_PUSH = """
@@ -125,13 +125,13 @@ def copy_then_block(src, dst):
     time.sleep(3600)
 
 store._copy_file = copy_then_block
-store.Registry(sys.argv[1]).push("s", sys.argv[2])
+store.Registry(sys.argv[1]).push("s", sys.argv[2], require_verdict=False)
 """
 
 
 def test_push_killed_mid_copy_leaves_a_temp_dir_that_is_cleaned_and_numbering_holds(tmp_path, adapters):
     root = tmp_path / "reg"
-    Registry(root).push("s", adapters[0])
+    Registry(root).push("s", adapters[0], require_verdict=False)
     ready = tmp_path / "ready"
     p = subprocess.Popen([sys.executable, "-c", BLOCKED_PUSH, str(root), str(adapters[1]), str(ready)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -156,7 +156,7 @@ def test_push_killed_mid_copy_leaves_a_temp_dir_that_is_cleaned_and_numbering_ho
     stale = root / "adapters" / "s" / ".v9.tmp-deadbeef"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
-    vi = reg.push("s", adapters[1])
+    vi = reg.push("s", adapters[1], require_verdict=False)
     assert vi.version == "v2" and reg.versions("s") == ["v1", "v2"] and _dot_entries(reg, "s") == []
     assert reg.verify("s", "v2") and _push_log(reg) == ["s@v1", "s@v2"]
 
@@ -171,7 +171,7 @@ def test_push_refuses_a_symlink_inside_the_adapter_directory(tmp_path, adapters)
     (src / "README.md").symlink_to(secret)
     reg = Registry(tmp_path / "reg")
     with pytest.raises(UserError, match="symbolic link") as e:
-        reg.push("s", src)
+        reg.push("s", src, require_verdict=False)
     assert str(src / "README.md") in str(e.value)
     assert reg.versions("s") == []
     leaked = [p for p in (tmp_path / "reg").rglob("*") if p.is_file() and b"TOP-SECRET" in p.read_bytes()]
@@ -182,7 +182,7 @@ def test_push_refuses_a_symlink_inside_the_adapter_directory(tmp_path, adapters)
     (src2 / "adapter_model.safetensors").unlink()
     (src2 / "adapter_model.safetensors").symlink_to(adapters[0] / "adapter_model.safetensors")
     with pytest.raises(UserError, match="symbolic link") as e:
-        reg.push("s", src2, force=True)
+        reg.push("s", src2, force=True, require_verdict=False)
     assert "adapter_model.safetensors" in str(e.value) and reg.versions("s") == []
 
 
@@ -193,13 +193,13 @@ def test_push_refuses_a_fifo_inside_the_adapter_directory(tmp_path, adapters):
     os.mkfifo(src / "model_card.md")
     reg = Registry(tmp_path / "reg")
     with pytest.raises(UserError, match="not a regular file or directory") as e:
-        reg.push("s", src)
+        reg.push("s", src, require_verdict=False)
     assert str(src / "model_card.md") in str(e.value) and reg.versions("s") == []
 
 
 def test_registry_reads_never_follow_links_planted_in_a_version(tmp_path, adapters):
     reg = Registry(tmp_path / "reg")
-    vi = reg.push("s", adapters[0])
+    vi = reg.push("s", adapters[0], require_verdict=False)
     assert reg.verify("s", "v1")
     # the same bytes behind a link: the hash would match if it were followed
     outside = tmp_path / "outside-config.json"
@@ -213,7 +213,7 @@ def test_registry_reads_never_follow_links_planted_in_a_version(tmp_path, adapte
     with pytest.raises(CorruptAdapter, match="symbolic link"):
         RouteTable(fresh).promote("s", "v1")
     # a linked manifest or a linked version directory is not a version at all
-    v2 = reg.push("s", adapters[1])
+    v2 = reg.push("s", adapters[1], require_verdict=False)
     manifest = tmp_path / "manifest-copy.json"
     shutil.copyfile(v2.path / "manifest.json", manifest)
     os.unlink(v2.path / "manifest.json")
