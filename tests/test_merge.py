@@ -226,16 +226,34 @@ def test_merged_chat_template_renders_as_gemtune_does():
     from gemtune.base.tiny import tiny_tokenizer
     from gemtune.serve.chat_template import ensure_chat_template
 
-    convs = [[{"role": "user", "content": " hi "}],
-             [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "x"},
-              {"role": "assistant", "content": "y "}, {"role": "user", "content": "z\nw"}]]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {
+                 "city": "Paris", "days": 2, "ratio": 1.5, "opts": {"Unit": "C", "flags": [1, True, None], "b": "é"}}}},
+             {"id": "c2", "type": "function", "function": {"name": "time", "arguments": {}}}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                              "required": ["city"]}}},
+             {"type": "function", "function": {"name": "time"}}]
+    tool_conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+                 {"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": "c1", "content": " sunny "},
+                 {"role": "tool", "tool_call_id": "c2", "name": "time", "content": "noon"},
+                 {"role": "assistant", "content": "Sunny at noon."}]
+    convs = [([{"role": "user", "content": " hi "}], None),
+             ([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "x"},
+               {"role": "assistant", "content": "y "}, {"role": "user", "content": "z\nw"}], None),
+             (tool_conv, tools), (tool_conv[1:], None), (tool_conv[:5], tools), (tool_conv[1:3], tools),
+             ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Let me look.", "tool_calls": calls[1:]},
+               {"role": "tool", "tool_call_id": "c2", "content": "noon"}], None)]
     for name, model_type in (("gemma3", "gemma3_text"), ("gemma4", "gemma4_text")):
         tok, fam = tiny_tokenizer(name), family_for(model_type)
         assert ensure_chat_template(tok, fam) is True and ensure_chat_template(tok, fam) is False
-        for msgs in convs:
+        for msgs, tl in convs:
             for gen in (True, False):
-                assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
-                    render_text(msgs, fam, bos=tok.bos_token, add_generation_prompt=gen)
+                assert tok.apply_chat_template(msgs, tools=tl, tokenize=False, add_generation_prompt=gen) == \
+                    render_text(msgs, fam, bos=tok.bos_token, add_generation_prompt=gen, tools=tl)
+        # the tool definitions and calls really are in the text (the equality above is not between two empties)
+        text = tok.apply_chat_template(tool_conv, tools=tools, tokenize=False)
+        assert "get_weather" in text and "Paris" in text and "noon" in text and "Weather in a city" in text
 
 
 def test_merge_refuses_a_bad_shard_size_before_loading(tiny_gemma3, adapter, tmp_path):
