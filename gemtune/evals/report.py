@@ -2,7 +2,9 @@
 
 Order follows what a reviewer needs: the verdict, then regressions (the cases that block shipping), then
 improvements and other changed answers, then the rest; baseline and candidate side by side with the words that
-differ highlighted; and, over a training run, accuracy per checkpoint.
+differ highlighted; and, over a training run, accuracy per checkpoint. Structured answers (`json`, `tool_call`
+scorers) get per-field results — exact-match, valid and schema-valid rates, micro and per-key P/R/F1 — and, versus
+the baseline, the fields whose F1 dropped, largest drop first.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import json
 import re
 from typing import Optional
 
+from gemtune.evals.scorers import field_regressions, field_summary
+
 MAX_ROWS = 2000
 _TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fff}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .muted{color:#66707a}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} h3{font-size:15px;margin:14px 0 6px}
+.muted{color:#66707a}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
 .card{border:1px solid #d8dde3;border-radius:8px;padding:8px 12px;min-width:120px}
 .card b{display:block;font-size:19px} .card span{color:#66707a;font-size:12px}
@@ -140,6 +145,66 @@ def accuracy_chart(history: list[dict], width: int = 640, height: int = 240) -> 
     return "<h2>Accuracy per checkpoint</h2>" + "".join(parts)
 
 
+_KIND_TITLE = {"json": "JSON fields", "tool_call": "Tool-call arguments"}
+
+
+def _rate_card(block: dict, base: Optional[dict], key: str, label: str) -> str:
+    v = block.get(key)
+    if v is None:
+        return ""
+    b = (base or {}).get(key)
+    extra = f", baseline {b:.3f}" if b is not None else ""
+    return _card(f"{v:.3f}", label + extra)
+
+
+def _per_key_table(block: dict, base: Optional[dict]) -> str:
+    bk = (base or {}).get("per_key") or {}
+    head = "<tr><th>field</th><th>support</th><th>precision</th><th>recall</th><th>F1</th>"
+    head += "<th>baseline F1</th><th>ΔF1</th></tr>" if base else "</tr>"
+    rows = []
+    for k, v in block["per_key"].items():
+        cells = [esc(k), str(v["support"]), _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"])]
+        if base:
+            b = bk.get(k)
+            d = None if b is None else v["f1"] - b["f1"]
+            cls = "" if d is None or abs(d) < 1e-9 else ' class="fail"' if d < 0 else ' class="pass"'
+            cells += [_fmt(b["f1"]) if b else "–", f'<span{cls}>{d:+.3f}</span>' if d is not None else "–"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _regressed_fields(block: dict, base: Optional[dict]) -> str:
+    if not base:
+        return ""
+    drops = field_regressions(block, base)
+    if not drops:
+        return '<p class="pass">No field regressed versus the baseline.</p>'
+    rows = "".join(f'<tr class="regression"><td>{esc(d["key"])}</td><td>{d["support"]}</td><td>{_fmt(d["baseline_f1"])}'
+                   f'</td><td>{_fmt(d["f1"])}</td><td class="fail">{-d["drop"]:+.3f}</td></tr>' for d in drops)
+    return (f'<h3 class="fail">Fields that regressed ({len(drops)})</h3><table><tr><th>field</th><th>support</th>'
+            f"<th>baseline F1</th><th>F1</th><th>ΔF1</th></tr>{rows}</table>")
+
+
+def field_section(results: dict, baseline: Optional[dict] = None, scores_key: str = "scores", title: str = "") -> str:
+    """Per-field results of the structured scorers; empty when none ran."""
+    fs = field_summary(results.get("cases") or [], scores_key)
+    bfs = field_summary(baseline.get("cases") or [], scores_key) if baseline else {}
+    parts = []
+    for kind, block in fs.items():
+        base = bfs.get(kind)
+        micro, bmicro = block["micro"], (base or {}).get("micro")
+        cards = [_rate_card(block, base, "exact_match", f"exact match ({block['cases']} cases)"),
+                 _rate_card(block, base, "valid", "valid JSON" if kind == "json" else "parseable calls"),
+                 _rate_card(block, base, "schema_valid", f"schema-valid ({block.get('schema_checked', 0)} with a schema)"),
+                 _card(f"{micro['f1']:.3f}", f"micro F1 (P {micro['precision']:.3f}, R {micro['recall']:.3f})"
+                       + (f", baseline {bmicro['f1']:.3f}" if bmicro else ""))]
+        if kind == "tool_call":
+            cards.append(_rate_card(block, base, "names_ok", "right tools called"))
+        parts.append(f"<h2>{esc(_KIND_TITLE[kind] + title)}</h2>" + '<div class="cards">' + "".join(cards) + "</div>"
+                     + _regressed_fields(block, base) + _per_key_table(block, base))
+    return "".join(parts)
+
+
 def _status(c: dict, b: Optional[dict]) -> str:
     if b is None:
         return "pass" if c["pass"] else "fail"
@@ -213,7 +278,7 @@ def render_report(results: dict, *, baseline: Optional[dict] = None, comparison:
     body = [f"<h1>gemtune eval: {esc(s.get('name'))}{verdict}</h1>", sub]
     if line:
         body.append(f"<p><code>{esc(line)}</code></p>")
-    body += [summary_cards(s, comparison), regress, accuracy_chart(history or []),
+    body += [summary_cards(s, comparison), regress, field_section(results, baseline), accuracy_chart(history or []),
              _breakdown("By scorer", s.get("scorers") or {}), _breakdown("By tag", s.get("tags") or {}),
              cases_table(results, baseline)]
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -2,8 +2,12 @@
 
 Two record shapes are accepted because both exist in practice: dataset records (`messages` ending in the
 assistant's answer, which becomes `expected`) and hand-written cases (`id`, `messages` or `prompt`, `expected`,
-optional `scorers`, `tags`, `label`, `schema`). A bad line is reported with its file, line and field; nothing is
-skipped silently, since a suite that quietly shrinks is a gate that quietly weakens.
+optional `scorers`, `tags`, `label`, `schema`, `tools`). A bad line is reported with its file, line and field;
+nothing is skipped silently, since a suite that quietly shrinks is a gate that quietly weakens.
+
+Structured cases: a record's `schema` (a JSON Schema, or a JSON text of one: contract C3) rides on the case; a final
+assistant turn with `tool_calls` makes those calls the expected value. Without scorers of its own or in the config,
+a case expecting tool calls is scored by `tool_call`, a case with a schema and a JSON answer by `json`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gemtune.base.templates import validate_messages
+from gemtune.base.templates import validate_messages, validate_tools
 from gemtune.errors import UserError
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.scorers import ScorerSpec, normalize_label, parse_scorer
+from gemtune.evals.scorers import ScorerSpec, check_schema, normalize_label, parse_json_output, parse_scorer
 from gemtune.utils import iter_jsonl, sha256_text
 
 
@@ -30,6 +34,7 @@ class Case:
     label: Optional[str] = None
     schema: Any = None
     line: int = 0
+    tools: Optional[list] = None  # OpenAI tool definitions offered to the model (rendered into the prompt)
 
     def key(self) -> str:
         """Identity of what is asked and how it is judged: part of the output-cache key and the suite sha."""
@@ -78,14 +83,15 @@ def _messages_and_expected(rec: dict, file: str, n: int) -> tuple[list[dict], An
         except UserError as e:
             raise UserError(str(e).split(": ", 1)[-1], file=file, line=n, field="messages") from None
         if msgs[-1]["role"] == "assistant":
-            expected = rec["expected"] if "expected" in rec else msgs[-1]["content"]
+            last = msgs[-1]
+            expected = rec["expected"] if "expected" in rec else last.get("tool_calls") or last.get("content")
             msgs = msgs[:-1]
         elif "expected" in rec:
             expected = rec["expected"]
         else:
             raise UserError("a case needs `expected`, or `messages` ending with the assistant's answer", file=file,
                             line=n, field="expected")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs], expected
+        return [_turn(m) for m in msgs], expected
     if "prompt" in rec:
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise UserError("prompt must be a non-empty string", file=file, line=n, field="prompt")
@@ -95,10 +101,42 @@ def _messages_and_expected(rec: dict, file: str, n: int) -> tuple[list[dict], An
     raise UserError("a case needs `messages` or `prompt`", file=file, line=n, field="messages")
 
 
-def _default_scorers(rec: dict, config: EvalConfig) -> list:
+_TURN_FIELDS = ("tool_calls", "tool_call_id", "name")  # tool-use turns keep what renders them (contract C2)
+
+
+def _turn(m: dict) -> dict:
+    t = {"role": m["role"], "content": m.get("content") if m.get("content") is not None else ""}
+    t.update({k: m[k] for k in _TURN_FIELDS if m.get(k) is not None})
+    return t
+
+
+def _expects_calls(rec: dict) -> bool:
+    msgs = rec.get("messages")
+    return bool(isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant"
+                and msgs[-1].get("tool_calls") and "expected" not in rec)
+
+
+def _default_scorers(rec: dict, config: EvalConfig, expected: Any, schema: Any) -> list:
     if config.scorers:
         return list(config.scorers)
+    if _expects_calls(rec):
+        return ["tool_call"]
+    if schema is not None and (not isinstance(expected, str) or parse_json_output(expected)[1] is None):
+        return ["json"]
     return ["label"] if rec.get("label") is not None else ["exact"]
+
+
+def _case_schema(rec: dict, file: str, n: int) -> Any:
+    """The record's JSON Schema (an object, or a JSON text of one), checked."""
+    schema = rec.get("schema")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise UserError(f"schema is a string but not JSON: {e}", file=file, line=n, field="schema") from None
+    if schema is not None:
+        check_schema(schema, file, n, field="schema")
+    return schema
 
 
 def load_suite(path: str | Path, config: EvalConfig | None = None, *, max_cases: int | None = None) -> Suite:
@@ -124,16 +162,19 @@ def load_suite(path: str | Path, config: EvalConfig | None = None, *, max_cases:
             tags = [tags]
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise UserError("tags must be a list of strings", file=file, line=n, field="tags")
-        raw_scorers = rec.get("scorers") or _default_scorers(rec, config)
+        schema = _case_schema(rec, file, n)
+        raw_scorers = rec.get("scorers") or _default_scorers(rec, config, expected, schema)
         if not isinstance(raw_scorers, list):
             raise UserError("scorers must be a list", file=file, line=n, field="scorers")
         target = label if label is not None else expected
         specs = [parse_scorer(s, expected=target if _scorer_name(s) == "label" else expected, file=file, line=n)
                  for s in raw_scorers]
-        schema = rec.get("schema")
-        if schema is not None:
-            parse_scorer({"type": "json_schema", "schema": schema}, file=file, line=n)
-        cases.append(Case(cid, msgs, expected, specs, tags, label, schema, n))
+        tools = rec.get("tools")
+        try:
+            validate_tools(tools)
+        except UserError as e:
+            raise UserError(str(e).split(": ", 1)[-1], file=file, line=n, field="tools") from None
+        cases.append(Case(cid, msgs, expected, specs, tags, label, schema, n, tools))
         if max_cases is not None and len(cases) >= max_cases:
             break
     if not cases:

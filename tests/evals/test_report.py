@@ -76,3 +76,69 @@ def test_renders_in_headless_chromium(tmp_path, chromium):
     img = Image.open(png).convert("RGB")
     colours = img.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 20
+
+
+# ---------------------------------------------------------------- per-field results (issue #15)
+
+from gemtune.evals.report import field_section  # noqa: E402
+from gemtune.evals.scorers import parse_scorer, score_one, ScoreContext  # noqa: E402
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "properties": {"origin": {"type": "string"}, "dest": {"type": "string"}, "kg": {"type": "number"}}}
+EXP = {"origin": "Oslo", "dest": "Rome", "kg": 5}
+
+
+def jdoc(name, outputs):
+    cases = []
+    for i, out in enumerate(outputs):
+        sc = score_one(parse_scorer("json", expected=EXP), out, EXP, ScoreContext(), case_schema=SCHEMA)
+        cases.append({"id": f"c{i}", "output": out, "pass": sc.passed, "prompt": "p", "expected": EXP, "tags": [],
+                      "scores": {"json": sc.to_json()}, "latency_ms": None})
+    n, k = len(cases), sum(c["pass"] for c in cases)
+    return {"meta": {"name": name, "suite": {"path": "s.jsonl", "n": n}}, "cases": cases,
+            "summary": {"name": name, "n": n, "passed": k, "accuracy": k / n, "format_compliance": None,
+                        "format_checked": 0, "scorers": {}, "tags": {}, "latency_ms": None}}
+
+
+RIGHT = '{"origin": "Oslo", "dest": "Rome", "kg": 5}'
+JBASE = jdoc("base", [RIGHT, RIGHT, '{"origin": "Oslo", "dest": "Roma", "kg": 5}', "not json"])
+JCAND = jdoc("adapter", [RIGHT, '{"origin": "Bergen", "dest": "Rome", "kg": 7}', '{"origin": "Bergen", "dest": "Rome", "kg": 5.0}',
+                         '{"origin": "Oslo", "dest": "Rome", "kg": 5, "extra": 1}'])
+
+
+def test_report_shows_per_field_results_and_the_fields_that_regressed():
+    html = field_section(JCAND, JBASE)
+    assert "JSON fields" in html
+    # candidate: exact 1/4, valid 4/4, schema-valid 3/4; baseline: exact 2/4, valid 3/4, schema-valid 3/4
+    assert "<b class=\"\">0.250</b><span>exact match (4 cases), baseline 0.500</span>" in html
+    assert "<b class=\"\">0.750</b><span>schema-valid (4 with a schema), baseline 0.750</span>" in html
+    assert "<b class=\"\">1.000</b><span>valid JSON, baseline 0.750</span>" in html
+    # per key F1 (baseline's unparseable answer misses all three): origin 0.5 vs 6/7 (drop 0.357), kg 0.75 vs 6/7
+    # (drop 0.107), dest 1.0 vs 4/7 (improved, not listed)
+    m = re.search(r"Fields that regressed \((\d+)\)</h3>(.*?)</table>", html, re.S)
+    assert m and m.group(1) == "2"
+    assert re.findall(r'<tr class="regression"><td>(\w+)</td>', m.group(2)) == ["origin", "kg"]  # largest drop first
+    assert '<td>0.857</td><td>0.5</td><td class="fail">-0.357</td>' in m.group(2)
+    assert '<td>0.857</td><td>0.75</td><td class="fail">-0.107</td>' in m.group(2)
+    assert '<td>dest</td><td>4</td><td>1</td><td>1</td><td>1</td><td>0.571</td><td><span class="pass">+0.429</span>' in html
+    # without a baseline: no regression list, no baseline column; nothing at all without structured scorers
+    alone = field_section(JCAND)
+    assert "Fields that regressed" not in alone and "baseline F1" not in alone and "micro F1" in alone
+    assert field_section(CAND, BASE) == ""
+
+
+def test_full_report_with_fields_renders_in_headless_chromium(tmp_path, chromium):
+    c = compare(JCAND, JBASE, gate=0.02)
+    html = render_report(JCAND, baseline=JBASE, comparison=c, line="adapter ...")
+    assert "Fields that regressed (2)" in html and "<script" not in html
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    png = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400",
+                    f"--screenshot={png}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert len(Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)) > 20

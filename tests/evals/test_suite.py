@@ -94,3 +94,57 @@ def test_eval_section_of_gemtune_yaml(tmp_path):
     y.write_text("eval: [1\n")
     with pytest.raises(UserError, match=r"gemtune.yaml:\d+: invalid YAML"):
         load_eval_config(y)
+
+
+SHIP_SCHEMA = {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}},
+               "additionalProperties": False}
+
+
+def test_structured_cases_carry_schema_and_tool_calls_and_pick_their_scorers(tmp_path):
+    call = {"id": "call_0", "type": "function", "function": {"name": "track", "arguments": '{"id": "S1"}'}}
+    p = write(tmp_path / "eval.jsonl", [
+        {"id": "j", "task": "extract", "schema": SHIP_SCHEMA, "messages": [
+            {"role": "user", "content": "ship S1"}, {"role": "assistant", "content": '{"id": "S1"}'}]},
+        {"id": "js", "schema": json.dumps(SHIP_SCHEMA), "messages": [  # a JSON text of a schema (contract C3)
+            {"role": "user", "content": "ship S2"}, {"role": "assistant", "content": '{"id": "S2"}'}]},
+        {"id": "t", "messages": [{"role": "user", "content": "where is S1?"},
+                                 {"role": "assistant", "content": "", "tool_calls": [call]}]},
+        {"id": "prose", "schema": SHIP_SCHEMA, "messages": [  # a schema but a prose answer: no json scorer
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"id": "own", "prompt": "x", "expected": {"id": "S3"}, "scorers": [{"type": "json", "pass": "f1>=0.5"}]},
+    ])
+    j, js_, t, prose, own = load_suite(p).cases
+    assert j.schema == SHIP_SCHEMA and js_.schema == SHIP_SCHEMA
+    assert [sc.type for sc in j.scorers] == ["json"] and [sc.type for sc in js_.scorers] == ["json"]
+    assert t.expected == [call] and [sc.type for sc in t.scorers] == ["tool_call"]
+    assert t.messages == [{"role": "user", "content": "where is S1?"}]
+    assert [sc.type for sc in prose.scorers] == ["exact"]
+    assert own.scorers[0].params == {"pass": "f1>=0.5"} and own.expected == {"id": "S3"}
+    # the config's scorers still win for cases without their own
+    assert [sc.type for sc in load_suite(p, EvalConfig(scorers=["json"]), max_cases=1).cases[0].scorers] == ["json"]
+
+
+def test_tool_turns_in_the_prompt_keep_their_fields(tmp_path):
+    call = {"id": "call_0", "type": "function", "function": {"name": "track", "arguments": "{}"}}
+    rec = {"id": "a", "messages": [{"role": "user", "content": "where?"},
+                                   {"role": "assistant", "content": "", "tool_calls": [call]},
+                                   {"role": "tool", "tool_call_id": "call_0", "name": "track", "content": "in transit"},
+                                   {"role": "assistant", "content": "in transit"}]}
+    case = load_suite(write(tmp_path / "s.jsonl", [rec])).cases[0]
+    assert case.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert case.messages[2] == {"role": "tool", "content": "in transit", "tool_call_id": "call_0", "name": "track"}
+    assert case.expected == "in transit" and [sc.type for sc in case.scorers] == ["exact"]
+
+
+@pytest.mark.parametrize("rec,field,msg", [
+    ({"id": "a", "prompt": "x", "expected": "{}", "schema": {"type": "nonsense"}}, "schema", "invalid JSON Schema"),
+    ({"id": "a", "prompt": "x", "expected": "{}", "schema": "{nope"}, "schema", "not JSON"),
+    ({"id": "a", "prompt": "x", "expected": "no json", "scorers": ["json"]}, "expected", "not one"),
+    ({"id": "a", "prompt": "x", "expected": "[]", "tools": "get_weather"}, "tools", "tools must be a list"),
+])
+def test_bad_structured_lines(tmp_path, rec, field, msg):
+    p = write(tmp_path / "s.jsonl", [rec])
+    with pytest.raises(UserError) as e:
+        load_suite(p)
+    assert str(e.value).startswith(f'{p}:1: field "{field}"'), str(e.value)
+    assert msg in str(e.value)
