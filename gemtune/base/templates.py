@@ -293,6 +293,7 @@ def validate_messages(messages, *, require_final_assistant: bool = True, where: 
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}messages must be a non-empty list", field="messages")
     pending: dict[str, str] = {}  # call id -> function name, of the last assistant turn's unanswered calls
+    answered: set[str] = set()  # its answered calls
     expect = "user"
     for i, m in enumerate(messages):
         ids = _check_turn(i, m, where)
@@ -300,7 +301,10 @@ def validate_messages(messages, *, require_final_assistant: bool = True, where: 
         if i == 0 and role == "system":
             continue
         if role == "tool":
-            if expect not in ("tool", "tool_or_assistant"):
+            if m["tool_call_id"] in answered:
+                raise UserError(f"{where}messages[{i}].tool_call_id {m['tool_call_id']!r} answers a call a second time",
+                                field=f"messages[{i}].tool_call_id")
+            if expect != "tool":
                 raise UserError(f"{where}messages[{i}] is a tool turn that answers no assistant tool call",
                                 field=f"messages[{i}].role")
             cid = m["tool_call_id"]
@@ -311,6 +315,7 @@ def validate_messages(messages, *, require_final_assistant: bool = True, where: 
                 raise UserError(f"{where}messages[{i}].name {m['name']!r} is not the name of call {cid!r} "
                                 f"({pending[cid]!r})", field=f"messages[{i}].name")
             del pending[cid]
+            answered.add(cid)
             expect = "tool" if pending else "assistant"
             continue
         if expect == "tool":
@@ -325,6 +330,7 @@ def validate_messages(messages, *, require_final_assistant: bool = True, where: 
                             field=f"messages[{i}].role")
         if role == "assistant":
             pending = {cid: call_name_args(c)[0] for cid, c in zip(ids, m.get("tool_calls") or [])}
+            answered = set()
             expect = "tool" if pending else "user"
         else:
             expect = "assistant"
