@@ -7,27 +7,31 @@ disabled (computed once, and cached), on the training device in the training dty
 in memory. Without an attached model (a sharded run, or a baseline that is another adapter) it loads the base
 once, as `gemtune eval` does.
 
-Each call evaluates one checkpoint (a PEFT adapter dir) against a baseline computed once per run, writes
-`ckpt/eval/{results.json,summary.json,report.html}`, prints (and posts) the one-line diff, and records the
-summary plus `"shippable"` (gate passed) in `ckpt/gemtune.json`, which the registry reads to refuse a checkpoint
-that failed the gate. `mark_best` then names the best gate-passing checkpoint of the run in `best.json`.
+Each call evaluates one checkpoint (a PEFT adapter dir) against a baseline computed once per run (by default the
+version live under `eval.live` in the registry when it routes somewhere, else the base), writes
+`ckpt/eval/{results.json,summary.json,report.html}`, prints (and posts) the one-line diff naming that baseline,
+and records the summary, `"shippable"` (gate passed) and a verdict bound to the checkpoint's weights, the suite and
+the baseline (`eval_verdicts`, see verdicts.py) in `ckpt/gemtune.json`, which the registry reads to refuse a
+checkpoint that failed the gate. `mark_best` then names the best gate-passing checkpoint of the run in `best.json`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from gemtune.errors import UserError
+from gemtune.evals.baselines import Baseline, ExternalOptions, resolve_baseline
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
-from gemtune.evals.compare import load_results
 from gemtune.evals.config import EvalConfig
-from gemtune.evals.pipeline import (Evaluator, compare_and_report, history_point, is_results_file, record_eval,
-                                   resolve_adapter)
+from gemtune.evals.pipeline import (Evaluator, annotate, baseline_results, compare_and_report, history_point,
+                                   record_eval, resolve_adapter)
 from gemtune.evals.runner import ModelUnderTest, evaluate
 from gemtune.evals.suite import load_suite
+from gemtune.evals.verdicts import make_verdict
 from gemtune.utils import atomic_write_json
 
 
@@ -50,30 +54,40 @@ def _read_summary(ckpt: Path) -> Optional[dict]:
 
 
 class CheckpointEvaluator:
-    """Callable `(ckpt_dir, step) -> summary`; loads the base and computes the baseline on first use only."""
+    """Callable `(ckpt_dir, step) -> summary`; loads the base and computes the baseline on first use only.
 
-    def __init__(self, suite_path: str | Path, base: str | Path, *, baseline: str | Path = "base",
+    `baseline`: a spec as `gemtune eval --baseline` takes (base, an adapter dir, a results.json,
+    registry:NAME@ALIAS, openai:URL#MODEL) or `auto` (`eval.gate_baseline`: the project's live version when
+    `eval.live` routes somewhere in the registry, else the base). It is resolved here, before training starts, so
+    a misnamed alias or an unreachable registry fails the command at once, not after the first checkpoint."""
+
+    def __init__(self, suite_path: str | Path, base: str | Path, *, baseline: Optional[str | Path] = "base",
                  gate: Optional[float] = 0.02, webhook: Optional[str] = None, max_cases: Optional[int] = None,
                  batch_size: Optional[int] = None,
                  config: EvalConfig | None = None, no_cache: bool = False, echo: Callable[[str], None] = print,
-                 progress: Callable[[str], None] | None = None):
-        if baseline in (None, "none", ""):
-            raise UserError("the checkpoint gate needs a baseline: \"base\", a results.json or an adapter dir",
-                            field="baseline")
+                 progress: Callable[[str], None] | None = None, registry: Optional[str] = None,
+                 external: Optional[ExternalOptions] = None):
+        if baseline in ("none", ""):
+            raise UserError("the checkpoint gate needs a baseline: \"base\", a results.json, an adapter dir, "
+                            "registry:NAME@ALIAS or openai:URL#MODEL", field="baseline")
         cfg = config or EvalConfig()
         self.config = cfg.model_copy(update={k: v for k, v in (("gate", gate), ("batch_size", batch_size))
                                              if v is not None})
         self.suite = load_suite(suite_path, self.config, max_cases=max_cases)
-        self.base, self.baseline, self.webhook = str(base), str(baseline), webhook
+        self.partial = max_cases is not None  # a smoke run of a few cases writes no verdict bound to the weights
+        self.base, self.webhook = str(base), webhook
         self.no_cache, self.echo, self.progress = no_cache, echo, progress
+        self.external = external
+        self.spec: Baseline = resolve_baseline(None if baseline is None else str(baseline), base_name=self.base,
+                                               registry=registry, config=self.config,
+                                               note=progress or _stderr)  # type: ignore[assignment]
+        self.baseline = self.spec.spec
         self._evaluator: Optional[Evaluator] = None
-        self._baseline_doc: Optional[dict] = None
+        self._baseline_doc: Optional[dict] = self.spec.results
         self._live = None  # the PEFT model being trained, when the trainer attached it
         self._live_tok = None
         self.cache = OutputCache(read=not no_cache)
         self.best: Optional[dict] = None  # best.json of the run, once `checkpoint_evals` has written it
-        if self.baseline != "base" and is_results_file(self.baseline):
-            self._baseline_doc = load_results(self.baseline)
 
     @property
     def evaluator(self) -> Evaluator:
@@ -118,14 +132,23 @@ class CheckpointEvaluator:
             return evaluate(self.suite, mut, cache=self.cache, progress=self.progress)
 
     def baseline_results(self) -> dict:
-        """Computed once per run and reused for every checkpoint."""
+        """Computed once per run and reused for every checkpoint: the base on the training model when one is
+        attached, anything else (a results file, an adapter or registry version on a separately loaded base, an
+        endpoint) through the same path as `gemtune eval`."""
         if self._baseline_doc is None:
-            if self.baseline == "base":
+            if self.spec.kind == "base":
                 self._baseline_doc = self._run(None, "base")
-            else:  # another adapter: on a separately loaded base
-                adapter = resolve_adapter(self.baseline)
-                self._baseline_doc = self.evaluator.run(self.suite, adapter, name=None)
+            else:
+                self._baseline_doc = baseline_results(self.spec, self.suite, self._evaluator_for, cache=self.cache,
+                                                      external=self.external, progress=self.progress)
         return self._baseline_doc
+
+    def _evaluator_for(self, base: Optional[str]) -> Evaluator:
+        from gemtune.base.provision import pull
+
+        if base is None or str(pull(base)) == str(pull(self.base)):
+            return self.evaluator
+        return Evaluator(base, config=self.config, cache=self.cache, progress=self.progress)
 
     def __call__(self, ckpt_dir: str | Path, step: int) -> dict:
         ckpt = Path(ckpt_dir)
@@ -134,10 +157,17 @@ class CheckpointEvaluator:
         results = self._run(adapter, ckpt.name)
         results["summary"]["step"] = int(step)
         results["summary"]["checkpoint"] = str(ckpt)
+        annotate(results, self.spec, baseline, None)
         outcome = compare_and_report(results, baseline, ckpt / "eval", config=self.config, webhook=self.webhook,
                                      history=collect_history(ckpt.parent), echo=self.echo)
-        record_eval(ckpt, outcome.summary)
+        verdict = None if self.partial else make_verdict(ckpt, outcome.summary, suite_path=self.suite.path,
+                                                         baseline=self.spec.spec, baseline_id=self.spec.id)
+        record_eval(ckpt, outcome.summary, verdict)
         return outcome.summary
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def _generator_kw(model, family) -> dict:
@@ -158,10 +188,11 @@ def _generator_kw(model, family) -> dict:
     return kw
 
 
-def make_checkpoint_evaluator(suite_path: str | Path, base: str | Path, baseline: str | Path = "base",
+def make_checkpoint_evaluator(suite_path: str | Path, base: str | Path, baseline: Optional[str | Path] = "base",
                               gate: Optional[float] = 0.02, webhook: Optional[str] = None,
                               max_cases: Optional[int] = None, batch_size: Optional[int] = None, **kw) -> Callable[[Path, int], dict]:
-    """The per-checkpoint eval for the training loop: `fn(ckpt_dir, step) -> summary`."""
+    """The per-checkpoint eval for the training loop: `fn(ckpt_dir, step) -> summary` (`baseline` None or
+    "auto": `eval.gate_baseline`)."""
     return CheckpointEvaluator(suite_path, base, baseline=baseline, gate=gate, webhook=webhook, max_cases=max_cases,
                                batch_size=batch_size, **kw)
 
@@ -193,16 +224,19 @@ def mark_best(run_dir: str | Path) -> dict:
 @contextlib.contextmanager
 def checkpoint_evals(run_dir: str | Path, data_dir: str | Path, base: str | Path, *, enabled: bool = True,
                      suite: str | Path | None = None, gate: Optional[float] = 0.02, webhook: Optional[str] = None,
-                     max_cases: Optional[int] = None, config: EvalConfig | None = None
-                     ) -> Iterator[Optional[CheckpointEvaluator]]:
+                     max_cases: Optional[int] = None, config: EvalConfig | None = None,
+                     baseline: Optional[str] = None, registry: Optional[str] = None,
+                     echo: Callable[[str], None] = print) -> Iterator[Optional[CheckpointEvaluator]]:
     """The eval at every checkpoint of one training run, as `gemtune train --eval-every` and the demo run it:
-    yields the hook to hand the trainer (`suite`, default the dataset's frozen `eval.jsonl`, gated against the
-    base), or None when not `enabled`; once training has returned, names the run's best gate-passing checkpoint
-    in `run_dir/best.json` (the document is also left on the hook as `.best`)."""
+    yields the hook to hand the trainer (`suite`, default the dataset's frozen `eval.jsonl`, gated against
+    `baseline`, default `eval.gate_baseline`: the live version when there is one, else the base), or None when
+    not `enabled`; once training has returned, names the run's best gate-passing checkpoint in
+    `run_dir/best.json` (the document is also left on the hook as `.best`)."""
     if not enabled:
         yield None
         return
-    hook = make_checkpoint_evaluator(Path(suite) if suite else Path(data_dir) / "eval.jsonl", base, baseline="base",
-                                     gate=gate, webhook=webhook, max_cases=max_cases, config=config)
+    hook = make_checkpoint_evaluator(Path(suite) if suite else Path(data_dir) / "eval.jsonl", base,
+                                     baseline=baseline or "auto", gate=gate, webhook=webhook, max_cases=max_cases,
+                                     config=config, registry=registry, echo=echo)
     yield hook
     hook.best = mark_best(run_dir)

@@ -36,7 +36,22 @@ def register(app: typer.Typer) -> None:
         suite: Optional[str] = typer.Option(None, "--suite", help="Suite JSONL, or a dataset dir with eval.jsonl."),
         out: Optional[str] = typer.Option(None, "--out", help="Directory for results.json, summary.json, report.html."),
         baseline: str = typer.Option("auto", "--baseline",
-                                     help="`base`, an adapter dir, a results.json, or `none` (default: base for an adapter)."),
+                                     help="`base`, an adapter dir, a results.json, `registry:NAME@ALIAS` (the version "
+                                          "live under an alias), `openai:URL#MODEL` (any OpenAI-compatible endpoint) "
+                                          "or `none`; default: eval.gate_baseline (the live version named by "
+                                          "eval.live when it routes somewhere, else the base) for an adapter."),
+        registry: Optional[str] = typer.Option(None, "--registry", help="Registry directory for registry: baselines "
+                                               "(default: $GEMTUNE_REGISTRY, then eval.registry)."),
+        baseline_key_env: Optional[str] = typer.Option(None, "--baseline-key-env",
+                                                       help="Environment variable holding the openai: baseline's API "
+                                                            "key (default: OPENAI_API_KEY when set; none for a local "
+                                                            "server)."),
+        baseline_concurrency: int = typer.Option(4, "--baseline-concurrency", min=1, max=256,
+                                                 help="Requests in flight to an openai: baseline."),
+        price: Optional[str] = typer.Option(None, "--price", help="IN,OUT: USD per 1M input and output tokens of the "
+                                            "openai: baseline; the summary shows its cost per 1k cases."),
+        adapter_price: Optional[str] = typer.Option(None, "--adapter-price", help="IN,OUT: USD per 1M input and "
+                                                    "output tokens of the adapter, shown beside the baseline's."),
         gate: Optional[float] = typer.Option(None, "--gate", help="Largest tolerated share of regressed cases [0.02]."),
         slack_webhook: Optional[str] = typer.Option(None, "--slack-webhook",
                                                     help="Post the one-line result here (default: $SLACK_WEBHOOK_URL)."),
@@ -60,6 +75,7 @@ def register(app: typer.Typer) -> None:
         missing = [f for f, v in (("--adapter", adapter), ("--suite", suite), ("--out", out)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (see `gemtune eval --help`)", field=missing[0].lstrip("-"))
+        from gemtune.evals.baselines import ExternalOptions, parse_price
         from gemtune.evals.gate import enforce
         from gemtune.evals.pipeline import check_record, record_verdict, run_eval
 
@@ -67,13 +83,17 @@ def register(app: typer.Typer) -> None:
             check_record(adapter, baseline, max_cases)
 
         cfg = _config(config, gate=gate, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        external = ExternalOptions(key_env=baseline_key_env, concurrency=baseline_concurrency,
+                                   price=parse_price(price))
         outcome = run_eval(adapter, suite, out, baseline=baseline, config=cfg, webhook=slack_webhook,
                            no_cache=no_cache, latency=latency, base=base, judge_url=judge_url, judge_model=judge_model,
-                           max_cases=max_cases, progress=_progress)
+                           max_cases=max_cases, progress=_progress, registry=registry, external=external,
+                           adapter_price=parse_price(adapter_price, "adapter_price"))
         _progress(f"wrote {outcome.out}/results.json, summary.json, report.html")
         if record:
             path, side = record_verdict(adapter, outcome)
-            _progress(f"recorded eval verdict in {path}: shippable {side['shippable']}")
+            _progress(f"recorded eval verdict in {path}: shippable {side['shippable']} against "
+                      f"{outcome.baseline_spec.id if outcome.baseline_spec else '?'}")
         if outcome.gate is not None:
             enforce(outcome.gate, outcome.line)
 

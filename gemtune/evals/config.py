@@ -39,6 +39,14 @@ class EvalConfig(BaseModel):
     max_latency_ms: Optional[float] = Field(None, gt=0, description="Budget for the `latency` scorer.")
     constrained: bool = Field(False, description="Decode each case that carries a JSON Schema under that schema "
                               "(as the server does for `response_format`), beside the free decoding.")
+    gate_baseline: str = Field("auto", description="What the per-checkpoint eval (and `gemtune eval --baseline "
+                               "auto`) gates against: auto = the version live under `live` in `registry` when that "
+                               "alias routes somewhere, else the base; or any --baseline spec (base, an adapter dir, "
+                               "a results.json, registry:NAME@ALIAS, openai:URL#MODEL).")
+    registry: Optional[str] = Field(None, description="Registry directory for registry:NAME@ALIAS baselines "
+                                    "(--registry and $GEMTUNE_REGISTRY win over it).")
+    live: Optional[str] = Field(None, description="NAME@ALIAS: the registry alias this project ships to; with "
+                                "gate_baseline auto, candidates must beat the version it routes to.")
 
     @field_validator("device")
     @classmethod
@@ -49,6 +57,21 @@ class EvalConfig(BaseModel):
     @classmethod
     def _dtype(cls, v):
         return check_dtype_spec(v)
+
+    @field_validator("gate_baseline")
+    @classmethod
+    def _gate_baseline(cls, v):
+        if not isinstance(v, str) or not v.strip() or v.strip() == "none":
+            raise ValueError("expected auto, base, an adapter dir, a results.json, registry:NAME@ALIAS or "
+                             "openai:URL#MODEL (a gate needs a baseline: `none` is not one)")
+        return v.strip()
+
+    @field_validator("live")
+    @classmethod
+    def _live(cls, v):
+        if v is not None and (v.count("@") != 1 or not all(v.split("@"))):
+            raise ValueError(f"expected NAME@ALIAS (e.g. support-router@prod), got {v!r}")
+        return v
 
     @field_validator("scorers")
     @classmethod

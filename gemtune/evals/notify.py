@@ -1,6 +1,8 @@
 """The one line a team reads in Slack, and the webhook that carries it.
 
-`ckpt-400 acc 0.81 (+0.06 vs base) win 0.74 regress 1.2% p=0.003 PASS` — enough to decide whether to look closer.
+`ckpt-400 acc 0.81 (+0.06 vs base) win 0.74 regress 1.2% p=0.003 PASS` — enough to decide whether to look closer;
+the baseline is named as resolved (`registry:support-router@v3 (live as prod)`, `openai:gpt-4o-mini`), and a priced
+run adds the cost per 1k cases of both sides before the verdict.
 Posting retries with backoff on network errors, 429 and 5xx (a 4xx will not heal); a webhook that still fails
 produces a warning and never fails the run: the eval result matters more than its announcement.
 """
@@ -30,7 +32,20 @@ def summary_line(summary: dict, comparison: Optional[dict] = None) -> str:
     p = comparison["mcnemar"]["p_value"]
     verdict = "PASS" if comparison["gate"]["passed"] else "FAIL"
     return (f"{name} acc {comparison['accuracy']['candidate']:.2f} ({delta:+.2f} vs {comparison['baseline']}) "
-            f"win {comparison['win_rate']:.2f} regress {comparison['regression_rate']:.1%} p={p:.3g} {verdict}")
+            f"win {comparison['win_rate']:.2f} regress {comparison['regression_rate']:.1%} p={p:.3g}"
+            f"{cost_part(summary.get('cost'))} {verdict}")
+
+
+def cost_part(cost: Optional[dict]) -> str:
+    """` $/1k cases 0.012 vs 1.5` (candidate vs baseline; `?` for a side without a price); empty without any."""
+    if not cost:
+        return ""
+
+    def fmt(side: Optional[dict]) -> str:
+        v = (side or {}).get("usd_per_1k_cases")
+        return "?" if v is None else f"{v:.3g}"
+
+    return f" $/1k cases {fmt(cost.get('candidate'))} vs {fmt(cost.get('baseline'))}"
 
 
 def _warn(msg: str) -> None:

@@ -1,8 +1,9 @@
 """The eval as a library call: suite → candidate (and baseline) results → comparison → gate → files → line.
 
 `Evaluator` keeps one base loaded so the baseline and every adapter (every checkpoint of a run) are generated on
-one load; adapters are attached and detached around each run. The CLI and the training hook both call
-`run_eval`, so `gemtune eval` and the per-checkpoint eval write the same files and the same line.
+one load; adapters are attached and detached around each run. `run_eval` (the CLI) and the training hook both
+resolve their baseline through baselines.py and finish through `compare_and_report`, so `gemtune eval` and the
+per-checkpoint eval write the same files, the same line and the same verdict (verdicts.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from gemtune.adapter import (ADAPTER_CONFIG, SIDECAR, attached, base_of, check_adapter_dir, sidecar_path,
-                             update_sidecar)
+from gemtune.adapter import SIDECAR, attached, base_of, check_adapter_dir, sidecar_path
 from gemtune.base.provision import DEFAULT_MODEL, pull
 from gemtune.errors import UserError
+from gemtune.evals.baselines import Baseline, ExternalOptions, resolve_baseline
 from gemtune.evals.cache import OutputCache, adapter_fingerprint, dir_fingerprint
 from gemtune.evals.compare import compare, load_results
 from gemtune.evals.config import EvalConfig
@@ -24,6 +25,7 @@ from gemtune.evals.notify import notify, summary_line
 from gemtune.evals.report import render_report
 from gemtune.evals.runner import ModelUnderTest, evaluate
 from gemtune.evals.suite import Suite, load_suite
+from gemtune.evals.verdicts import make_verdict, record as record_sidecar
 from gemtune.utils import atomic_write_json, atomic_write_text
 
 
@@ -78,16 +80,19 @@ class EvalOutcome:
     out: Optional[Path]
     baseline: Optional[dict] = None
     posted: bool = False
+    baseline_spec: Optional[Baseline] = None  # what the run was gated against (None: compare_files, or no gate)
+    suite_path: Optional[str] = None
 
 
 def resolve_adapter(adapter: str) -> Optional[Path]:
     return None if adapter in ("base", "", None) else check_adapter_dir(adapter, or_base=True)
 
 
-def record_eval(adapter_dir: Path, summary: dict) -> dict:
-    """The eval summary and the gate verdict into the adapter's sidecar (sections `eval` and `shippable`), keeping
-    what training and the probe wrote there; returns the sidecar. The registry refuses a non-shippable adapter."""
-    return update_sidecar(adapter_dir, {"eval": summary, "shippable": bool(summary.get("shippable"))})
+def record_eval(adapter_dir: Path, summary: dict, verdict: Optional[dict] = None) -> dict:
+    """The eval summary and the gate verdict into the adapter's sidecar (sections `eval` and `shippable`), plus
+    `verdict` into `eval_verdicts` (bound to the weights' sha256), keeping what training and the probe wrote
+    there; returns the sidecar. The registry refuses a non-shippable adapter."""
+    return record_sidecar(adapter_dir, summary, verdict)
 
 
 def check_record(adapter: str, baseline: Optional[str], max_cases: Optional[int]) -> None:
@@ -103,19 +108,16 @@ def check_record(adapter: str, baseline: Optional[str], max_cases: Optional[int]
                         field="max_cases")
 
 
-def record_verdict(adapter: str, outcome: EvalOutcome) -> tuple[Path, dict]:
-    """`gemtune eval --record`, after the run: the outcome's summary and gate verdict into the adapter's sidecar;
-    (the sidecar's path, its content)."""
-    if outcome.gate is None:
+def record_verdict(adapter: str | Path, outcome: EvalOutcome) -> tuple[Path, dict]:
+    """`gemtune eval --record`, after the run: the outcome's summary, gate verdict and a verdict bound to the
+    adapter's weights, suite and baseline (`eval_verdicts`) into the adapter's sidecar; (its path, its content)."""
+    if outcome.gate is None or outcome.baseline_spec is None:
         raise UserError("--record needs a gate, and this run compared against no baseline", field="baseline")
-    adapter_dir = Path(resolve_adapter(adapter))
-    return sidecar_path(adapter_dir), record_eval(adapter_dir, outcome.summary)
-
-
-def is_results_file(path: str) -> bool:
-    p = Path(path)
-    return (p.is_file() and p.suffix == ".json") or (p.is_dir() and (p / "results.json").is_file()
-                                                     and not (p / ADAPTER_CONFIG).is_file())
+    adapter_dir = Path(resolve_adapter(str(adapter)))
+    bl = outcome.baseline_spec
+    verdict = make_verdict(adapter_dir, outcome.summary, suite_path=outcome.suite_path, baseline=bl.spec,
+                           baseline_id=bl.id)
+    return sidecar_path(adapter_dir), record_eval(adapter_dir, outcome.summary, verdict)
 
 
 def with_comparison(results: dict, comparison: Optional[dict], gate: Optional[GateResult], line: str,
@@ -186,41 +188,96 @@ def history_point(summary: dict, step: Optional[int] = None) -> dict:
             "gate_passed": (summary.get("gate") or {}).get("passed")}
 
 
+def baseline_results(bl: Baseline, suite: Suite, evaluator: Callable[[Optional[str]], Evaluator], *,
+                     cache: OutputCache, external: Optional[ExternalOptions] = None, base: Optional[str] = None,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """The baseline's results on `suite`: a saved document as is, an endpoint's answers, or the base / an adapter
+    (a registry version) generated on `evaluator(base)` (None: the candidate's base; the one already loaded is
+    reused when the baseline adapter belongs to the same base)."""
+    if bl.kind == "results":
+        return bl.results  # type: ignore[return-value]
+    if bl.kind == "openai":
+        from gemtune.evals.external import ExternalModel
+
+        return ExternalModel(bl.url, bl.model, external or ExternalOptions()).run(suite, cache, progress=progress)
+    if bl.kind == "base":
+        return evaluator(None).run(suite, None, name="base")
+    if progress and bl.note:
+        progress(f"baseline {bl.name}: {bl.note}")
+    return evaluator(base_of(bl.adapter, base)).run(suite, bl.adapter, name=bl.name)
+
+
+def candidate_cost(results: dict, suite: Suite, ev: Evaluator, price: Optional[tuple[float, float]]) -> Optional[dict]:
+    """What the adapter's answers cost at `price` (USD per 1M input, output tokens): rendered prompt tokens in,
+    generated tokens out."""
+    if price is None:
+        return None
+    from gemtune.evals.external import usage_cost
+    from gemtune.evals.runner import render_prompts
+
+    prompt_tokens = sum(len(p) for p in render_prompts(suite, ev.tokenizer, ev.family))
+    completion = sum(int(c.get("new_tokens") or 0) for c in results["cases"])
+    return usage_cost(prompt_tokens, completion, len(results["cases"]), price)
+
+
 def run_eval(adapter: str, suite: str | Path, out: str | Path, *, baseline: Optional[str] = "auto",
              config: EvalConfig | None = None, webhook: Optional[str] = None, no_cache: bool = False,
              latency: bool = False, base: Optional[str] = None, judge_url: Optional[str] = None,
              judge_model: str = "judge", max_cases: Optional[int] = None, echo: Callable[[str], None] = print,
-             progress: Callable[[str], None] | None = None) -> EvalOutcome:
-    """`gemtune eval`: evaluate `adapter` (a PEFT dir or "base") on `suite`, compare with `baseline`, write
-    `out/{results.json,summary.json,report.html}`, print (and post) the line. The gate verdict is in the outcome;
-    the CLI turns a failed gate into exit 1."""
+             progress: Callable[[str], None] | None = None, registry: Optional[str] = None,
+             external: Optional[ExternalOptions] = None, adapter_price: Optional[tuple[float, float]] = None,
+             record: bool = False) -> EvalOutcome:
+    """`gemtune eval`: evaluate `adapter` (a PEFT dir or "base") on `suite`, compare with `baseline` (a spec, see
+    baselines.py: base, an adapter dir, a results.json, registry:NAME@ALIAS, openai:URL#MODEL, none, auto), write
+    `out/{results.json,summary.json,report.html}`, print (and post) the line; `record`: also write the verdict into
+    the adapter's gemtune.json (as `--record`). The gate verdict is in the outcome; the CLI turns a failed gate
+    into exit 1."""
     config = config or EvalConfig()
+    if record:
+        check_record(adapter, baseline, max_cases)
     adapter_dir = resolve_adapter(adapter)
     suite_obj = load_suite(suite, config, max_cases=max_cases)
     base_name = base_of(adapter_dir, base) if adapter_dir else (base or DEFAULT_MODEL)
-    if baseline == "auto":
-        baseline = "base" if adapter_dir is not None else None
-    if baseline in ("none", ""):
-        baseline = None
-    baseline_doc = None
-    if baseline is not None and baseline != "base" and is_results_file(baseline):
-        baseline_doc = load_results(baseline)  # fail on a bad file before generating anything
-    if baseline not in (None, "base") and baseline_doc is None and str(baseline).endswith(".json"):
-        raise UserError("baseline results file not found", file=str(baseline), field="baseline")
-    baseline_dir = resolve_adapter(baseline) if baseline not in (None, "base") and baseline_doc is None else None
+    # every input error (a bad file, an alias that routes nowhere, a malformed URL) before any model is loaded
+    bl = resolve_baseline(baseline, base_name=base_name, has_adapter=adapter_dir is not None, registry=registry,
+                          config=config, note=progress)
+    if record and bl is None:
+        raise UserError("--record needs a gate, and this run compares against no baseline", field="baseline")
     cache = OutputCache(read=not no_cache)
+    baseline_doc = to_save = None
+    if bl is not None and bl.kind == "openai":  # an unreachable endpoint fails before the base is loaded
+        baseline_doc = to_save = baseline_results(bl, suite_obj, None, cache=cache, external=external,  # type: ignore[arg-type]
+                                                  progress=progress)
     ev = Evaluator(base_name, config=config, cache=cache, progress=progress)
-    to_save = None
-    if baseline == "base":
-        baseline_doc = to_save = ev.run(suite_obj, None, name="base")
-    elif baseline_dir is not None:
-        other_base = base_of(baseline_dir, base)
-        bev = ev if str(pull(other_base)) == str(ev.base_path) else Evaluator(other_base, config=config, cache=cache,
-                                                                                progress=progress)
-        baseline_doc = to_save = bev.run(suite_obj, baseline_dir)
+    loaded = {str(ev.base_path): ev}
+
+    def evaluator(other: Optional[str]) -> Evaluator:
+        key = str(ev.base_path) if other is None else str(pull(other))
+        if key not in loaded:
+            loaded[key] = Evaluator(other, config=config, cache=cache, progress=progress)
+        return loaded[key]
+
+    if bl is not None and baseline_doc is None:
+        baseline_doc = baseline_results(bl, suite_obj, evaluator, cache=cache, base=base, progress=progress)
+        to_save = None if bl.kind == "results" else baseline_doc
     results = ev.run(suite_obj, adapter_dir, latency=latency)
-    return compare_and_report(results, baseline_doc, Path(out), config=config, judge_url=judge_url,
-                              judge_model=judge_model, webhook=webhook, echo=echo, baseline_to_save=to_save)
+    annotate(results, bl, baseline_doc, candidate_cost(results, suite_obj, ev, adapter_price))
+    outcome = compare_and_report(results, baseline_doc, Path(out), config=config, judge_url=judge_url,
+                                 judge_model=judge_model, webhook=webhook, echo=echo, baseline_to_save=to_save)
+    outcome.baseline_spec, outcome.suite_path = bl, suite_obj.path
+    if record:
+        record_verdict(adapter, outcome)
+    return outcome
+
+
+def annotate(results: dict, bl: Optional[Baseline], baseline_doc: Optional[dict], cost: Optional[dict]) -> None:
+    """What the candidate was gated against, and the cost per 1k cases of both sides when priced, into the
+    candidate's summary (so summary.json, the sidecar's `eval` and the line carry them)."""
+    if bl is not None:
+        results["summary"]["baseline"] = bl.to_json()
+    base_cost = ((baseline_doc or {}).get("summary") or {}).get("cost")
+    if cost is not None or base_cost is not None:
+        results["summary"]["cost"] = {"candidate": cost, "baseline": base_cost}
 
 
 def compare_files(candidate: str | Path, baseline: str | Path, *, gate: Optional[float] = None,

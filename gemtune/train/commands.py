@@ -72,6 +72,13 @@ def register(app: typer.Typer) -> None:
         eval_max_cases: Optional[int] = typer.Option(None, "--eval-max-cases", help="Evaluate at most N cases per "
                                                      "checkpoint."),
         gate: float = typer.Option(0.02, "--gate", help="Max fraction of regressed cases for a checkpoint to ship."),
+        gate_baseline: Optional[str] = typer.Option(None, "--gate-baseline", help="What each checkpoint must beat: "
+                                                    "base, an adapter dir, a results.json, registry:NAME@ALIAS or "
+                                                    "openai:URL#MODEL (default: eval.gate_baseline; its auto is the "
+                                                    "version live under eval.live when it routes somewhere, else "
+                                                    "the base)."),
+        registry: Optional[str] = typer.Option(None, "--registry", help="Registry directory for the gate baseline "
+                                               "(default: $GEMTUNE_REGISTRY, then eval.registry)."),
         slack_webhook: Optional[str] = typer.Option(None, "--slack-webhook", envvar="SLACK_WEBHOOK_URL"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         lr: Optional[float] = typer.Option(None, "--lr"),
@@ -95,7 +102,8 @@ def register(app: typer.Typer) -> None:
             "report_to": report_to, "max_steps": max_steps, "log_every": log_every,
         }, flags={"max_steps": "--max-steps", "log_every": "--log-every"})
         with checkpoint_evals(out, data, cfg.base, enabled=bool(cfg.eval_every), suite=eval_suite, gate=gate,
-                              webhook=slack_webhook, max_cases=eval_max_cases,
+                              webhook=slack_webhook, max_cases=eval_max_cases, baseline=gate_baseline,
+                              registry=registry,
                               config=load_eval_config(config) if cfg.eval_every else None) as hook:
             res = train(data, out, cfg, stop_after=stop_after, resume=resume, on_checkpoint=hook, console=console)
         _print_result(res)
