@@ -358,7 +358,7 @@ def _call_names(messages) -> dict[str, str]:
     return out
 
 
-def _has_tools(messages, tools) -> bool:
+def uses_tools(messages, tools) -> bool:
     return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
@@ -497,7 +497,7 @@ def _gemma4_model_spans(text: str) -> list[tuple[int, int]]:
 
 def _tokenizer_template_spans(tokenizer, messages, family: Family, add_generation_prompt: bool, tools=None):
     """Render with the tokenizer's own template; find each assistant content + end-of-turn in order."""
-    if _has_tools(messages, tools):
+    if uses_tools(messages, tools):
         text = tokenizer.apply_chat_template(hf_messages(messages), tools=tools or None, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
         return text, _gemma4_model_spans(text)
@@ -525,7 +525,7 @@ def render(messages, tokenizer, family: Family, *, add_generation_prompt: bool =
     A Gemma 3 tokenizer's own template knows no tools, so tool-use conversations use gemtune's convention there.
     """
     bos = tokenizer.bos_token or "<bos>"
-    own_for_tools = family.name == "gemma3" and _has_tools(messages, tools)
+    own_for_tools = family.name == "gemma3" and uses_tools(messages, tools)
     if use_tokenizer_template and getattr(tokenizer, "chat_template", None) and not own_for_tools:
         text, char_spans = _tokenizer_template_spans(tokenizer, messages, family, add_generation_prompt, tools)
     else:

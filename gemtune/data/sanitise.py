@@ -4,6 +4,13 @@ Everything that can be wrong with one row is decided here, per row, so a bad row
 line (file, line, reason, raw text) and never the build: wrong types, empty fields, broken `messages`
 (roles, alternation, last turn not the assistant's), unpaired surrogates from broken encodings, unknown `split`.
 
+Tool-use conversations (assistant `tool_calls`, `tool` turns, a row's `tools`) are checked with the templates' own
+validation (`gemtune.base.templates.validate_messages`: every tool turn answers a call of the assistant turn before
+it, by id). Call arguments and tool results are cleaned value by value when they are JSON, so control tokens are
+neutralised and PII redacted inside them while the JSON stays valid; arguments are kept as a JSON string.
+A row's `schema` (a JSON Schema object, or a JSON string of one) is checked with Draft 2020-12's metaschema and
+kept on the Example; the pipeline validates the answer against it.
+
 Gemma control tokens typed into content (`<start_of_turn>`, `<end_of_turn>`, `<|turn>`, `<bos>` …) would be
 tokenised as the real special tokens and let a row forge turns; they are neutralised by swapping their angle or
 square brackets for look-alike characters (‹ › ［ ］), which keeps the text readable and can never match a
@@ -19,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from gemtune.base.templates import call_name_args, validate_messages, validate_tools
 from gemtune.data.config import DataConfig
 from gemtune.data.readers import RawRow
 from gemtune.data.records import PROVENANCE_FIELDS
+from gemtune.errors import UserError
 from gemtune.utils import json_line_error
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SPLITS = {"train": "train", "eval": "eval", "test": "eval", "validation": "eval", "valid": "eval"}
 
 # Control tokens of Gemma 3 and Gemma 4 chat templates and vocabularies; the base tokenizer adds its own.
@@ -93,10 +102,12 @@ class Example:
     raw: str
     control_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    schema: Optional[dict] = None  # the row's JSON Schema for its answer (contract C3)
+    tools: Optional[list] = None  # the row's tool definitions (OpenAI shape), for tool-use conversations
 
     @property
     def output(self) -> str:
-        return "\n".join(m["content"] for m in self.messages if m["role"] == "assistant")
+        return "\n".join(m["content"] or "" for m in self.messages if m["role"] == "assistant")
 
 
 class Reject(Exception):
@@ -156,41 +167,150 @@ def apply_columns(data: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def _parse_messages(v: Any) -> list:
-    if isinstance(v, str):  # CSV and Parquet carry messages as a JSON string
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise Reject(f"not valid JSON ({e.msg})", "messages") from None
-        except (RecursionError, ValueError) as e:  # nested too deeply; a number over Python's digit limit
-            raise Reject(json_line_error(e), "messages") from None
+def _json_field(v: Any, name: str) -> Any:
+    """CSV and Parquet carry structured fields as JSON strings."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError as e:
+        raise Reject(f"not valid JSON ({e.msg})", name) from None
+    except (RecursionError, ValueError) as e:  # nested too deeply; a number over Python's digit limit
+        raise Reject(json_line_error(e), name) from None
+
+
+def _user_error_reason(e: UserError) -> str:
+    return str(e).split(": ", 1)[1] if e.field and str(e).startswith("field ") else str(e)
+
+
+def _turn(i: int, m: Any) -> dict:
+    """One turn's own types: role, content (may be empty on an assistant turn that calls tools, or on a tool turn),
+    and the tool-use fields as given (their structure is checked with the whole conversation)."""
+    if not isinstance(m, dict):
+        raise Reject(f"turn {i} is a {type(m).__name__}, expected an object", "messages")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        raise Reject(f"turn {i} has role {role!r}; expected one of {', '.join(ROLES)}", "messages")
+    calls = m.get("tool_calls")
+    calls = None if calls in (None, []) else calls
+    if content is None and calls is not None:
+        content = ""
+    if not isinstance(content, str):
+        raise Reject(f"turn {i} content must be a string, got {type(content).__name__}", "messages")
+    if _has_surrogate(content):
+        raise Reject(f"turn {i} content is not valid UTF-8 (unpaired surrogate)", "messages")
+    if not content.strip() and calls is None and role != "tool":
+        raise Reject(f"turn {i} ({role}) is empty", "messages")
+    turn = {"role": role, "content": content}
+    if calls is not None:
+        turn["tool_calls"] = calls
+    for k in ("tool_call_id", "name"):
+        if m.get(k) is not None:
+            if isinstance(m[k], str) and _has_surrogate(m[k]):
+                raise Reject("invalid UTF-8 (unpaired surrogate)", f"messages[{i}].{k}")
+            turn[k] = m[k]
+    return turn
+
+
+def _parse_messages(v: Any, tools: Optional[list] = None) -> list:
+    v = _json_field(v, "messages")
     if not isinstance(v, list) or not v:
         raise Reject("must be a non-empty list of {role, content} turns", "messages")
-    msgs = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict):
-            raise Reject(f"turn {i} is a {type(m).__name__}, expected an object", "messages")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise Reject(f"turn {i} has role {role!r}; expected one of {', '.join(ROLES)}", "messages")
-        if not isinstance(content, str):
-            raise Reject(f"turn {i} content must be a string, got {type(content).__name__}", "messages")
-        if _has_surrogate(content):
-            raise Reject(f"turn {i} content is not valid UTF-8 (unpaired surrogate)", "messages")
-        if not content.strip():
-            raise Reject(f"turn {i} ({role}) is empty", "messages")
-        msgs.append({"role": role, "content": content})
-    roles = [m["role"] for m in msgs]
-    body = roles[1:] if roles[0] == "system" else roles
-    if not body:
-        raise Reject("has only a system turn", "messages")
-    for i, r in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if r != want:
-            raise Reject("turns must alternate user/assistant after an optional system turn", "messages")
-    if body[-1] != "assistant":
-        raise Reject("the last turn must be the assistant's", "messages")
+    msgs = [_turn(i, m) for i, m in enumerate(v)]
+    try:
+        validate_messages(msgs, tools=tools)
+    except UserError as e:
+        raise Reject(_user_error_reason(e), e.field or "messages") from None
+    for i, m in enumerate(msgs):  # arguments as objects, in the OpenAI shape; cleaned and re-serialised later
+        if "tool_calls" in m:
+            m["tool_calls"] = [{"id": c["id"], "type": "function",
+                                "function": {"name": call_name_args(c)[0], "arguments": call_name_args(c)[1]}}
+                               for c in m["tool_calls"]]
     return msgs
+
+
+def _clean_json(value: Any, clean: Callable[[str], str], keys: Callable[[str], str]) -> Any:
+    """Every string of a JSON value through `clean` (keys through `keys`); the structure stays as it was."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, list):
+        return [_clean_json(x, clean, keys) for x in value]
+    if isinstance(value, dict):
+        return {keys(k): _clean_json(x, clean, keys) for k, x in value.items()}
+    return value
+
+
+def _clean_tool_result(text: str, clean: Callable[[str], str], keys: Callable[[str], str]) -> str:
+    """A tool result: a JSON object or array is cleaned value by value (it stays valid JSON); other text as text."""
+    s = text.strip()
+    if s[:1] in ("{", "["):
+        try:
+            value = json.loads(s)
+        except (ValueError, RecursionError):
+            return clean(text)
+        cleaned = _clean_json(value, clean, keys)
+        return text if cleaned == value else json.dumps(cleaned, ensure_ascii=False)
+    return clean(text)
+
+
+def _clean_turns(messages: list[dict], clean: Callable[[str], str], keys: Callable[[str], str]) -> None:
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            m["content"] = _clean_tool_result(m["content"], clean, keys)
+        else:
+            m["content"] = clean(m["content"])
+        for j, c in enumerate(m.get("tool_calls") or []):
+            args = json.dumps(_clean_json(c["function"]["arguments"], clean, keys), ensure_ascii=False)
+            if _has_surrogate(args):
+                raise Reject("invalid UTF-8 (unpaired surrogate)", f"messages[{i}].tool_calls[{j}].function.arguments")
+            c["function"]["arguments"] = args
+
+
+def _tools(data: dict, keys: Callable[[str], str]) -> Optional[list]:
+    """A row's tool definitions (OpenAI shape), control tokens neutralised in every string."""
+    v = data.get("tools")
+    if v is None or v == "" or v == []:
+        return None
+    v = _json_field(v, "tools")
+    try:
+        validate_tools(v)
+    except UserError as e:
+        raise Reject(_user_error_reason(e), e.field or "tools") from None
+    if _has_surrogate(json.dumps(v, ensure_ascii=False)):
+        raise Reject("invalid UTF-8 (unpaired surrogate)", "tools")
+    return _clean_json(v, keys, keys)
+
+
+@lru_cache(maxsize=256)
+def _schema_problem(canonical: str) -> Optional[str]:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(json.loads(canonical))
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        return f"is not a valid JSON Schema (Draft 2020-12){' at ' + where if where else ''}: {e.message}"
+    return None
+
+
+def parse_schema(v: Any) -> Optional[dict]:
+    """A row's `schema`: a JSON Schema object or a JSON string of one (None when absent); Reject when invalid."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    v = _json_field(v, "schema")
+    if not isinstance(v, dict):
+        raise Reject(f"must be a JSON Schema object, got {type(v).__name__}", "schema")
+    try:
+        canonical = json.dumps(v, sort_keys=True, ensure_ascii=False)
+    except (ValueError, RecursionError) as e:
+        raise Reject(json_line_error(e), "schema") from None
+    if _has_surrogate(canonical):
+        raise Reject("invalid UTF-8 (unpaired surrogate)", "schema")
+    why = _schema_problem(canonical)
+    if why:
+        raise Reject(why, "schema")
+    return v
 
 
 @lru_cache(maxsize=1024)
@@ -268,10 +388,17 @@ def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact
         n_ctrl += n
         return redact(text)
 
+    def keys(text: str) -> str:
+        nonlocal n_ctrl
+        text, n = control.neutralise(text)
+        n_ctrl += n
+        return text
+
+    schema = parse_schema(data.get("schema"))
+    tools = _tools(data, keys)
     if data.get("messages") is not None and data.get("messages") != "":
-        messages = _parse_messages(data["messages"])
-        for m in messages:
-            m["content"] = clean(m["content"])
+        messages = _parse_messages(data["messages"], tools)
+        _clean_turns(messages, clean, keys)
         key = "\n".join(m["content"] for m in messages if m["role"] == "user")
     else:
         output = _text(data, "output", required=True)
@@ -297,4 +424,4 @@ def sanitise_row(row: RawRow, cfg: DataConfig, control: ControlTokens, *, redact
         key = inp if inp else instruction
     prov = _provenance(data, row.file, cfg.provenance, redact)
     return Example(file=row.file, line=row.line, id=rid, task=task, label=label, messages=messages, provenance=prov,
-                   split=split, key_text=key, raw=row.raw, control_tokens=n_ctrl)
+                   split=split, key_text=key, raw=row.raw, control_tokens=n_ctrl, schema=schema, tools=tools)

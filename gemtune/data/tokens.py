@@ -110,13 +110,19 @@ class TokenCounter:
                 return False
         return True
 
-    def render_text(self, messages: list[dict]) -> str:
-        """The string `gemtune.base.templates.render` tokenizes, without tokenizing it."""
-        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        from gemtune.base.templates import render_text
+    def render_text(self, messages: list[dict], tools: Optional[list] = None) -> str:
+        """The string `gemtune.base.templates.render` tokenizes, without tokenizing it (tool use included: a Gemma 3
+        tokenizer's own template knows no tools, so gemtune's convention renders those conversations)."""
+        from gemtune.base.templates import hf_messages, render_text, uses_tools
 
-        return render_text(messages, self.family, bos=self.bos)
+        tool_use = uses_tools(messages, tools)
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) \
+                and not (tool_use and self.family.name == "gemma3"):
+            if tool_use:
+                return self.tokenizer.apply_chat_template(hf_messages(messages), tools=tools or None, tokenize=False,
+                                                          add_generation_prompt=False)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return render_text(messages, self.family, bos=self.bos, tools=tools)
 
     def count(self, conversations: Sequence[list[dict]], *, batch: int = 4096,
               progress: Optional[Callable[[int], None]] = None) -> list[int]:
