@@ -475,6 +475,13 @@ def _data_section(src: Sources) -> str:
     dd = rep.get("dedup") or {}
     if dd.get("definition"):
         parts.append(f"Near duplicates: {md(dd['definition'])}.")
+    bm = (rep.get("decontamination") or {}).get("benchmarks")
+    if isinstance(bm, dict) and isinstance(bm.get("files"), list):
+        names = ", ".join(code(f.get("file")) for f in bm["files"] if isinstance(f, dict)) or NOT_RECORDED
+        parts.append(f"Benchmark decontamination against {names}: {num(bm.get('removed'))} domain and "
+                     f"{num(bm.get('generic_removed'))} generic row(s) near-duplicating a benchmark row were "
+                     "quarantined.")
+    parts.append(_provenance_part(rep.get("provenance") or (src.dataset or {}).get("provenance")))
     lock = (src.dataset or {}).get("eval_lock_sha256") or rep.get("eval_lock_sha256")
     trained = (src.sidecar.get("dataset") or {}).get("eval_lock_sha256") if isinstance(src.sidecar.get("dataset"), dict) else None
     line = f"Frozen eval lock (`eval.lock.json`) sha256: {code(lock or NOT_RECORDED)}."
@@ -487,6 +494,32 @@ def _data_section(src: Sources) -> str:
                                                 [[md(f.get("file")), num(f.get("rows")), num(f.get("quarantined")),
                                                   md(str(f.get("sha256", ""))[:16])] for f in inputs if isinstance(f, dict)]))
     return "\n\n".join(parts) + "\n"
+
+
+PROVENANCE_CARD_ROWS = 20
+
+
+def _provenance_part(prov: Any) -> str:
+    """Provenance as the data report counted it: source × review status × license, rows kept / quarantined /
+    dropped, and the review the build required."""
+    if not isinstance(prov, dict) or not isinstance(prov.get("rows"), list):
+        return f"Provenance (source, review status, license): {NOT_RECORDED}."
+    need = prov.get("require_review")
+    review = (f"Only rows whose review status is one of {', '.join(code(x) for x in need)} were kept "
+              "(`data.require_review`); the others were quarantined." if isinstance(need, list) and need
+              else "No review was required by the build (`data.require_review` unset): kept rows may be unreviewed.")
+    rows = [r for r in prov["rows"] if isinstance(r, dict)]
+
+    def cell(v: Any) -> str:
+        return "(none)" if v in (None, "") else md(v)
+
+    shown = [[cell(r.get("source")), cell(r.get("review_status")), cell(r.get("license")), num(r.get("kept")),
+              num(r.get("quarantined")), num(r.get("dropped"))] for r in rows[:PROVENANCE_CARD_ROWS]]
+    more = (f"\n\n{num(len(rows) - PROVENANCE_CARD_ROWS)} more provenance row(s) in the dataset report."
+            if len(rows) > PROVENANCE_CARD_ROWS else "")
+    return ("Provenance of the input rows (kept: in train or the frozen eval; dropped: duplicates, decontaminated, "
+            f"balanced out or generic rows not mixed in). {review}\n\n"
+            + table(["source", "review status", "license", "kept", "quarantined", "dropped"], shown) + more)
 
 
 def _procedure_section(src: Sources) -> str:

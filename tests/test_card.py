@@ -260,3 +260,49 @@ def test_front_matter_is_read_by_the_one_yaml_reader_with_file_and_line():
     with pytest.raises(UserError) as e:
         parse_front_matter("---\nlicense: gemma\ntags: [a, b\n  - c: d\n---\n# x\n", "README.md")
     assert str(e.value).startswith("README.md:4: invalid YAML: ")
+
+
+def test_card_states_provenance_and_review_from_the_dataset_report(tiny_gemma3, tmp_path):
+    """The provenance table (source × review status × license: kept, quarantined, dropped) and the review the
+    build required come from the dataset's report.json; the numbers are the report's."""
+    from gemtune.data.config import DataConfig
+    from gemtune.data.pipeline import build
+
+    rows = []
+    for i in range(30):
+        status = ["approved", "pending", "approved"][i % 3]
+        rows.append({"id": f"r{i}", "input": f"ticket {i}: my card {1000 + 37 * i} was charged twice on day {i}",
+                     "output": "billing", "source": "crm" if i < 20 else "email", "license": "internal",
+                     "review_status": status})
+    rows.append(dict(rows[0], id="dup"))  # an approved crm row again: dropped as a duplicate
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": rows[3]["input"].upper()}) + "\n")  # row 3 (approved crm) leaks
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "data"
+    report = build([raw], data, DataConfig(base=str(tiny_gemma3), instruction="Route.", require_review=["approved"],
+                                           decontaminate=[{"path": str(bench)}]))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (adapter / "gemtune.json").write_text(json.dumps({"base_model": "b", "dataset": {"dir": str(data)}}))
+    card = build_card(adapter)
+    # crm rows 0-19: 13 approved (12 kept, the benchmark copy quarantined) + the duplicate, 7 pending;
+    # email rows 20-29: 7 approved, 3 pending
+    assert "| source | review status | license | kept | quarantined | dropped |" in card
+    assert "| crm | approved | internal | 12 | 1 | 1 |" in card
+    assert "| email | approved | internal | 7 | 0 | 0 |" in card
+    assert "| crm | pending | internal | 0 | 7 | 0 |" in card
+    assert "| email | pending | internal | 0 | 3 | 0 |" in card
+    kept = sum(r["kept"] for r in report["provenance"]["rows"])
+    assert kept == report["counts"]["train"] + report["counts"]["eval"] == 19
+    assert "Only rows whose review status is one of `approved` were kept" in card
+    assert f"Benchmark decontamination against `{bench}`: 1 domain and 0 generic row(s)" in card
+
+    (data / "report.json").write_text(json.dumps({"counts": {"train": 1}}))  # a report from before provenance
+    assert "| crm | approved | internal | 12 | 1 | 1 |" in build_card(adapter)  # dataset.json holds it too
+    dataset = json.loads((data / "dataset.json").read_text())
+    del dataset["provenance"]
+    (data / "dataset.json").write_text(json.dumps(dataset))
+    assert "Provenance (source, review status, license): not recorded." in build_card(adapter)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -46,6 +47,11 @@ def _summary_table(report: dict, out: str) -> Table:
               "eval", "generic_added", "train", "canaries"):
         if k in c:
             t.add_row(k.replace("_", " "), f"{c[k]:,}")
+    by_stage = {st["stage"]: st.get("quarantined", 0) for st in report.get("stages", [])}
+    for stage, label in (("review (require_review)", "  of which unreviewed"), ("answer schema", "  of which schema-invalid"),
+                         ("benchmark decontamination", "  of which benchmark copies")):
+        if by_stage.get(stage):
+            t.add_row(label, f"{by_stage[stage]:,}")
     pii = {k: v for k, v in report.get("pii", {}).items() if v}
     t.add_row("PII redacted", ", ".join(f"{k} {v}" for k, v in pii.items()) or "none")
     tok = report.get("tokens", {}).get("all", {})
@@ -61,10 +67,11 @@ def _print_summary(report: dict, out: str) -> None:
     q = report["quarantine"]
     if q["total"]:
         first = q["first"][0]
-        console.print(f"[yellow]{q['total']} row(s) quarantined[/yellow] — see {Path(out) / q['file']} "
-                      f"(first: {first['file']}:{first['line']}: {first['reason']})", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]{q['total']} row(s) quarantined[/yellow] — see {escape(str(Path(out) / q['file']))} "
+                      f"(first: {escape(str(first['file']))}:{first['line']}: {escape(first['reason'])})",
+                      highlight=False, soft_wrap=True)
     for w in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
     lock = report.get("split", {})
     console.print(("eval kept identical to " + str(lock["lock_file"])) if lock.get("locked")
                   else f"eval frozen in {Path(out) / 'eval.lock.json'}", highlight=False, soft_wrap=True)
@@ -94,6 +101,14 @@ def register(app: typer.Typer) -> None:
         pii_engine: Optional[str] = typer.Option(None, "--pii-engine", help="builtin, or presidio for names/locations."),
         canaries: Optional[int] = typer.Option(None, "--canaries", help="Plant N secret canaries in train for the privacy probe."),
         canary_file: Optional[str] = typer.Option(None, "--canary-file", help="Where to record canaries (default OUT.canaries.json, outside OUT)."),
+        decontaminate: Optional[list[str]] = typer.Option(
+            None, "--decontaminate", help="Benchmark file (JSONL, CSV, Parquet), FILE or FILE:COLUMN, repeatable: rows "
+            "near-duplicating any of its rows are quarantined. Replaces data.decontaminate."),
+        decontaminate_column: Optional[str] = typer.Option(
+            None, "--decontaminate-column", help="Column of the --decontaminate files that holds the text (default: "
+            "prompt, question, text, input, instruction or the user turns of messages)."),
+        require_review: Optional[list[str]] = typer.Option(
+            None, "--require-review", help="Keep only rows whose review_status is this (repeatable), e.g. approved."),
         seed: Optional[int] = typer.Option(None, "--seed"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it is a non-empty directory "
@@ -102,7 +117,7 @@ def register(app: typer.Typer) -> None:
         """Build a dataset directory: sanitise, redact PII, dedup, freeze eval, balance, mix, report."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from gemtune.data.config import load_data_config, parse_map_flags
+        from gemtune.data.config import load_data_config, parse_decontaminate_flags, parse_map_flags
         from gemtune.data.pipeline import build
 
         overrides = {
@@ -111,7 +126,14 @@ def register(app: typer.Typer) -> None:
             "instruction": instruction, "columns": parse_map_flags(map_) if map_ else None, "task": task,
             "max_tokens": max_tokens, "balance_multiple": balance_multiple, "pii_engine": pii_engine,
             "canaries": canaries, "canary_file": canary_file, "seed": seed,
+            "decontaminate": parse_decontaminate_flags(decontaminate, decontaminate_column) if decontaminate else None,
+            "require_review": list(require_review) if require_review else None,
         }
+        if decontaminate_column and not decontaminate:
+            from gemtune.errors import UserError
+
+            raise UserError("--decontaminate-column names the column of --decontaminate files; give those too",
+                            field="--decontaminate-column")
         cfg = load_data_config(config, overrides)
         if quiet:
             report = build(inputs, out, cfg, overwrite=overwrite)

@@ -8,10 +8,11 @@ valid value and warn outside the advice.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from gemtune.config import advised, load_section, resolve_config_path  # noqa: F401  (re-exported)
 from gemtune.errors import UserError
@@ -23,6 +24,64 @@ MAPPABLE_FIELDS = (
 )
 
 DEFAULT_BASE = "gemma-3-270m"
+
+
+def _load_schema(v: Any) -> dict:
+    """A JSON Schema object, or the path of a .json file holding one (relative to the current directory, like
+    `generic`); checked against JSON Schema Draft 2020-12 so a broken schema stops the build at the config line."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    if isinstance(v, str):
+        p = Path(v)
+        if not p.is_file():
+            raise ValueError(f"schema file not found: {v}")
+        try:
+            v = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read schema file {p}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"schema file {p} is not JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a JSON Schema object or the path of a .json file, got {type(v).__name__}")
+    try:
+        Draft202012Validator.check_schema(v)
+    except SchemaError as e:
+        where = "/".join(str(x) for x in e.path)
+        raise ValueError(f"not a valid JSON Schema (Draft 2020-12){' at ' + where if where else ''}: "
+                         f"{e.message[:300]}") from None
+    return v
+
+
+def split_file_column(item: str) -> dict:
+    """`FILE` or `FILE:COLUMN` → {"path", "column"}; a path that exists as given is never split."""
+    if ":" in item and not Path(item).exists():
+        path, _, column = item.rpartition(":")
+        if path and column:
+            return {"path": path, "column": column}
+    return {"path": item, "column": None}
+
+
+class BenchmarkFile(BaseModel):
+    """A benchmark (JSONL, CSV or Parquet) that no training or eval row may near-duplicate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, description="The benchmark file")
+    column: Optional[str] = Field(None, min_length=1, description="The column holding the text (default: the "
+                                  "first of prompt, question, text, input, instruction, messages' user turns)")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        p = Path(v)
+        if not p.is_file():
+            raise ValueError(f"benchmark file {'is not a regular file' if p.exists() else 'not found'}: {v}")
+        return v
+
+
+def _benchmark_item(v: Any) -> Any:
+    return split_file_column(v) if isinstance(v, str) else v
 
 
 class DataConfig(BaseModel):
@@ -56,6 +115,15 @@ class DataConfig(BaseModel):
     canaries: int = Field(0, ge=0, le=10000, description="Secret strings planted in train rows for the privacy probe")
     canary_file: Optional[str] = Field(None, description="Where canaries are recorded (default <out>.canaries.json)")
     seed: int = 0
+    require_review: Optional[list[Annotated[str, Field(min_length=1)]]] = Field(
+        None, min_length=1, description="Keep only rows whose provenance review_status is one of these "
+        "(case-insensitive); others are quarantined. null: no review required")
+    review_generic: bool = Field(False, description="With require_review, generic rows need a listed "
+                                 "review_status too; false: a generic row without one is exempt")
+    decontaminate: list[Annotated[BenchmarkFile, BeforeValidator(_benchmark_item)]] = Field(
+        default_factory=list, description="Benchmark files: rows near-duplicating any of their rows are quarantined")
+    schemas: dict[str, Annotated[Any, AfterValidator(_load_schema)]] = Field(
+        default_factory=dict, description="task -> JSON Schema (object or .json path) the answer must satisfy")
 
     @field_validator("columns")
     @classmethod
@@ -86,6 +154,17 @@ def parse_map_flags(items: list[str]) -> dict[str, str]:
         if not sep or not target.strip() or not source.strip():
             raise UserError(f"--map expects FIELD=COLUMN (e.g. input=text), got {item!r}", field="columns")
         out[target.strip()] = source.strip()
+    return out
+
+
+def parse_decontaminate_flags(items: list[str], column: Optional[str] = None) -> list[dict]:
+    """`--decontaminate FILE[:COLUMN]` flags; `--decontaminate-column COL` is the column of those without one."""
+    out = []
+    for item in items:
+        ref = split_file_column(item)
+        if ref["column"] is None and column:
+            ref["column"] = column
+        out.append(ref)
     return out
 
 

@@ -1,16 +1,18 @@
 """`gemtune data build` as a library call: raw files in, a dataset directory out, every row accounted for.
 
-    read ─► sanitise + PII redaction ─► token limit ─► ids ─► dedup/decontaminate ─► split (or lock) ─► balance
-         ─► generic mix ─► canaries ─► write (atomically: train, eval, lock, quarantine, report, dataset.json)
+    read ─► sanitise + PII redaction ─► review + answer schema ─► benchmark decontamination ─► token limit ─► ids
+         ─► dedup/decontaminate ─► split (or lock) ─► balance ─► generic mix ─► canaries
+         ─► write (atomically: train, eval, lock, quarantine, report, dataset.json)
 
-`build` is that list, one function a step (`_plan`, `_load_tokenizer`, `_read_inputs`, `_limit_tokens`,
-`_assign_ids`, `_dedup`, `_drop_id_collisions`, `_split`, `_balance`, `_mix`, `_records`, `_count`, `_report`,
-`_write`); row-level state (the examples, their hashes and ids, the quarantine, PII counts, timings, warnings) lives
+`build` is that list, one function a step (`_plan`, `_load_tokenizer`, `_read_inputs` (with review, schema and
+`_drop_benchmark_rows`), `_limit_tokens`, `_assign_ids`, `_dedup`, `_drop_id_collisions`, `_split`, `_balance`,
+`_mix`, `_records`, `_count`, `_report`, `_write`); row-level state (the examples, their hashes and ids, the quarantine, PII counts, timings, warnings) lives
 on one `_Run`, and each step returns what the next ones need.
 
 Accounting (checked before anything is written):
     input_rows = train − generic_added + eval + quarantined + exact_duplicates + near_duplicates
                  + decontaminated + balanced_out
+(rows failing review, their answer schema or benchmark decontamination are quarantined, with the reason).
 The output directory is built under a temporary name and renamed into place, so a failed or interrupted build
 never leaves a half-written dataset that training could pick up.
 """
@@ -28,14 +30,15 @@ from typing import Callable, Optional, Sequence
 from gemtune.data import canaries as canary_mod
 from gemtune.data.balance import balance
 from gemtune.config import warn_advised
+from gemtune.data.checks import provenance_key, raw_provenance, resolve_schema, review_reason, schema_reason
 from gemtune.data.config import DataConfig
-from gemtune.data.decontaminate import decontaminate, register_eval
+from gemtune.data.decontaminate import Benchmark, decontaminate, match_benchmarks, read_benchmark, register_eval
 from gemtune.data.dedup import NearDup, normalise_key
 from gemtune.data.mix import GENERIC_TASK, choose_generic, generic_count, read_generic
 from gemtune.data.pii import Redactor
 from gemtune.data.readers import expand_inputs, read_rows
 from gemtune.data.records import DATASET_FILES, content_sha256, make_record, tokenizer_sha256
-from gemtune.data.report import build_report, render_html
+from gemtune.data.report import build_report, provenance_table, render_html
 from gemtune.data.sanitise import ControlTokens, Example, Reject, sanitise_row
 from gemtune.data.split import make_lock, read_lock, resolve_locked, stratified_split, rank_key
 from gemtune.data.tokens import TokenCounter
@@ -66,17 +69,50 @@ class _Run:
     warnings: list[str] = field(default_factory=list)
     shas: list[str] = field(default_factory=list)  # per example, from `_assign_ids`
     ids: list[str] = field(default_factory=list)
+    prov_quarantined: Counter = field(default_factory=Counter)  # (source, review_status, license) -> rows
+    benchmark_hits: list[dict] = field(default_factory=list)  # quarantined by benchmark decontamination
 
     def timed(self, name: str) -> "_Timer":
         """`with run.timed("dedup"):` adds the block's wall time to the report's `timings_s[name]`."""
         return _Timer(self, name)
 
-    def quarantine_row(self, file: str, line: int, reason: str, raw: str, stage: str, generic: bool = False) -> None:
+    def quarantine_row(self, file: str, line: int, reason: str, raw: str, stage: str, generic: bool = False,
+                       provenance: Optional[dict] = None) -> None:
         text, _ = self.redactor.redact(raw, self.pii_quarantine)
         q = {"file": file, "line": line, "reason": reason, "raw": text, "stage": stage}
         if generic:
             q["generic"] = True
         self.quarantine.append(q)
+        self.prov_quarantined[provenance_key(provenance)] += 1
+
+    def quarantine_example(self, e: Example, reason: str, stage: str, generic: bool) -> None:
+        self.quarantine_row(e.file, e.line, reason, e.raw, stage, generic, e.provenance)
+
+    def quarantine_raw(self, row, reason: str, stage: str, generic: bool) -> None:
+        """A row sanitising rejected: its provenance, as far as it can be read, still counts in the report."""
+        prov = raw_provenance(row.data, self.cfg.columns, self.cfg.provenance, Path(row.file).name)
+        prov = {k: self.redactor.redact(v)[0] if isinstance(v, str) else v for k, v in prov.items()}
+        self.quarantine_row(row.file, row.line, reason, row.raw, stage, generic, prov)
+
+
+def schema_of(e: Example) -> Optional[dict]:
+    """The JSON Schema the example's answer satisfies (its own, or its task's from the config), set by `_admit`."""
+    return e.extra.get("schema")
+
+
+def _admit(run: _Run, e: Example, generic: bool) -> Optional[tuple[str, str]]:
+    """Review and answer-schema checks of a sanitised row: None to keep it, else (stage, quarantine reason)."""
+    cfg = run.cfg
+    why = review_reason(e.provenance, cfg.require_review, generic=generic, review_generic=cfg.review_generic)
+    if why:
+        return "review", why
+    schema = resolve_schema(getattr(e, "schema", None), e.task, cfg.schemas)
+    why = schema_reason(e.messages, schema)
+    if why:
+        return "schema", why
+    if schema is not None:
+        e.extra["schema"] = schema
+    return None
 
 
 class _Timer:
@@ -102,16 +138,21 @@ def _read(run: _Run, files: Sequence[Path], control: ControlTokens, *, generic: 
         for row in rows:
             n += 1
             try:
-                run.examples.append(sanitise_row(row, run.cfg, control, redact=redact,
-                                                 task_default=GENERIC_TASK if generic else None))
+                e = sanitise_row(row, run.cfg, control, redact=redact, task_default=GENERIC_TASK if generic else None)
             except Reject as r:
                 q += 1
-                run.quarantine_row(row.file, row.line, r.reason, row.raw, "sanitise", generic)
+                run.quarantine_raw(row, r.reason, "sanitise", generic)
             except (RecursionError, ValueError, TypeError, UnicodeError, OverflowError) as e:
                 # a row no rule foresaw must cost one quarantine line, never the build
                 q += 1
-                run.quarantine_row(row.file, row.line, f"unusable row ({type(e).__name__}: {str(e)[:200]})",
-                                   row.raw, "sanitise", generic)
+                run.quarantine_raw(row, f"unusable row ({type(e).__name__}: {str(e)[:200]})", "sanitise", generic)
+            else:
+                refused = _admit(run, e, generic)
+                if refused:
+                    q += 1
+                    run.quarantine_example(e, refused[1], refused[0], generic)
+                else:
+                    run.examples.append(e)
             if n % 2000 == 0:
                 run.progress(stage, total + n, None)
         total += n
@@ -136,9 +177,8 @@ def _token_limit(run: _Run, counter: TokenCounter) -> tuple[list[Optional[int]],
     for i, (e, n) in enumerate(zip(run.examples, lengths)):
         is_domain = i < run.n_domain
         if n is not None and n > run.cfg.max_tokens:
-            run.quarantine_row(e.file, e.line, f"too long: {n} tokens > max_tokens {run.cfg.max_tokens} "
-                                               f"(chat template included, {counter.base} tokenizer)", e.raw, "tokens",
-                               not is_domain)
+            run.quarantine_example(e, f"too long: {n} tokens > max_tokens {run.cfg.max_tokens} "
+                                      f"(chat template included, {counter.base} tokenizer)", "tokens", not is_domain)
             continue
         keep_ex.append(e)
         keep_len.append(n)
@@ -214,7 +254,7 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
                warnings=advice_warnings(cfg))
     src = _plan(cfg, inputs, out, overwrite)
     counter, control = _load_tokenizer(run)
-    read = _read_inputs(run, src, control)  # read → sanitise + PII redaction
+    read = _read_inputs(run, src, control)  # read → sanitise + PII → review + answer schema → benchmarks
     lengths, in_sample = _limit_tokens(run, counter, src, read)
     _assign_ids(run)
     dd = _dedup(run, src)  # exact/near duplicates; rows of a locked eval set are decontaminated here
@@ -224,7 +264,8 @@ def build(inputs: Sequence[str | Path], out: str | Path, config: Optional[DataCo
     chosen_generic, generic_report = _mix(run, src, dd, read, len(train_idx))
     recs = _records(run, counter, eval_idx, train_idx, chosen_generic)
     counts = _count(run, read, dd, balanced_out, recs)
-    report = _report(run, src, counter, read, dd, counts, recs, lengths, in_sample, balance_report, generic_report)
+    report = _report(run, src, counter, read, dd, counts, recs, lengths, in_sample, balance_report, generic_report,
+                     balanced_out)
     _write(run, out, src, counter, recs, counts, report, read, t_start)
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     return report
@@ -240,6 +281,7 @@ class _Sources:
     guard: dict
     lock_path: Optional[str]
     lock: Optional[dict]
+    benchmarks: list[Benchmark] = field(default_factory=list)
 
 
 @dataclass
@@ -294,7 +336,8 @@ def _plan(cfg: DataConfig, inputs: Sequence[str | Path], out: Path, overwrite: b
     check_out_dir(out, **{k: v for k, v in guard.items() if k != "writer"})
     lock_path = _resolve_lock_path(cfg, out)
     lock = read_lock(lock_path) if lock_path else None
-    return _Sources(files, generic_files, guard, lock_path, lock)
+    benchmarks = [read_benchmark(b.path, b.column) for b in cfg.decontaminate]
+    return _Sources(files, generic_files, guard, lock_path, lock, benchmarks)
 
 
 def _load_tokenizer(run: _Run) -> tuple[TokenCounter, ControlTokens]:
@@ -304,7 +347,8 @@ def _load_tokenizer(run: _Run) -> tuple[TokenCounter, ControlTokens]:
 
 
 def _read_inputs(run: _Run, src: _Sources, control: ControlTokens) -> _ReadResult:
-    """Domain rows, then generic rows, into run.examples (sanitised, PII redacted); refuse a build with none."""
+    """Domain rows, then generic rows, into run.examples (sanitised, PII redacted, reviewed, answers checked against
+    their schema, benchmark copies quarantined); refuse a build with none."""
     with run.timed("read"):
         input_rows, per_file = _read(run, src.files, control, generic=False)
         run.n_domain = len(run.examples)
@@ -313,7 +357,34 @@ def _read_inputs(run: _Run, src: _Sources, control: ControlTokens) -> _ReadResul
         generic_rows, generic_info = (_read(run, src.generic_files, control, generic=True) if src.generic_files
                                       else (0, []))
     control_tokens = sum(e.control_tokens for e in run.examples[:run.n_domain])
-    return _ReadResult(input_rows, per_file, generic_rows, generic_info, control_tokens)
+    read = _ReadResult(input_rows, per_file, generic_rows, generic_info, control_tokens)
+    _drop_benchmark_rows(run, src, read)
+    return read
+
+
+def _drop_benchmark_rows(run: _Run, src: _Sources, read: _ReadResult) -> None:
+    """Quarantine every row (domain or generic) whose key near-duplicates a benchmark row; refuse a build with
+    no domain row left."""
+    if not src.benchmarks:
+        return
+    with run.timed("benchmarks"):
+        hits = match_benchmarks([e.key_text for e in run.examples], src.benchmarks, run.cfg.near_dup_threshold)
+        if not hits:
+            return
+        keep, n_domain = [], 0
+        for i, e in enumerate(run.examples):
+            hit = hits.get(i)
+            if hit is None:
+                keep.append(e)
+                n_domain += i < run.n_domain
+                continue
+            run.quarantine_example(e, hit.reason(src.benchmarks), "benchmark", i >= run.n_domain)
+            run.benchmark_hits.append({"file": e.file, "line": e.line, "generic": i >= run.n_domain,
+                                       "benchmark": src.benchmarks[hit.benchmark].path, "benchmark_line": hit.line,
+                                       "jaccard": round(hit.jaccard, 3)})
+        run.examples, run.n_domain = keep, n_domain
+    if run.n_domain == 0:
+        raise _no_usable_rows(run, src.files, read.input_rows)
 
 
 def _limit_tokens(run: _Run, counter: TokenCounter, src: _Sources, read: _ReadResult
@@ -329,7 +400,7 @@ def _assign_ids(run: _Run) -> None:
     """run.shas (content hashes) and run.ids (the row's own id, else a hash prefix; generic rows marked)."""
     run.shas, run.ids = [], []
     for i, e in enumerate(run.examples):
-        sha = content_sha256(e.task, e.messages, e.label)
+        sha = content_sha256(e.task, e.messages, e.label, schema_of(e))
         run.shas.append(sha)
         if e.id is not None:
             run.ids.append(e.id if i < run.n_domain else f"generic:{e.id}")
@@ -386,8 +457,8 @@ def _drop_id_collisions(run: _Run, dd: _DedupResult) -> list[int]:
     for i in dd.kept:
         j = seen_ids.get(ids[i])
         if j is not None:
-            run.quarantine_row(ex[i].file, ex[i].line, f'field "id": duplicate id {ids[i]!r} (first used at '
-                                                       f"{ex[j].file}:{ex[j].line})", ex[i].raw, "ids")
+            run.quarantine_example(ex[i], f'field "id": duplicate id {ids[i]!r} (first used at '
+                                          f"{ex[j].file}:{ex[j].line})", "ids", False)
             continue
         seen_ids[ids[i]] = i
         unique_kept.append(i)
@@ -462,7 +533,7 @@ def _records(run: _Run, counter: TokenCounter, eval_idx: list[int], train_idx: l
 
     def record(i: int) -> dict:
         e = ex[i]
-        return make_record(run.ids[i], e.task, e.messages, e.provenance, e.label, shas[i])
+        return make_record(run.ids[i], e.task, e.messages, e.provenance, e.label, shas[i], schema=schema_of(e))
 
     eval_records = [record(i) for i in eval_idx]
     train_order = sorted(train_idx + chosen_generic, key=lambda i: rank_key(shas[i], cfg.seed))
@@ -496,9 +567,29 @@ def _count(run: _Run, read: _ReadResult, dd: _DedupResult, balanced_out: list[in
     return counts
 
 
+def _provenance(run: _Run, dd: _DedupResult, balanced_out: list[int], recs: _Records) -> dict:
+    """The report's provenance table: rows per (source, review_status, license) kept, quarantined, dropped."""
+    ex = run.examples
+    kept = Counter(provenance_key(ex[i].provenance) for i in recs.eval_idx + recs.train_order)
+    chosen = set(recs.chosen_generic)
+    gone = [*dd.exact, *dd.near, *dd.decon, *balanced_out,
+            *(i for i in range(run.n_domain, len(ex)) if i not in chosen)]
+    dropped = Counter(provenance_key(ex[i].provenance) for i in gone)
+    return provenance_table(kept, run.prov_quarantined, dropped, run.cfg.require_review)
+
+
+def _benchmarks_report(run: _Run, src: _Sources) -> Optional[dict]:
+    if not src.benchmarks:
+        return None
+    return {"files": [b.summary() for b in src.benchmarks], "threshold": run.cfg.near_dup_threshold,
+            "removed": sum(1 for h in run.benchmark_hits if not h["generic"]),
+            "generic_removed": sum(1 for h in run.benchmark_hits if h["generic"]),
+            "examples": run.benchmark_hits[:20]}
+
+
 def _report(run: _Run, src: _Sources, counter: TokenCounter, read: _ReadResult, dd: _DedupResult, counts: dict,
             recs: _Records, lengths: list[Optional[int]], in_sample: list[bool], balance_report: dict,
-            generic_report: dict) -> dict:
+            generic_report: dict, balanced_out: list[int]) -> dict:
     cfg, ex, lock = run.cfg, run.examples, src.lock
     eval_idx, train_idx, train_order = recs.eval_idx, recs.train_idx, recs.train_order
     empty_eval = [f"the eval set is empty: too few usable rows for a {cfg.eval_fraction:.0%} split"]
@@ -521,6 +612,7 @@ def _report(run: _Run, src: _Sources, counter: TokenCounter, read: _ReadResult, 
                "fraction_actual": round(len(recs.eval) / max(1, len(recs.eval) + len(train_idx)), 4)},
         warnings=run.warnings + (empty_eval if not recs.eval else []),
         n_domain_examples=len(train_idx) + len(recs.eval),
+        provenance=_provenance(run, dd, balanced_out, recs), benchmarks=_benchmarks_report(run, src),
     )
 
 
@@ -554,6 +646,7 @@ def _write(run: _Run, out: Path, src: _Sources, counter: TokenCounter, recs: _Re
                 "counts": counts,
                 "options": cfg.model_dump(mode="json"),
                 "inputs": read.per_file,
+                "provenance": report["provenance"],
                 "canaries": ({"count": len(recs.canaries), "file": str(canary_path.resolve())} if recs.canaries
                              else None),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

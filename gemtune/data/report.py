@@ -96,14 +96,40 @@ def guidance(n_domain: int) -> list[str]:
     return []
 
 
+PROVENANCE_ROWS = 100
+
+
+def provenance_table(kept: Counter, quarantined: Counter, dropped: Counter, require_review: Optional[list[str]]
+                     ) -> dict:
+    """Rows per (source, review_status, license): kept (written to train or eval), quarantined (with a reason in
+    quarantine.jsonl), dropped (duplicates, decontaminated, balanced out, generic rows not mixed in). Domain and
+    generic rows alike; the most kept first, at most PROVENANCE_ROWS rows (the rest summed into one row)."""
+    keys = sorted(set(kept) | set(quarantined) | set(dropped),
+                  key=lambda k: (-kept[k], -quarantined[k], tuple(str(x) for x in k)))
+    rows = [{"source": k[0], "review_status": k[1], "license": k[2], "kept": kept[k], "quarantined": quarantined[k],
+             "dropped": dropped[k]} for k in keys]
+    if len(rows) > PROVENANCE_ROWS:
+        rest = rows[PROVENANCE_ROWS - 1:]
+        rows = rows[:PROVENANCE_ROWS - 1] + [{
+            "source": f"({len(rest)} more)", "review_status": None, "license": None,
+            **{c: sum(r[c] for r in rest) for c in ("kept", "quarantined", "dropped")}}]
+    return {"columns": ["source", "review_status", "license", "kept", "quarantined", "dropped"], "rows": rows,
+            "totals": {c: sum(r[c] for r in rows) for c in ("kept", "quarantined", "dropped")},
+            "require_review": list(require_review) if require_review else None}
+
+
 def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict, pii_quarantine: dict,
                  control_tokens: int, quarantine: list[dict], exact: list, near: list, decon: dict, conflicts: list,
                  examples: list, ids: list, train_lengths: list[int], eval_lengths: list[int], train_groups: Counter,
                  eval_groups: Counter, balance: dict, generic: Optional[dict], split: dict, warnings: list[str],
-                 n_domain_examples: int, max_length: Optional[int] = None, sampled: bool = False) -> dict:
+                 n_domain_examples: int, max_length: Optional[int] = None, sampled: bool = False,
+                 provenance: Optional[dict] = None, benchmarks: Optional[dict] = None) -> dict:
     domain_q = [q for q in quarantine if not q.get("generic")]
     by_stage = Counter(q["stage"] for q in domain_q)
-    after_read = counts["input_rows"] - by_stage["sanitise"]
+    after_sanitise = counts["input_rows"] - by_stage["sanitise"]
+    after_review = after_sanitise - by_stage["review"]
+    after_schema = after_review - by_stage["schema"]
+    after_read = after_schema - by_stage["benchmark"]
     after_tokens = after_read - by_stage["tokens"]
     after_dedup = after_tokens - counts["exact_duplicates"] - counts["near_duplicates"] - counts["decontaminated"]
     after_ids = after_dedup - by_stage["ids"]
@@ -111,7 +137,12 @@ def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict,
     # in the dedup stage so each stage's in = out + removed.
     train_domain = counts["train"] - counts["generic_added"]
     stages = [
-        {"stage": "read + sanitise + PII", "in": counts["input_rows"], "out": after_read, "quarantined": by_stage["sanitise"]},
+        {"stage": "read + sanitise + PII", "in": counts["input_rows"], "out": after_sanitise,
+         "quarantined": by_stage["sanitise"]},
+        {"stage": "review (require_review)", "in": after_sanitise, "out": after_review, "quarantined": by_stage["review"]},
+        {"stage": "answer schema", "in": after_review, "out": after_schema, "quarantined": by_stage["schema"]},
+        {"stage": "benchmark decontamination", "in": after_schema, "out": after_read,
+         "quarantined": by_stage["benchmark"]},
         {"stage": "token limit", "in": after_read, "out": after_tokens, "quarantined": by_stage["tokens"]},
         {"stage": "dedup + decontaminate", "in": after_tokens, "out": after_dedup,
          "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
@@ -157,7 +188,9 @@ def build_report(*, cfg, counts: dict, files: list[dict], base: dict, pii: dict,
             "exact_duplicates": counts["exact_duplicates"], "near_duplicates": counts["near_duplicates"],
             "label_conflicts": len(conflicts), "conflicts": conflicts[:20], "near_examples": near_examples,
         },
-        "decontamination": {"count": counts["decontaminated"], "examples": decon_examples},
+        "decontamination": {"count": counts["decontaminated"], "examples": decon_examples,
+                            "benchmarks": benchmarks},
+        "provenance": provenance,
         "split": {**split, "eval_groups": _groups(eval_groups)},
         "tokens": _tokens_section(train_lengths, eval_lengths, cfg.max_tokens, max_length, sampled,
                                   counts["train"] + counts["eval"]),
@@ -271,6 +304,22 @@ def render_html(r: dict) -> str:
     if d["near_examples"]:
         parts.append(_table([{"jaccard": x["jaccard"], "dropped": f"{x['dropped']['file']}:{x['dropped']['line']} {x['dropped']['key']}",
                               "kept": f"{x['kept']['file']}:{x['kept']['line']} {x['kept']['key']}"} for x in d["near_examples"][:10]]))
+    bm = (r.get("decontamination") or {}).get("benchmarks")
+    if bm:
+        parts.append(f"<h2>Benchmark decontamination</h2><p>{bm['removed']} domain and {bm['generic_removed']} "
+                     "generic row(s) near-duplicated a benchmark row and were quarantined.</p>"
+                     + _table(bm["files"], ["file", "column", "rows", "texts", "skipped", "sha256"])
+                     + _table(bm["examples"][:10], ["file", "line", "benchmark", "benchmark_line", "jaccard"]))
+    prov = r.get("provenance")
+    if prov:
+        need = prov.get("require_review")
+        parts.append("<h2>Provenance</h2><p>"
+                     + (f"Only rows with review_status in {_e(', '.join(need))} were kept. " if need
+                        else "No review was required (<code>data.require_review</code> unset). ")
+                     + "Kept: written to train or eval; dropped: duplicates, decontaminated, balanced out or generic "
+                       "rows not mixed in.</p>"
+                     + _table([{k: ("—" if v is None else v) for k, v in row.items()} for row in prov["rows"]],
+                              prov["columns"]))
     q = r["quarantine"]
     parts.append(f"<h2>Quarantine</h2><p>{q['total']} row(s) in <code>{_e(q['file'])}</code>.</p>"
                  + _table([{"reason": k, "rows": n} for k, n in q["by_reason"].items()])
