@@ -2,8 +2,8 @@
 
 This is the only module that knows every stage, and it defines no verb itself. Stages register their verbs through
 `register(app)` in their own `gemtune/<stage>/commands.py` (the model card: `gemtune/card_commands.py`, the demo:
-`gemtune/demo_commands.py`), listed in STAGE_COMMANDS below; a verb appears in `--help` only once its stage is
-built, so `--help` never lists a verb that does not work.
+`gemtune/demo_commands.py`, the release checklist: `gemtune/release_commands.py`), listed in STAGE_COMMANDS below;
+a verb appears in `--help` only once its stage is built, so `--help` never lists a verb that does not work.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from gemtune.errors import GateFailed, UserError  # noqa: E402
 err_console = Console(stderr=True)
 
 # `--help` lists the verbs in the order of the playbook; a verb not named here follows, in registration order.
-PLAYBOOK_ORDER = ("base", "data", "plan", "train", "eval", "probe", "card", "registry", "serve", "merge", "demo")
+PLAYBOOK_ORDER = ("base", "data", "plan", "train", "eval", "probe", "card", "registry", "release", "serve", "merge",
+                  "demo")
 
 
 class PlaybookGroup(typer.core.TyperGroup):
@@ -49,7 +50,7 @@ app = typer.Typer(
 )
 
 # Each stage's `register(app)` module, in playbook order (base, data, plan + train, eval, probe, card, registry,
-# serve + merge, demo); PlaybookGroup orders --help by PLAYBOOK_ORDER whatever the registration order.
+# release, serve + merge, demo); PlaybookGroup orders --help by PLAYBOOK_ORDER whatever the registration order.
 STAGE_COMMANDS = (
     "gemtune.base.commands",
     "gemtune.data.commands",
@@ -58,6 +59,7 @@ STAGE_COMMANDS = (
     "gemtune.privacy.commands",
     "gemtune.card_commands",
     "gemtune.registry.commands",
+    "gemtune.release_commands",
     "gemtune.serve.commands",
     "gemtune.demo_commands",
 )
