@@ -104,18 +104,48 @@ def pick_version(weights: dict[str, int], *, name: str, alias: str, user: str | 
     return arms[-1][0]
 
 
+class FileRoutes:
+    """Where the route document lives, embedded default: `routes.json` in the registry root, changed under the
+    registry lock, written atomically; its stat is the change stamp a watcher polls. Another store (Redis:
+    routes_redis.py) offers the same members, and may add `listen(on_change, stop)` to push changes."""
+
+    def __init__(self, registry: Registry):
+        self.registry, self.path = registry, registry.routes_path
+
+    def __str__(self) -> str:
+        return "routes.json"
+
+    def locked(self):
+        return self.registry.locked()
+
+    def read(self) -> dict:
+        return read_routes(self.path)
+
+    def write(self, data: dict) -> None:
+        atomic_write_json(self.path, data)
+
+    def stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class RouteTable:
-    """Reads and changes `routes.json` for one registry (used by the CLI and the server's admin API)."""
+    """Reads and changes the route document of one registry (used by the CLI and the server's admin API): in
+    `routes.json`, or in the shared store `source` (routes_redis.RedisRoutes)."""
 
     def __init__(self, registry: Registry, verify: Callable[[str, str], object] | None = None,
-                 check: Callable[[dict, str, str, dict], dict] | None = None):
+                 check: Callable[[dict, str, str, dict], dict] | None = None, source=None):
         self.registry = registry
+        self.source = source or FileRoutes(registry)
         self.path = registry.routes_path
         self.verify = verify or registry.verify
         self.check = check  # under the lock before a promote/split: raises to refuse, or returns fields to record
 
     def read(self) -> dict:
-        return read_routes(self.path)
+        return self.source.read()
 
     def get(self, name: str, alias: str = DEFAULT_ALIAS) -> dict | None:
         return self.read()["routes"].get(name, {}).get(alias)
@@ -138,7 +168,7 @@ class RouteTable:
         """Restore the alias's previous weights (pop its history); repeated calls walk further back."""
         validate_name(name)
         validate_alias(alias)
-        with self.registry.locked():
+        with self.source.locked():
             data = self.read()
             entry = data["routes"].get(name, {}).get(alias)
             if not entry:
@@ -156,7 +186,7 @@ class RouteTable:
             restore(entry, prev)
             append_log(data, {"event": "rollback", "name": name, "alias": alias, "from": before,
                               "to": entry["weights"]})
-            atomic_write_json(self.path, data)
+            self.source.write(data)
             return public(name, alias, entry)
 
     def _verify_all(self, name: str, weights: dict[str, int]) -> None:
@@ -168,25 +198,26 @@ class RouteTable:
                 raise type(e)(f"{name}@{v} fails verification: {e}") from None
 
     def _change(self, name: str, alias: str, weights: dict[str, int], event: str) -> dict:
-        with self.registry.locked():
+        with self.source.locked():
             self._verify_all(name, weights)
             data = self.read()
             extra = self.check(data, name, alias, weights) if self.check else {}
             entry, before = set_weights(data, name, alias, weights, **extra)
             append_log(data, {"event": event, "name": name, "alias": alias, "from": before, "to": weights, **extra})
-            atomic_write_json(self.path, data)
+            self.source.write(data)
             return public(name, alias, entry)
 
     def log_event_locked(self, event: dict) -> None:
         """Append to the audit log; the caller already holds the registry lock."""
         data = self.read()
         append_log(data, event)
-        atomic_write_json(self.path, data)
+        self.source.write(data)
 
 
 class RouteWatcher:
-    """The server's live view of routes.json: re-read when the file's stat changes, checked at most every
-    `poll_s` (so a CLI change is live well within 1 s without a restart).
+    """The server's live view of the routes: re-read when the store's stamp changes (routes.json's stat, Redis's
+    version counter), checked at most every `poll_s` (so a CLI change is live well within 1 s without a restart);
+    a store that pushes changes (`listen`, Redis pub/sub) wakes it at once.
 
     New or changed arms are passed to `accept(name, version)` first (the server verifies sha256 there); an alias
     whose new weights name a version that fails is kept at its last good weights, so a corrupt push never takes
@@ -194,8 +225,10 @@ class RouteWatcher:
     """
 
     def __init__(self, registry: Registry, *, poll_s: float = 0.2,
-                 accept: Callable[[str, str], None] | None = None, on_reject: Callable[[str, str, str], None] | None = None):
+                 accept: Callable[[str, str], None] | None = None, on_reject: Callable[[str, str, str], None] | None = None,
+                 source=None):
         self.registry = registry
+        self.source = source or FileRoutes(registry)
         self.path = registry.routes_path
         self.poll_s = poll_s
         self.accept = accept
@@ -207,20 +240,35 @@ class RouteWatcher:
         self.rejected: dict[tuple[str, str], str] = {}
         self.generation = 0
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self.refresh(force=True)
 
     def start(self) -> None:
-        """Poll in a background thread, so request handlers never stat or hash on the event loop."""
+        """Poll in a background thread, so request handlers never stat or hash on the event loop; a store that
+        pushes changes gets a listener thread too (the poll stays as the fallback for a lost message)."""
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="gemtune-routes", daemon=True)
             self._thread.start()
+        if self._listener is None and hasattr(self.source, "listen"):
+            self._listener = threading.Thread(target=self.source.listen, args=(self._pushed, self._stop),
+                                              name="gemtune-routes-listen", daemon=True)
+            self._listener.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            self._thread = None
+        for t in (self._thread, self._listener):
+            if t is not None:
+                t.join(timeout=3)
+        self._thread = self._listener = None
+
+    def _pushed(self) -> None:
+        try:
+            self.refresh(throttle=False)
+        except Exception as e:
+            if self.on_reject:
+                self.on_reject(str(self.source), "*", f"{type(e).__name__}: {e}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -228,14 +276,7 @@ class RouteWatcher:
                 self.refresh(throttle=False)
             except Exception as e:  # never let the poller die: the server would silently stop following routes
                 if self.on_reject:
-                    self.on_reject("routes.json", "*", f"{type(e).__name__}: {e}")
-
-    def _file_stat(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+                    self.on_reject(str(self.source), "*", f"{type(e).__name__}: {e}")
 
     def refresh(self, force: bool = False, throttle: bool = True) -> bool:
         """Reload if routes.json changed (`force`: reload regardless); returns True when the table changed."""
@@ -244,14 +285,14 @@ class RouteWatcher:
             return False
         with self._lock:
             self._checked = now
-            st = self._file_stat()
+            st = self.source.stamp()
             if not force and st == self._stat:
                 return False
             try:
-                data = read_routes(self.path)
+                data = self.source.read()
             except UserError as e:  # a hand-broken file: keep serving the last good table
                 if self.on_reject:
-                    self.on_reject("routes.json", "*", str(e))
+                    self.on_reject(str(self.source), "*", str(e))
                 self._stat = st
                 return False
             new = {n: {a: e["weights"] for a, e in aliases.items()} for n, aliases in data["routes"].items()}
