@@ -46,6 +46,9 @@ class BackendError(Exception):
     """The backend itself failed (vLLM unreachable, engine crashed): HTTP 502/503, never a silent hang."""
 
 
+COMPILE_TIMEOUT_S = 10.0  # a grammar that takes longer to compile is refused (400), so a hostile schema stalls
+COMPILE_WORKERS = 2  # ... nobody else: compiles run on their own small pool, never on the engine's thread
+
 # One generation: the adapter key (None = base), prompt ids, and OpenAI sampling params. It is the engine's own
 # request type (light: engine_stream imports no torch), so the embedded backend hands it on as it is.
 Gen = GenRequest
@@ -78,12 +81,32 @@ class EmbeddedBackend:
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
         self.base_name = str(base)
+        self.compile_timeout_s = COMPILE_TIMEOUT_S
+        self._compile_pool = None
 
     async def start(self) -> None:
         self.engine.start()
 
+    async def compile_grammar(self, spec) -> None:
+        """Compile a request's grammar into the engine's cache before it is queued, on a pool of its own and under
+        a time limit: a schema that compiles too slowly is a 400 (GrammarError) and occupies only that pool."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from gemtune.serve.structured import GrammarError
+
+        if self._compile_pool is None:
+            self._compile_pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="gemtune-grammar")
+        fut = asyncio.get_running_loop().run_in_executor(self._compile_pool, self.engine.grammars.compile, spec)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise GrammarError(f"the grammar did not compile within {self.compile_timeout_s:g} s; simplify the "
+                               "schema", field=spec.field) from None
+
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.shutdown)
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=False, cancel_futures=True)
 
     async def ensure_loaded(self, key: str, path: str | Path) -> None:
         from gemtune.serve.engine import QueueFull
@@ -104,6 +127,8 @@ class EmbeddedBackend:
 
         from gemtune.serve.engine import AdapterError, QueueFull
 
+        if g.grammar is not None:
+            await self.compile_grammar(g.grammar)
         try:
             return self.engine.submit(dataclasses.replace(g, prompt_ids=list(g.prompt_ids)))
         except QueueFull as e:
@@ -255,6 +280,8 @@ class VllmBackend:
 
             stop = stop_token_ids(self.tokenizer, self.family)
         body["stop_token_ids"] = stop
+        if g.grammar is not None:
+            body.update(vllm_structured(g.grammar))
         return await self._open(body, n, g.adapter)
 
     async def _open(self, body: dict, prompt_tokens: int, adapter: str | None) -> "VllmStream":
@@ -353,6 +380,21 @@ class VllmStream:
         finally:
             self.b._running -= 1
             self._close()
+
+
+def vllm_structured(spec) -> dict:
+    """A request's grammar as vLLM's structured outputs (`response_format` and `structured_outputs` of its
+    completions API): a JSON Schema as `response_format` json_schema, any JSON object as `json_object`, a tool call
+    as an EBNF `grammar` (xgrammar's, which vLLM's default structured-output backend reads)."""
+    if spec.kind == "json_schema":
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "schema", "schema": json.loads(spec.schema),
+                                                    "strict": True}}}
+    if spec.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    from gemtune.serve.structured import xgrammar_grammar
+
+    return {"structured_outputs": {"grammar": str(xgrammar_grammar(spec))}}
 
 
 def _vllm_message(text: str) -> str:

@@ -11,12 +11,14 @@ Handlers are plain functions of the request; the gateway is `request.app.state.g
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from gemtune.errors import UserError
 from gemtune.serve.asgi import GuardedStream, read_body
 from gemtune.serve.auth import Principal
 from gemtune.serve.backends import BackendError, Gen
@@ -24,6 +26,7 @@ from gemtune.serve.gateway import Gateway, Resolved, TenantSlot
 from gemtune.serve.openai import (ChatBody, CompletionBody, GenBody, HTTPError, SSEFrames, StopMatcher, chat_messages,
                                   chat_prompt_ids, check_prompt_chars, completion_prompt, completion_prompt_ids,
                                   completion_response, gen_params, new_usage, stop_strings)
+from gemtune.serve.structured import tool_call_deltas, tool_calls_of, tool_plan
 
 # What a generating request can fail with once admitted: the backend (vLLM gone) or the engine (RequestFailed, a
 # RuntimeError subclass whose `.reason` says whether it was this request alone).
@@ -45,17 +48,28 @@ async def chat(request: Request):
     gateway = gateway_of(request)
     p = gateway.principal(request)
     body = await read_body(request, ChatBody)
-    if body.tools:
-        raise HTTPError(400, "tools are not supported", param="tools")
     res = gateway.resolve(p, body.model, body.user)
     gen = gen_params(body, res.key, tenant=_tenant(p))
+    family = gateway.backend.family
+    try:
+        plan = tool_plan(body.tools, body.tool_choice, family)
+    except UserError as e:
+        raise HTTPError(400, str(e), param=e.field or "tools") from None
+    if plan is not None and plan.grammar is not None:
+        if gen.grammar is not None:
+            raise HTTPError(400, "response_format json_object/json_schema cannot be combined with tool_choice "
+                                 "required or a named tool (each decodes under its own grammar)", param="tool_choice")
+        gen.grammar = plan.grammar
     limit = getattr(gateway.backend, "max_model_len", None)
     if limit and len(body.messages) >= limit:  # every message takes at least one token
         raise HTTPError(400, f"{len(body.messages)} messages cannot fit max_model_len {limit} tokens",
                         param="messages")
     msgs = chat_messages(body.messages)
-    check_prompt_chars(sum(len(m["content"]) for m in msgs), gateway.max_prompt_chars, "messages")
-    return await generate(request, p, body, res, gen, lambda: chat_prompt_ids(gateway.backend, msgs), chat=True)
+    tools = plan.tools if plan is not None else None
+    n_chars = sum(len(m["content"]) for m in msgs) + (len(json.dumps(tools)) if tools else 0)
+    check_prompt_chars(n_chars, gateway.max_prompt_chars, "messages")
+    return await generate(request, p, body, res, gen, lambda: chat_prompt_ids(gateway.backend, msgs, tools),
+                          chat=True, tools_family=family if plan is not None and plan.parse else None)
 
 
 async def completions(request: Request):
@@ -82,9 +96,10 @@ def _tenant(p: Principal) -> str | None:
 
 # ------------------------------------------------------------------------------------------- generation path
 async def generate(request: Request, p: Principal, body: GenBody, res: Resolved, gen: Gen, tokenise, *,
-                   chat: bool):
+                   chat: bool, tools_family=None):
     """Take the tenant's slot, tokenise, submit, and answer (streamed or whole); the slot is released on every
-    path."""
+    path. With `tools_family` (a chat request with tools), tool calls are parsed out of the answer in that
+    family's syntax and returned as `tool_calls` (finish_reason "tool_calls")."""
     gateway = gateway_of(request)
     stops = stop_strings(body)
     slot = await gateway.take_slot(request, p)
@@ -106,7 +121,7 @@ async def generate(request: Request, p: Principal, body: GenBody, res: Resolved,
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return _stream_response(gateway, handle, slot, SSEFrames(rid, res.ref, chat=chat), res, stops,
-                                include_usage, t0, endpoint, headers)
+                                include_usage, t0, endpoint, headers, tools_family)
     try:
         text, finish, usage = await collect(gateway, request, handle, stops)
     finally:
@@ -114,17 +129,27 @@ async def generate(request: Request, p: Principal, body: GenBody, res: Resolved,
     gateway.account(res, usage, t0, endpoint)
     if finish == "cancelled":
         raise HTTPError(499, "client closed request")
-    return JSONResponse(completion_response(rid, res.ref, text, finish, usage, chat=chat), headers=headers)
+    calls = None
+    if tools_family is not None:
+        text, calls = tool_calls_of(text, tools_family)
+        finish = _tool_finish(finish, calls)
+    return JSONResponse(completion_response(rid, res.ref, text, finish, usage, chat=chat, tool_calls=calls),
+                        headers=headers)
+
+
+def _tool_finish(finish: str | None, calls: list) -> str | None:
+    """OpenAI's finish reason for an answer that called tools: "tool_calls" (unless it was cut by length)."""
+    return "tool_calls" if calls and finish in ("stop", None) else finish
 
 
 def _stream_response(gateway: Gateway, handle, slot: TenantSlot, frames: SSEFrames, res: Resolved, stops: list[str],
-                     include_usage: bool, t0: float, endpoint: str, headers: dict) -> GuardedStream:
+                     include_usage: bool, t0: float, endpoint: str, headers: dict, tools_family=None) -> GuardedStream:
     def on_close():
         handle.cancel()  # a no-op for a request that finished
         slot.release()
 
     try:
-        return GuardedStream(stream(gateway, handle, frames, res, stops, include_usage, t0, endpoint),
+        return GuardedStream(stream(gateway, handle, frames, res, stops, include_usage, t0, endpoint, tools_family),
                              on_close=on_close, media_type="text/event-stream", headers=headers)
     except BaseException:
         on_close()
@@ -187,11 +212,16 @@ async def collect(gateway: Gateway, request: Request, handle, stops: list[str]):
 
 
 async def stream(gateway: Gateway, handle, frames: SSEFrames, res: Resolved, stops: list[str], include_usage: bool,
-                 t0: float, endpoint: str):
+                 t0: float, endpoint: str, tools_family=None):
     """Server-sent events; on disconnect Starlette cancels us and we cancel the handle. A failure after the first
-    chunk is an error event in OpenAI's shape, then `[DONE]`."""
+    chunk is an error event in OpenAI's shape, then `[DONE]`.
+
+    With `tools_family` the text is held until the answer is complete (a call is only known once its closing
+    marker arrives), then sent as content and tool-call deltas in OpenAI's shape (per call: index, id, type and
+    name, then its arguments), finish_reason "tool_calls"."""
     answer = Answer(handle, stops)
     finished, first = False, True
+    held: list[str] = []
     try:
         if frames.chat:
             yield frames.role()
@@ -199,8 +229,19 @@ async def stream(gateway: Gateway, handle, frames: SSEFrames, res: Resolved, sto
             if first:
                 gateway.metrics.ttft.observe(time.monotonic() - t0, endpoint)
                 first = False
-            yield frames.delta(text)
-        yield frames.delta(None, answer.finish or "stop")
+            if tools_family is not None:
+                held.append(text)
+            else:
+                yield frames.delta(text)
+        finish = answer.finish or "stop"
+        if tools_family is not None:
+            content, calls = tool_calls_of("".join(held), tools_family)
+            if content:
+                yield frames.delta(content)
+            for d in tool_call_deltas(calls):
+                yield frames.delta(None, extra=d)
+            finish = _tool_finish(finish, calls)
+        yield frames.delta(None, finish)
         if include_usage:
             yield frames.usage(answer.usage)
         yield frames.DONE

@@ -87,6 +87,7 @@ from pathlib import Path
 import torch
 
 from gemtune.errors import UserError
+from gemtune.serve.engine_grammar import Grammars
 from gemtune.serve.engine_stream import Detokenizer, GenRequest, Handle, QueueFull, RequestFailed, TokenEvent
 from gemtune.serve.lora_batch import AdapterError, LoadedAdapter, LoRAPack, read_adapter
 
@@ -107,7 +108,7 @@ class _Seq:
     """Scheduler-side state of one request."""
 
     __slots__ = ("req", "handle", "adapter_key", "uid", "prompt", "out", "n_cached", "stop", "gen", "detok",
-                 "cancelled", "finished", "completion", "tenant")
+                 "cancelled", "finished", "completion", "tenant", "grammar")
 
     def __init__(self, req: GenRequest, uid: str | None, stop: set[int], gen: torch.Generator | None, detok):
         self.req = req
@@ -124,6 +125,7 @@ class _Seq:
         self.completion = 0
         self.handle: Handle | None = None
         self.tenant = req.tenant
+        self.grammar = None  # its grammar matcher while a constrained request is in the engine
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -162,6 +164,8 @@ class Engine:
         self.runner = ModelRunner(model, max_batch=max_batch, max_model_len=max_model_len, prefill_chunk=prefill_chunk)
         self.vocab_size = self.runner.lm_head.out_features
         self.default_stop = set(stop_token_ids(tok, self.family))
+        self.grammars = Grammars(tok, self.vocab_size, stop_token_ids(tok, self.family))
+        self._grammar_states = 0  # live matchers: constrained requests queued or running
         self._seed_rng = torch.Generator().manual_seed(seed)
         # state shared with the scheduler thread, guarded by _cv's lock (re-entrant: whoever holds it can submit
         # several requests that the scheduler then sees together, in one admission pass)
@@ -296,7 +300,11 @@ class Engine:
         self._pack_dirty = False
 
     def _release(self, seq: _Seq) -> None:
-        """A request left the engine: unpin its adapter instance, dropping a drained one (lock held)."""
+        """A request left the engine: drop its grammar state, unpin its adapter instance, dropping a drained one
+        (lock held)."""
+        if seq.grammar is not None:
+            seq.grammar = None
+            self._grammar_states -= 1
         if seq.uid is None:
             return
         uid, seq.uid = seq.uid, None
@@ -356,6 +364,7 @@ class Engine:
                 with self._cv:
                     seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
             gen = torch.Generator().manual_seed(seed)
+        matcher = self.grammars.matcher(req.grammar) if req.grammar is not None else None  # GrammarError: 400
         seq = _Seq(req, None, stop, gen, Detokenizer(self.tokenizer))
         seq.handle = Handle(lambda: self._cancel(seq))
         with self._cv:
@@ -372,6 +381,9 @@ class Engine:
             # nothing below can fail: the reference and the queue entry are taken together
             if seq.uid is not None:
                 self._refs[seq.uid] += 1
+            if matcher is not None:
+                seq.grammar = matcher
+                self._grammar_states += 1
             q = self._queues.get(seq.tenant)
             if q is None:
                 q = self._queues[seq.tenant] = deque()
@@ -462,6 +474,8 @@ class Engine:
                 "forward_seconds_total": round(self._stats["forward_seconds"], 6),
                 "prefix_shared_tokens_total": self._stats["prefix_shared_tokens"],
                 "kv_cache_bytes": self.runner.cache.nbytes(),
+                "grammar_states": self._grammar_states,
+                "grammars_cached": self.grammars.cached(),
                 "lm_head_fallback_rows": getattr(self.runner.screened_head, "fallbacks", 0),
                 "compute": self.runner.compute(),
                 "per_adapter": {k: dict(v) for k, v in self._per_adapter.items()},
@@ -634,7 +648,7 @@ class Engine:
         t0 = time.perf_counter()
         with self.runner.threads.step(len(ids)):
             hidden = self.runner.forward(step, pack)
-            tokens, errors = choose_tokens(self.runner, hidden, [rows[r] for r in logit_rows])
+            tokens, errors = choose_tokens(self.runner, hidden, [rows[r] for r in logit_rows], self.grammars)
         dt = time.perf_counter() - t0
         self.step_log.append((D, sum(pre_len), dt))
         for r in range(D):
@@ -691,6 +705,13 @@ class Engine:
                 failed[id(s)] = errors[i]
                 continue
             s.completion += 1
+            if s.grammar is not None:
+                if not s.grammar.accept_token(tok):  # cannot happen: the token came from the grammar's mask
+                    failed[id(s)] = ("engine", f"the grammar refused token {tok}")
+                    continue
+                if s.grammar.is_terminated():  # the grammar ended on a stop token: not emitted, as any stop
+                    finished[id(s)] = (s, "stop", None, "")
+                    continue
             if tok in s.stop:
                 finished[id(s)] = (s, "stop", None, "")
                 continue

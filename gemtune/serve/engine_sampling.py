@@ -143,8 +143,12 @@ class ScreenedHead:
         return out
 
 
-def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> tuple[list[int | None], dict[int, tuple[str, str]]]:
+def choose_tokens(runner, hidden: torch.Tensor, seqs: list,
+                  grammars=None) -> tuple[list[int | None], dict[int, tuple[str, str]]]:
     """Next token for each row of `hidden` (final-normed states of the rows that need one).
+
+    Rows whose sequence holds a grammar matcher (`seq.grammar`) get a token their grammar allows
+    (`engine_grammar.constrain_tokens`, with `grammars`); the free rows are computed exactly as without them.
 
     Returns (tokens, errors): a row whose token cannot be chosen — its activations are inf/NaN, its sampling
     raised, or the head gave an id outside the vocabulary — gets token None and (reason, message) in `errors[i]`
@@ -159,7 +163,8 @@ def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> tuple[list[int | 
         if not ok:
             errors[i] = ("numerics", "the model's activations became inf/NaN for this request")
     live = [i for i in range(len(seqs)) if i not in errors]
-    sampled = [i for i in live if is_sampled(seqs[i].req)]
+    constrained = [i for i in live if getattr(seqs[i], "grammar", None) is not None]
+    sampled = [i for i in live if is_sampled(seqs[i].req) and (not constrained or i not in constrained)]
     greedy = [i for i in live if not is_sampled(seqs[i].req)]
     tokens: list[int | None] = [None] * len(seqs)
     if greedy:
@@ -176,6 +181,11 @@ def choose_tokens(runner, hidden: torch.Tensor, seqs: list) -> tuple[list[int | 
                 tokens[i] = sample_row(logits[row], s.req.temperature, s.req.top_p, s.gen)
             except Exception as e:  # this row only: the batch goes on
                 errors[i] = ("sampling", f"sampling failed: {type(e).__name__}: {e}")
+    if constrained:
+        from gemtune.serve.engine_grammar import constrain_tokens
+
+        draw = lambda logits, s: sample_row(logits, s.req.temperature, s.req.top_p, s.gen)  # noqa: E731
+        constrain_tokens(grammars, runner, hidden, seqs, tokens, errors, constrained, draw)
     vocab = runner.lm_head.out_features
     for i, t in enumerate(tokens):
         if i not in errors and not (t is not None and 0 <= t < vocab):

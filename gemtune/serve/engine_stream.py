@@ -34,6 +34,23 @@ class RequestFailed(RuntimeError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A request's output grammar, as text (hashable: the engine's compiled-grammar cache is keyed by it).
+
+    kind: "json_schema" (`schema` is the JSON Schema's canonical JSON text), "json_object" (any JSON object;
+    `schema` is "{}"), or "tool_call" (`schema` is the JSON Schema of one call's `{"name", "arguments"}` object, and
+    the call is wrapped in `open` ... `close`, the family's tool-call syntax). `field` names the request field the
+    grammar came from, for errors ("response_format.json_schema.schema", "tools").
+    """
+
+    kind: str
+    schema: str
+    field: str = "response_format"
+    open: str = ""
+    close: str = ""
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -45,6 +62,7 @@ class GenRequest:
     stop_ids: list[int] | None = None
     ignore_eos: bool = False
     tenant: str | None = None  # fair admission: round-robin across tenants; None = one shared bucket
+    grammar: GrammarSpec | None = None  # constrained decoding (structured outputs); None = free
 
 
 @dataclass

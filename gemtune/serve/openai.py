@@ -89,6 +89,22 @@ def generation_failed(e: Exception) -> HTTPError:
 
 
 # ----------------------------------------------------------------------------------------------- request bodies
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("schema", min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema", description="a JSON Schema; the answer is decoded under it")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class GenBody(BaseModel):
     """What chat and completion requests share: the model and the sampling parameters."""
 
@@ -109,6 +125,8 @@ class GenBody(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     logprobs: Optional[Any] = None
     ignore_eos: bool = False
+    response_format: Optional[ResponseFormat] = Field(None, description="text, json_object (any JSON object) or "
+                                                      "json_schema (decoded under the schema)")
 
 
 class TextPart(BaseModel):
@@ -121,13 +139,20 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    tool_calls: Optional[list[dict]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
 
 
 class ChatBody(GenBody):
     messages: list[Message] = Field(min_length=1)
-    tools: Optional[list] = None
+    tools: Optional[list[dict]] = Field(None, description="OpenAI function tools, rendered into the prompt")
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict]] = Field(
+        None, description='"none", "auto" (default with tools), "required", or {"type": "function", "function": '
+        '{"name"}}; required and named decode under a grammar of the call')
+    parallel_tool_calls: Optional[bool] = None
 
 
 class CompletionBody(GenBody):
@@ -249,7 +274,14 @@ def chat_messages(messages: list) -> list[dict]:
             m = m.model_dump()
         if not isinstance(m, dict):
             raise HTTPError(400, f"messages[{i}] must be an object", param="messages")
-        msgs.append({"role": m.get("role"), "content": _content_text(m.get("content"), f"messages[{i}]")})
+        content = m.get("content")
+        if content is None and (m.get("tool_calls") or m.get("role") == "tool"):
+            content = ""
+        msg = {"role": m.get("role"), "content": _content_text(content, f"messages[{i}]")}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        msgs.append(msg)
     return msgs
 
 
@@ -259,18 +291,19 @@ def check_prompt_chars(n_chars: int, limit: int | None, param: str) -> None:
                              "characters); shorten it", param=param)
 
 
-def chat_prompt_ids(backend, messages: list) -> list[int]:
-    """Validate and render chat messages with the base's template (tokenises: call it off the event loop)."""
+def chat_prompt_ids(backend, messages: list, tools: list | None = None) -> list[int]:
+    """Validate and render chat messages (and tool definitions) with the base's template (tokenises: call it off
+    the event loop)."""
     from gemtune.base.templates import render_prompt, validate_messages
 
     msgs = chat_messages(messages)
     try:
-        validate_messages(msgs, require_final_assistant=False)
-        if msgs[-1]["role"] != "user":
-            raise UserError("the last message must be the user's", field="messages")
-        return render_prompt(msgs, backend.tokenizer, backend.family).input_ids
+        validate_messages(msgs, require_final_assistant=False, tools=tools)
+        if msgs[-1]["role"] not in ("user", "tool"):
+            raise UserError("the last message must be the user's (or a tool result)", field="messages")
+        return render_prompt(msgs, backend.tokenizer, backend.family, tools=tools).input_ids
     except UserError as e:
-        raise HTTPError(400, str(e), param="messages") from None
+        raise HTTPError(400, str(e), param=e.field if e.field and e.field != "messages" else "messages") from None
 
 
 def completion_prompt(prompt) -> str | list[int]:
@@ -314,8 +347,14 @@ def gen_params(body: GenBody, adapter: str | None, tenant: str | None = None) ->
         raise HTTPError(400, f"top_p must be in (0, 1], got {clip(body.top_p)}", param="top_p")
     if body.seed is not None and not (INT64[0] <= body.seed <= INT64[1]):
         raise HTTPError(400, f"seed must be a 64-bit signed integer, from {INT64[0]} to {INT64[1]}", param="seed")
+    from gemtune.serve.structured import response_format_grammar
+
+    try:
+        grammar = response_format_grammar(body.response_format)
+    except UserError as e:
+        raise HTTPError(400, str(e), param=e.field) from None
     return Gen(prompt_ids=[], adapter=adapter, max_tokens=max_tokens, temperature=t,
-               top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos, tenant=tenant)
+               top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos, tenant=tenant, grammar=grammar)
 
 
 def stop_strings(body: GenBody) -> list[str]:
@@ -366,10 +405,17 @@ def new_usage() -> dict:
     return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None, usage: dict, *, chat: bool) -> dict:
-    """A whole (non-streamed) answer: `chat.completion` or `text_completion`."""
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-              if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+def completion_response(rid: str, model: str, text: str | None, finish: str | None, usage: dict, *, chat: bool,
+                        tool_calls: list | None = None) -> dict:
+    """A whole (non-streamed) answer: `chat.completion` (with `tool_calls` when the answer made some) or
+    `text_completion`."""
+    if chat:
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage}
 
@@ -397,9 +443,10 @@ class SSEFrames:
         """The first chat chunk: the assistant's role, no text yet."""
         return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
 
-    def delta(self, text: str | None, finish: str | None = None) -> str:
+    def delta(self, text: str | None, finish: str | None = None, *, extra: dict | None = None) -> str:
         if self.chat:
-            ch = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            d = {"content": text} if text else {}
+            ch = {"index": 0, "delta": {**d, **(extra or {})}, "finish_reason": finish}
         else:
             ch = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         return self._chunk([ch])
