@@ -161,3 +161,20 @@ def test_config_names_file_line_and_field_for_a_missing_benchmark(tmp_path):
     with pytest.raises(UserError) as e:
         load_data_config(y)
     assert str(e.value).startswith(f'{y}:3: field "data.decontaminate.0.path": benchmark file not found: gone.jsonl')
+
+
+def test_generic_rows_copying_a_benchmark_are_quarantined_and_never_mixed_in(tiny_gemma3, tmp_path):
+    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
+    gen = _jsonl(tmp_path / "generic.jsonl",
+                 [{"instruction": BENCH[1].lower(), "output": "Venus"}]
+                 + [{"instruction": f"Write a haiku about the number {i} and the colour {i * 11}", "output": "ok"}
+                    for i in range(10)])
+    out = tmp_path / "ds"
+    report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Answer.", generic=[str(gen)],
+                                          generic_fraction=0.1, decontaminate=[{"path": str(_bench_jsonl(tmp_path / "b.jsonl"))}]))
+    bm = report["decontamination"]["benchmarks"]
+    assert (bm["removed"], bm["generic_removed"]) == (4, 1)
+    q = [r for r in _records(out / "quarantine.jsonl") if r.get("generic")]
+    assert [(r["line"], r["stage"]) for r in q] == [(1, "benchmark")]
+    assert report["counts"]["generic_added"] > 0
+    assert not any("Venus" in json.dumps(r) for r in _records(out / "train.jsonl"))

@@ -159,3 +159,18 @@ def test_require_review_from_yaml_and_the_cli(tiny_gemma3, tmp_path, cli):
     kept = _records(tmp_path / "ds" / "train.jsonl") + _records(tmp_path / "ds" / "eval.jsonl")
     assert {(r["provenance"]["review_status"] or "").strip().lower() for r in kept} == {"approved", "rejected"}
     assert len(kept) == 30
+
+
+def test_provenance_table_keeps_the_largest_rows_and_sums_the_rest():
+    from collections import Counter
+
+    from gemtune.data.report import PROVENANCE_ROWS, provenance_table
+
+    kept = Counter({(f"s{i}", "approved", "mit"): 1000 - i for i in range(150)})
+    quarantined = Counter({("s149", "pending", None): 7})
+    t = provenance_table(kept, quarantined, Counter(), ["approved"])
+    assert len(t["rows"]) == PROVENANCE_ROWS
+    assert t["rows"][0] == {"source": "s0", "review_status": "approved", "license": "mit", "kept": 1000,
+                            "quarantined": 0, "dropped": 0}
+    assert t["rows"][-1]["source"] == "(52 more)"  # 151 keys: 99 shown, 52 summed
+    assert t["totals"] == {"kept": sum(kept.values()), "quarantined": 7, "dropped": 0}
