@@ -41,6 +41,21 @@ def register(app: typer.Typer) -> None:
                                              "arrive before the connection is closed (slowloris)."),
         body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds for a request's body to arrive "
                                            "after its headers (408 beyond)."),
+        routes: Optional[str] = typer.Option(None, "--routes", help="Where routes live: file (routes.json, the "
+                                             "default) or redis://HOST:PORT/DB, shared by several gateways."),
+        cluster: Optional[str] = typer.Option(None, "--cluster", help="ray: serve through Ray Serve replicas of "
+                                              "the base (see docs/stages/serve-cluster.md)."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: "
+                                                  "start a local one)."),
+        replicas: int = typer.Option(2, "--replicas", help="Replicas of the base (--cluster ray)."),
+        min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="Autoscaling lower bound."),
+        max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Autoscaling upper bound."),
+        replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="Ray CPUs per replica."),
+        replica_gpus: float = typer.Option(0.0, "--replica-gpus", help="Ray GPUs per replica (vLLM)."),
+        vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="vLLM's interpreter, for "
+                                                  "--cluster ray --engine vllm."),
+        replica_stats: Optional[str] = typer.Option(None, "--replica-stats", help="Directory where each replica "
+                                                    "writes its counters (pid, adapter loads, in flight)."),
     ):
         """Serve the registry's adapters over an OpenAI-compatible API (routes, A/B, tenants, metrics)."""
         from gemtune.base.provision import DEFAULT_MODEL, pull
@@ -70,15 +85,28 @@ def register(app: typer.Typer) -> None:
         from gemtune.serve.gateway import build_gateway
         from gemtune.serve.server import uvicorn_config
 
+        ccfg = None
+        if cluster is not None:
+            if cluster != "ray":
+                raise UserError(f"unknown cluster {cluster!r}; expected ray", field="cluster")
+            from gemtune.serve.cluster import ClusterConfig
+
+            ccfg = ClusterConfig(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                                 max_loras=max_loras, engine=engine, vllm_python=vllm_python, num_cpus=replica_cpus,
+                                 num_gpus=replica_gpus, max_batch=max_batch, max_queue=max_queue,
+                                 max_model_len=max_model_len, max_lora_rank=max_lora_rank, dtype=dtype,
+                                 stats_dir=replica_stats).check()
         gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
                            max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                           max_queue=max_queue, max_model_len=max_model_len)
-        if engine == "vllm":
+                           max_queue=max_queue, max_model_len=max_model_len, routes=routes, cluster=ccfg,
+                           ray_address=ray_address)
+        if engine == "vllm" and ccfg is None:
             gw.backend.check()
         note = embedded_engine_note(engine)
         if note:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        err.print(f"gemtune serving {registry} with the {engine} engine on http://{host}:{port}", highlight=False)
+        where = f"{engine} engine" + (f" in {ccfg.replicas} Ray Serve replicas" if ccfg else "")
+        err.print(f"gemtune serving {registry} with the {where} on http://{host}:{port}", highlight=False)
         app = create_app(gw, max_body_bytes=int(max_body_mib * 1024 * 1024), body_timeout_s=body_timeout)
         uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info",
                                       header_timeout_s=header_timeout)).run()

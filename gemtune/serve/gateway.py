@@ -124,17 +124,21 @@ def max_prompt_chars(backend) -> int | None:
 class Gateway:
     """Everything between HTTP and the backend: tenants, routes, loading with verification, metrics."""
 
-    def __init__(self, registry: Registry, backend, tenants: Tenants | None = None, *, poll_s: float = 0.1):
+    def __init__(self, registry: Registry, backend, tenants: Tenants | None = None, *, poll_s: float = 0.1,
+                 route_source=None):
         self.registry = registry
         self.backend = backend
         self.tenants = tenants
         self.gates: dict[str, TenantGate] = {}
         self.metrics = Metrics(queue_depth=backend.queue_depth, loaded=backend.loaded, running=backend.running,
                                tenants=lambda: [(n, g.running, len(g.waiters)) for n, g in sorted(self.gates.items())])
+        if hasattr(backend, "attach_metrics"):
+            backend.attach_metrics(self.metrics)
         self.max_prompt_chars = max_prompt_chars(backend)
         self._recently_verified: dict[tuple[str, str], float] = {}
-        self.routes = RouteTable(registry, verify=self._verify_for_route)
-        self.watcher = RouteWatcher(registry, poll_s=poll_s, accept=self._accept_version, on_reject=self._rejected)
+        self.routes = RouteTable(registry, verify=self._verify_for_route, source=route_source)
+        self.watcher = RouteWatcher(registry, poll_s=poll_s, accept=self._accept_version, on_reject=self._rejected,
+                                    source=route_source)
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._last_generation = self.watcher.generation
 
@@ -331,16 +335,26 @@ class Gateway:
 def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str = "embedded",
                   vllm_url: str | None = None, base: str | None = None, dtype: str = "float32",
                   max_batch: int = 32, max_loras: int = 8, max_lora_rank: int = 64, max_queue: int = 256,
-                  max_model_len: int = 2048, poll_s: float = 0.1) -> Gateway:
-    """Registry + tenants + backend → Gateway (`gemtune serve`, the demo, tests and benchmarks all call this)."""
+                  max_model_len: int = 2048, poll_s: float = 0.1, routes: str | None = None,
+                  cluster=None, ray_address: str | None = None) -> Gateway:
+    """Registry + tenants + backend → Gateway (`gemtune serve`, the demo, tests and benchmarks all call this).
+
+    `routes`: None/"file" (routes.json) or redis://HOST:PORT/DB, shared by several gateways. `cluster`: a
+    `cluster.ClusterConfig` to serve through Ray Serve replicas (joining `ray_address`, or a local Ray)."""
     from gemtune.base.provision import DEFAULT_MODEL, pull
+    from gemtune.registry.routes_redis import route_source
     from gemtune.serve.auth import load_tenants
     from gemtune.serve.backends import EmbeddedBackend, VllmBackend
 
     reg = Registry(registry_dir, create=True)
     ten = load_tenants(tenants) if tenants else None
+    source = route_source(routes, reg)
     base_dir = pull(base or DEFAULT_MODEL)
-    if engine == "embedded":
+    if cluster is not None:
+        from gemtune.serve.cluster import ClusterBackend
+
+        backend = ClusterBackend(base_dir, reg.root, cluster, ray_address=ray_address, max_queue=max_queue)
+    elif engine == "embedded":
         backend = EmbeddedBackend(base_dir, dtype=dtype, max_batch=max_batch, max_loras=max_loras,
                                   max_lora_rank=max_lora_rank, max_queue=max_queue, max_model_len=max_model_len)
     elif engine == "vllm":
@@ -351,4 +365,4 @@ def build_gateway(registry_dir: str, *, tenants: str | None = None, engine: str 
                               max_lora_rank=max_lora_rank)
     else:
         raise UserError(f"unknown engine {engine!r}; expected embedded or vllm", field="engine")
-    return Gateway(reg, backend, ten, poll_s=poll_s)
+    return Gateway(reg, backend, ten, poll_s=poll_s, route_source=source)

@@ -104,6 +104,12 @@ class Metrics:
                                 "Requests that failed while generating, by reason: sampling or numerics (that "
                                 "request alone, 500), engine (the shared step, 503), backend (unreachable, 503).",
                                 ("reason",))
+        self.cluster_retries = Counter(r, "gemtune_cluster_retries_total",
+                                       "Requests sent again to another replica because theirs died or stayed silent "
+                                       "before the first token, by reason.", ("reason",))
+        self.cluster_stream_errors = Counter(r, "gemtune_cluster_stream_errors_total",
+                                             "Requests ended with an error because their replica was lost after "
+                                             "they had streamed.", ("reason",))
         r.register(_Callbacks([
             ("gemtune_queue_depth", "Requests admitted and waiting for a batch slot.", (),
              lambda: [((), queue_depth())]),
