@@ -6,12 +6,19 @@ batched greedy decoding on the model's own device and dtype, prompts sorted by l
 padding, left padding, each row stopping at the family's end-of-turn (or eos), logits for the last position only.
 Greedy decoding with a fixed batch plan gives identical outputs on rerun. `placement` (device + dtype the model
 really runs in) is part of the eval output-cache key, so CPU and GPU outputs never mix.
+
+`generate_constrained(prompts, schemas, max_new_tokens)` (`eval.constrained`) decodes each prompt greedily under its
+JSON Schema, as the server does for `response_format` json_schema: an xgrammar matcher per row (same options as
+`serve/structured.py`: compact JSON, strict), the greedy token chosen among the tokens the grammar allows, the row
+ending when the grammar does. It goes through the same helper (`gemtune.base.generate`), whose sampling hook takes
+the grammar's choice as a one-point distribution, so batching, padding and stopping are the free decoding's own.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from gemtune.base import generate as gen_lib
 from gemtune.base.device import Placement, placement_of
@@ -63,6 +70,95 @@ class LocalGenerator:
                                 batch_size=self.batch_size, seed=self.seed)
         self.last_new_tokens = [len(r) for r in rows]
         return [self.decode(r) for r in rows]
+
+    def generate_constrained(self, prompts: list[list[int]], schemas: list[Any], max_new_tokens: int) -> list[str]:
+        """Greedy answers, each decoded under its JSON Schema (a dict or JSON text); in input order."""
+        compiled = [self._grammars().compile(schema_text(s)) for s in schemas]
+        out: list[list[int]] = [[] for _ in prompts]
+        for idx in gen_lib.plan_batches(prompts, self.batch_size):
+            proc = GrammarChoice([compiled[i] for i in idx], self.stops, self.pad_id)
+            rows = gen_lib.generate_batch(self.model, [prompts[i] for i in idx], max_new_tokens, stops=self.stops,
+                                          pad_id=self.pad_id, sampling=proc, seed=self.seed)
+            for i, row in zip(idx, rows):
+                out[i] = row
+        self.last_new_tokens = [len(r) for r in out]
+        return [self.decode(r) for r in out]
+
+    def _grammars(self) -> "SchemaCompiler":
+        if getattr(self, "_compiler", None) is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
+            self._compiler = SchemaCompiler(self.tokenizer, vocab, self.stops)
+        return self._compiler
+
+
+# ----------------------------------------------------------------------------------------------- constrained
+def schema_text(schema: Any) -> str:
+    """A schema (dict or JSON text) as the JSON text it compiles from (key order kept: keys are emitted in it)."""
+    if isinstance(schema, str):
+        schema = json.loads(schema)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+class SchemaCompiler:
+    """xgrammar compiles for one tokenizer; a compiled grammar per distinct schema text."""
+
+    def __init__(self, tokenizer, vocab_size: int, stops: list[int]):
+        import xgrammar as xgr
+
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stops))
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._cache: dict[str, Any] = {}
+
+    def compile(self, text: str):
+        if text not in self._cache:
+            self._cache[text] = self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        return self._cache[text]
+
+
+class GrammarChoice:
+    """A `Sampling` stand-in for `gemtune.base.generate`: its one logits processor keeps, per row, only the greedy
+    token among those the row's grammar allows (all other scores -inf, so the draw is that token with probability
+    1), and advances the row's matcher with the token chosen at the previous step."""
+
+    def __init__(self, compiled: list, stops: list[int], pad_id: int):
+        import xgrammar as xgr
+
+        self.matchers = [xgr.GrammarMatcher(c) for c in compiled]
+        self.stops, self.pad_id = set(stops), pad_id
+        self.done = [False] * len(compiled)
+        self.calls = 0
+
+    def processors(self):
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList([self])
+
+    def __call__(self, input_ids, scores):
+        import torch
+        import xgrammar as xgr
+
+        if self.calls:
+            for r, t in enumerate(input_ids[:, -1].tolist()):
+                if self.done[r]:
+                    continue
+                m = self.matchers[r]
+                if t in self.stops or not m.accept_token(t) or m.is_terminated():
+                    self.done[r] = True
+        self.calls += 1
+        cpu = scores.detach().float().cpu()
+        bitmask = xgr.allocate_token_bitmask(len(self.matchers), cpu.shape[1])
+        live = [r for r in range(len(self.matchers)) if not self.done[r]]
+        for r in live:
+            self.matchers[r].fill_next_token_bitmask(bitmask, r)
+        xgr.apply_token_bitmask_inplace(cpu, bitmask, indices=live or None)
+        pick = cpu.argmax(-1)
+        for r in range(len(self.matchers)):
+            if self.done[r]:
+                pick[r] = self.pad_id
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(pick), device=scores.device), pick.to(scores.device)] = 0.0
+        return out
 
 
 def make_generator(model, tokenizer, *, batch_size: int = 16, seed: int = 0, family: Family | None = None,

@@ -4,10 +4,17 @@ The runner owns everything that is not generation — prompt rendering, the outp
 pass, the summary — so a faster engine plugs in through `engine.Generator` without touching any of it. Latency is
 measured in a separate unbatched pass (`latency=True`) because per-case latency inside a batch measures the batch,
 not the case; it is never cached.
+
+With `eval.constrained: true`, the cases that carry a `schema` are decoded a second time under it
+(`Generator.generate_constrained`, what the server does for `response_format` json_schema) and scored the same way:
+each such row gets `output_constrained`, `pass_constrained` and `scores_constrained` beside its free `output`, and
+the summary's `constrained` block gives both accuracies over those cases (`accuracy` under the schema,
+`free_accuracy` of the same cases decoded freely). The gate still judges the free outputs: what the adapter emits.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -15,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 
 from gemtune.base.families import Family
+from gemtune.errors import UserError
 from gemtune.base.templates import render_prompt
 from gemtune.evals.cache import OutputCache
 from gemtune.evals.scorers import ScoreContext, score_one
@@ -41,7 +49,17 @@ class ModelUnderTest:
 
 
 def render_prompts(suite: Suite, tokenizer, family: Family) -> list[list[int]]:
-    return [render_prompt(c.messages, tokenizer, family).input_ids for c in suite.cases]
+    """Each case's prompt, its tool definitions rendered in when it offers tools."""
+    return [render_prompt(c.messages, tokenizer, family, tools=c.tools or None).input_ids for c in suite.cases]
+
+
+def case_key(c: Case) -> str:
+    """A case's cache identity: `Case.key()`, plus its tools when it offers some (they are part of the prompt)."""
+    if not c.tools:
+        return c.key()
+    from gemtune.utils import sha256_text
+
+    return sha256_text(json.dumps([c.key(), c.tools], sort_keys=True, ensure_ascii=False))
 
 
 def placement_key(mut: ModelUnderTest) -> dict:
@@ -66,7 +84,7 @@ def generate_outputs(suite: Suite, mut: ModelUnderTest, cache: OutputCache,
 
     gen = generation_key(suite, mut)
     msha = model_sha(mut.base_sha, mut.adapter_sha)
-    keys = [OutputCache.key(msha, c.key(), gen) for c in suite.cases]
+    keys = [OutputCache.key(msha, case_key(c), gen) for c in suite.cases]
     outputs: list[Optional[str]] = [None] * len(keys)
     tokens = [0] * len(keys)
     hits_before = cache.hits
@@ -93,6 +111,52 @@ def generate_outputs(suite: Suite, mut: ModelUnderTest, cache: OutputCache,
              "cases_per_s": round(len(missing) / seconds, 3) if seconds > 0 else None,
              "tokens_per_s": round(gen_tokens / seconds, 3) if seconds > 0 else None}
     return outputs, tokens, stats  # type: ignore[return-value]
+
+
+def generate_constrained_outputs(suite: Suite, mut: ModelUnderTest, cache: OutputCache,
+                                 progress: Callable[[str], None] | None = None) -> dict[int, tuple[str, int]]:
+    """Outputs decoded under each case's schema, for the cases that carry one: {case index: (output, tokens)}.
+    Cached like the free outputs, under a generation key that says "greedy+schema" and the schema itself."""
+    from gemtune.evals.cache import model_sha
+    from gemtune.utils import sha256_text
+
+    idx = [i for i, c in enumerate(suite.cases) if c.schema is not None]
+    if not idx:
+        return {}
+    if not hasattr(mut.generator, "generate_constrained"):
+        raise UserError(f"eval.constrained: the generator {mut.generator.name!r} cannot decode under a schema",
+                        field="eval.constrained")
+    gen = {**generation_key(suite, mut), "decoding": "greedy+schema"}
+    msha = model_sha(mut.base_sha, mut.adapter_sha)
+    keys = {i: OutputCache.key(msha, sha256_text(json.dumps([case_key(suite.cases[i]), suite.cases[i].schema],
+                                                            sort_keys=True)), gen) for i in idx}
+    out: dict[int, tuple[str, int]] = {}
+    for i in idx:
+        hit = cache.get(keys[i])
+        if hit is not None and isinstance(hit.get("output"), str):
+            out[i] = (hit["output"], int(hit.get("tokens", 0)))
+    missing = [i for i in idx if i not in out]
+    if missing:
+        prompts = render_prompts(suite, mut.tokenizer, mut.family)
+        if progress:
+            progress(f"{mut.name}: decoding {len(missing)} cases under their schema")
+        new = mut.generator.generate_constrained([prompts[i] for i in missing],
+                                                 [suite.cases[i].schema for i in missing], suite.config.max_new_tokens)
+        counts = getattr(mut.generator, "last_new_tokens", None) or [0] * len(new)
+        for i, text, n in zip(missing, new, counts):
+            out[i] = (text, n)
+            cache.put(keys[i], {"output": text, "tokens": n})
+    return out
+
+
+def constrained_summary(rows: list[dict]) -> dict:
+    """Both accuracies over the cases decoded under their schema."""
+    sub = [r for r in rows if "pass_constrained" in r]
+    n = len(sub)
+    passed = sum(bool(r["pass_constrained"]) for r in sub)
+    free = sum(bool(r["pass"]) for r in sub)
+    return {"n": n, "passed": passed, "accuracy": round(passed / n, 6) if n else None,
+            "free_passed": free, "free_accuracy": round(free / n, 6) if n else None}
 
 
 def measure_latency(suite: Suite, mut: ModelUnderTest) -> list[float]:
@@ -172,15 +236,23 @@ def evaluate(suite: Suite, mut: ModelUnderTest, *, cache: OutputCache | None = N
     """Run `suite` on `mut`; returns the `results.json` document (cases in suite order + summary + meta)."""
     cache = cache if cache is not None else OutputCache()
     outputs, tokens, gen_stats = generate_outputs(suite, mut, cache, progress)
+    constrained = generate_constrained_outputs(suite, mut, cache, progress) if suite.config.constrained else {}
     lat = measure_latency(suite, mut) if latency else [None] * len(suite.cases)
     ctx = ScoreContext(labels=suite.labels, max_latency_ms=suite.config.max_latency_ms)
     rows = []
-    for case, out, ntok, ms in zip(suite.cases, outputs, tokens, lat):
+    for i, (case, out, ntok, ms) in enumerate(zip(suite.cases, outputs, tokens, lat)):
         ok, scores = score_case(case, out, ctx, ms)
         rows.append({"id": case.id, "output": out, "pass": ok, "scores": scores,
                      "latency_ms": None if ms is None else round(ms, 3), "expected": case.expected,
                      "prompt": case.prompt_text(), "tags": case.tags, "new_tokens": ntok})
+        if i in constrained:
+            c_out, c_tok = constrained[i]
+            c_ok, c_scores = score_case(case, c_out, ctx, None)
+            rows[-1].update(output_constrained=c_out, pass_constrained=c_ok, scores_constrained=c_scores,
+                            new_tokens_constrained=c_tok)
     summary = summarise(suite, rows, mut.name)
+    if suite.config.constrained:
+        summary["constrained"] = constrained_summary(rows)
     summary["generation"] = gen_stats
     placement = getattr(mut.generator, "placement", None)
     summary["placement"] = placement.describe() if placement is not None else None  # where the outputs came from

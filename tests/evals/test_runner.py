@@ -133,3 +133,71 @@ def test_adapter_base_resolution_and_errors(tiny_gemma3, adapter3, tmp_path, sui
         run_eval(str(tmp_path), suite, tmp_path / "o", echo=lambda s: None)
     with pytest.raises(UserError, match="adapter directory not found"):
         run_eval(str(tmp_path / "nope"), suite, tmp_path / "o", echo=lambda s: None)
+
+
+# ------------------------------------------------------------------------------------------------ constrained
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "size": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["color", "size"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def fused_adapter(tmp_path_factory):
+    """A tiny Gemma 3 whose tokenizer decodes by concatenation (as Gemma's does; the shared tiny tokenizer joins
+    tokens with spaces, which makes any JSON invalid text) and an adapter for it."""
+    from pathlib import Path
+
+    from gemtune.base.tiny import save_tiny
+
+    from .conftest import make_adapter
+
+    d = Path(save_tiny(tmp_path_factory.mktemp("tiny-fused"), "gemma3"))
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["decoder"] = {"type": "Fuse"}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    return make_adapter(d, tmp_path_factory.mktemp("fused-adapter") / "adapter")
+
+
+def test_constrained_eval_decodes_schema_cases_under_their_schema(fused_adapter, tmp_path):
+    import jsonschema
+
+    rows = []
+    for i in range(6):
+        row = {"id": f"c{i}", "prompt": f"case {i}: describe " + "it " * i, "expected": '{"color": "red", "size": 3}'}
+        if i % 3:
+            row["schema"] = SCHEMA
+        else:
+            row["scorers"] = [{"type": "regex", "pattern": "."}]
+        rows.append(row)
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(max_new_tokens=40, batch_size=3)
+    free = run_eval(str(fused_adapter), suite, tmp_path / "free", config=cfg, baseline="none", echo=lambda s: None)
+    both = run_eval(str(fused_adapter), suite, tmp_path / "both", config=cfg.model_copy(update={"constrained": True}),
+                    baseline="none", echo=lambda s: None)
+    assert outputs(both.results) == outputs(free.results)  # the free outputs are what they were
+    cases = both.results["cases"]
+    with_schema = [c for c, r in zip(cases, rows) if "schema" in r]
+    assert len(with_schema) == 4 and all("output_constrained" not in c for c, r in zip(cases, rows) if "schema" not in r)
+    for c in with_schema:
+        jsonschema.validate(json.loads(c["output_constrained"]), SCHEMA)
+        assert set(c["scores_constrained"]) == set(c["scores"])
+        assert c["scores_constrained"]["json"]["pass"] == c["pass_constrained"]
+    assert not all(_parses(c["output"]) for c in with_schema)  # free decoding of a random model is not JSON
+    summ = both.summary["constrained"]
+    assert summ["n"] == 4 and summ["passed"] == sum(c["pass_constrained"] for c in with_schema)
+    assert summ["free_passed"] == sum(c["pass"] for c in with_schema)
+    assert "constrained" not in free.summary
+    # cached like free outputs: a rerun generates nothing
+    again = run_eval(str(fused_adapter), suite, tmp_path / "again", config=cfg.model_copy(update={"constrained": True}),
+                     baseline="none", echo=lambda s: None)
+    assert [c.get("output_constrained") for c in again.results["cases"]] == [c.get("output_constrained") for c in cases]
+    assert again.summary["generation"]["cases_generated"] == 0
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
