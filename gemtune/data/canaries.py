@@ -76,7 +76,7 @@ def plant(train: list[dict], eligible: list[int], n: int, seed: int, *, fmt: str
         turn = max(i for i, m in enumerate(rec["messages"]) if m["role"] == "assistant")
         text = f"{prefix} {secret}"
         rec["messages"][turn]["content"] = rec["messages"][turn]["content"] + "\n" + text
-        rec["sha256"] = content_sha256(rec["task"], rec["messages"], rec.get("label"))
+        rec["sha256"] = content_sha256(rec["task"], rec["messages"], rec.get("label"), rec.get("schema"), rec.get("tools"))
         entries.append({"secret": secret, "row_id": rec["id"], "turn": turn, "prefix": prefix, "text": text,
                         "format": fmt})
     return entries

@@ -400,7 +400,7 @@ def _assign_ids(run: _Run) -> None:
     """run.shas (content hashes) and run.ids (the row's own id, else a hash prefix; generic rows marked)."""
     run.shas, run.ids = [], []
     for i, e in enumerate(run.examples):
-        sha = content_sha256(e.task, e.messages, e.label, schema_of(e))
+        sha = content_sha256(e.task, e.messages, e.label, schema_of(e), e.tools)
         run.shas.append(sha)
         if e.id is not None:
             run.ids.append(e.id if i < run.n_domain else f"generic:{e.id}")
@@ -533,7 +533,8 @@ def _records(run: _Run, counter: TokenCounter, eval_idx: list[int], train_idx: l
 
     def record(i: int) -> dict:
         e = ex[i]
-        return make_record(run.ids[i], e.task, e.messages, e.provenance, e.label, shas[i], schema=schema_of(e))
+        return make_record(run.ids[i], e.task, e.messages, e.provenance, e.label, shas[i], schema=schema_of(e),
+                           tools=e.tools)
 
     eval_records = [record(i) for i in eval_idx]
     train_order = sorted(train_idx + chosen_generic, key=lambda i: rank_key(shas[i], cfg.seed))

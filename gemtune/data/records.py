@@ -2,7 +2,8 @@
 
 A record is `{"id", "task", "messages", "provenance", "sha256"[, "label"][, "schema"]}`. A turn is
 `{"role", "content"}` plus, on tool-use conversations, `tool_calls` (an assistant's calls, OpenAI shape) and
-`tool_call_id` / `name` (a `tool` turn's result); `schema` is the JSON Schema the answer must satisfy. `sha256` covers the content that
+`tool_call_id` / `name` (a `tool` turn's result); `schema` is the JSON Schema the answer must satisfy; `tools` the
+tool definitions (OpenAI shape) offered to the model in a tool-use conversation (rendered into the prompt). `sha256` covers the content that
 training and evaluation see (task, messages, label) in a canonical JSON form, so a frozen eval set can be checked
 row by row no matter how the rows were spelled in the input. Provenance is metadata and is not hashed.
 """
@@ -28,30 +29,35 @@ def turn(m: dict) -> dict:
     return {k: m[k] for k in TURN_FIELDS if k in m and (k in ("role", "content") or m[k] is not None)}
 
 
-def content_sha256(task: str, messages: list[dict], label: Optional[str], schema: Optional[dict] = None) -> str:
+def content_sha256(task: str, messages: list[dict], label: Optional[str], schema: Optional[dict] = None,
+                   tools: Optional[list] = None) -> str:
     """Hash of what the model sees; key order and whitespace of the input never change it."""
     body: dict[str, Any] = {"task": task, "messages": [turn(m) for m in messages]}
     if label is not None:
         body["label"] = label
     if schema is not None:
         body["schema"] = schema
+    if tools:
+        body["tools"] = tools
     return sha256_text(json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
 def make_record(rid: str, task: str, messages: list[dict], provenance: dict, label: Optional[str],
-                sha256: Optional[str] = None, schema: Optional[dict] = None) -> dict:
+                sha256: Optional[str] = None, schema: Optional[dict] = None, tools: Optional[list] = None) -> dict:
     """A record in the dataset contract; pass `sha256` when already computed (it is the costliest field)."""
     rec: dict[str, Any] = {
         "id": rid,
         "task": task,
         "messages": [turn(m) for m in messages],
         "provenance": provenance,
-        "sha256": sha256 or content_sha256(task, messages, label, schema),
+        "sha256": sha256 or content_sha256(task, messages, label, schema, tools),
     }
     if label is not None:
         rec["label"] = label
     if schema is not None:
         rec["schema"] = schema
+    if tools:
+        rec["tools"] = tools
     return rec
 
 

@@ -27,7 +27,7 @@ class Example:
 
 def encode_record(record: dict, tokenizer, family: Family, max_len: int) -> Example | None:
     """One record → Example; None when even the last answer cannot fit in max_len."""
-    r = render(record["messages"], tokenizer, family)
+    r = render(record["messages"], tokenizer, family, tools=record.get("tools") or None)
     ids = r.input_ids
     mask = r.assistant_mask()
     labels = [t if m else IGNORE for t, m in zip(ids, mask)]
