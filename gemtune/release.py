@@ -120,6 +120,7 @@ class _Run:
         self.probe_path: Optional[Path] = None
         self.version: Optional[str] = None
         self.weights: Optional[dict] = None
+        self.beaten: list[str] = []  # the baseline ids the candidate passed the gate against
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def check(self) -> str:
@@ -159,6 +160,7 @@ class _Run:
             if o.gate is None or not o.gate.passed:
                 raise GateFailed(f"lost to {bid}: {o.line} (report {out / 'report.html'})")
             lines.append(f"beat {bid}: {o.line}")
+            self.beaten.append(bid)
         return "; ".join(lines)
 
     def probe(self) -> str:
@@ -235,8 +237,8 @@ def release(name: str, adapter: str | Path, opts: ReleaseOptions, *, echo: Calla
         echo(f"✓ {step:<6} PASS {line}")
     rel.version, rel.weights = run.version, run.weights
     route = ", ".join(f"{v} {w}%" for v, w in (run.weights or {}).items())
-    rel.line = (f"release {name}@{run.version} live on {opts.alias} ({route}): "
-                f"{rel.steps[1].line.split(': ')[0]}, privacy probe passed, card written")
+    rel.line = (f"release {name}@{run.version} live on {opts.alias} ({route}): beat {' and '.join(run.beaten)}, "
+                "privacy probe passed, card written")
     rel.posted = notify(rel.line, opts.webhook, echo=echo)
     return rel
 

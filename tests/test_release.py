@@ -193,3 +193,21 @@ def test_release_posts_the_closing_line(project, tmp_path, cli, capsys):
         server.server_close()
     assert [p["text"] for p in posts] == [l for l in capsys.readouterr().out.splitlines()
                                           if l.startswith("release router@v1 live on prod")]
+
+
+def test_release_external_baseline_unreachable_stops_at_eval(project, tmp_path, cli, capsys):
+    """`--external openai:URL#MODEL` is gated too: an endpoint nobody answers stops the release at the eval step
+    (exit 2, naming the URL) before anything reaches the registry."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    cand = _zero_adapter(project["base"], tmp_path / "cand", 5, project["data"])
+    root = tmp_path / "registry"
+    assert _release(cli, project, "router", cand, root, "--external", f"openai:{url}#frontier") == 2
+    cap = capsys.readouterr()
+    text = " ".join((cap.out + cap.err).split())
+    assert "✓ eval" not in text and "✗ eval FAIL" in text and url in text
+    assert "release router FAILED at eval:" in text and not root.exists()
