@@ -15,7 +15,7 @@ import json
 import re
 from typing import Optional
 
-from gemtune.evals.scorers import field_regressions, field_summary
+from gemtune.evals.scorers import CONSTRAINED_KEYS, field_regressions, field_summary, row_scores
 
 MAX_ROWS = 2000
 _TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
@@ -205,6 +205,15 @@ def field_section(results: dict, baseline: Optional[dict] = None, scores_key: st
     return "".join(parts)
 
 
+def constrained_section(results: dict, baseline: Optional[dict] = None) -> str:
+    """The same per-field results for the outputs decoded under each case's schema (`eval.constrained`)."""
+    cases = results.get("cases") or []
+    key = next((k for k in CONSTRAINED_KEYS if any(row_scores(c, k) for c in cases)), None)
+    if key is None:
+        return ""
+    return field_section(results, baseline, key, " — decoded under the schema")
+
+
 def _status(c: dict, b: Optional[dict]) -> str:
     if b is None:
         return "pass" if c["pass"] else "fail"
@@ -278,7 +287,8 @@ def render_report(results: dict, *, baseline: Optional[dict] = None, comparison:
     body = [f"<h1>gemtune eval: {esc(s.get('name'))}{verdict}</h1>", sub]
     if line:
         body.append(f"<p><code>{esc(line)}</code></p>")
-    body += [summary_cards(s, comparison), regress, field_section(results, baseline), accuracy_chart(history or []),
+    body += [summary_cards(s, comparison), regress, field_section(results, baseline), constrained_section(results, baseline),
+             accuracy_chart(history or []),
              _breakdown("By scorer", s.get("scorers") or {}), _breakdown("By tag", s.get("tags") or {}),
              cases_table(results, baseline)]
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -142,3 +142,15 @@ def test_full_report_with_fields_renders_in_headless_chromium(tmp_path, chromium
     from PIL import Image
 
     assert len(Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_constrained_outputs_get_their_own_field_section():
+    cand = jdoc("adapter", ["not json", RIGHT])
+    con = jdoc("adapter", [RIGHT, RIGHT])
+    for row, crow in zip(cand["cases"], con["cases"]):
+        row["output_constrained"], row["scores_constrained"] = crow["output"], crow["scores"]
+    html = render_report(cand)
+    free, constrained = html.split("JSON fields — decoded under the schema")
+    assert "<b class=\"\">0.500</b><span>valid JSON</span>" in free
+    assert "<b class=\"\">1.000</b><span>valid JSON</span>" in constrained
+    assert "decoded under the schema" not in render_report(JCAND)
