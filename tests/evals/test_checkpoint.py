@@ -6,10 +6,12 @@ import shutil
 
 import pytest
 
+from gemtune.adapter import weights_sha256
 from gemtune.evals.checkpoint import make_checkpoint_evaluator, mark_best
 from gemtune.evals.config import EvalConfig
 from gemtune.evals.pipeline import Evaluator
 from gemtune.evals.suite import load_suite
+from gemtune.utils import sha256_file
 
 
 def exact_suite_from_base(base, path, tmp, suite_writer, n=8):
@@ -48,6 +50,9 @@ def test_checkpoint_hook_gates_records_and_marks_best(tiny_gemma3, tmp_path, sui
         side = json.loads((ck / "gemtune.json").read_text())
         assert side["step"] == s["step"] and side["config"] == {"r": 4}  # training's keys survive
         assert side["shippable"] is s["shippable"] and side["eval"]["line"] == s["line"]
+        (v,) = side["eval_verdicts"]  # bound to the checkpoint's weights, the suite and the base it was gated against
+        assert (v["baseline"], v["baseline_id"], v["passed"]) == ("base", f"base:{tiny_gemma3}", s["shippable"])
+        assert v["adapter_sha256"] == weights_sha256(ck) and v["suite_sha256"] == sha256_file(suite)
     assert printed == [s2["line"], s4["line"]] and s4["line"].startswith("checkpoint-4 acc ") and s4["line"].endswith("FAIL")
     assert [p["body"]["text"] for p in hook.posts] == printed
     # the second checkpoint's report charts both
@@ -134,6 +139,22 @@ def test_train_cli_with_eval_every_evaluates_each_checkpoint_and_names_the_best(
     assert all(s["shippable"] is True for s in summaries.values())  # --gate 1.0 passes every checkpoint
     best = json.loads((run / "best.json").read_text())
     assert best["checkpoint"] in summaries and [r["checkpoint"] for r in best["checkpoints"]] == sorted(summaries)
+    # an --eval-max-cases smoke run vouches for no weights: no verdict bound to them
+    assert all("eval_verdicts" not in json.loads((run / n / "gemtune.json").read_text()) for n in summaries)
+
+
+def test_train_cli_gate_baseline_is_resolved_before_training(tiny_gemma3, tmp_path, cli, capsys, monkeypatch):
+    """`train --gate-baseline registry:NAME@ALIAS` with no registry, or one that does not exist: exit 2 before a
+    single step is trained."""
+    monkeypatch.delenv("GEMTUNE_REGISTRY", raising=False)
+    data = _route_dataset(tmp_path / "data")
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--base", str(tiny_gemma3), "--batch-size",
+            "4", "--eval-every", "2", "--stop-after-steps", "2", "--gate-baseline", "registry:support-router@prod"]
+    assert cli(args) == 2
+    assert "needs a registry" in " ".join(capsys.readouterr().err.split())
+    assert cli(args + ["--registry", str(tmp_path / "nope")]) == 2
+    assert "registry directory does not exist" in " ".join(capsys.readouterr().err.split())
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_checkpoint_eval_runs_on_the_training_model_not_a_second_base(tiny_gemma3, tmp_path, monkeypatch):

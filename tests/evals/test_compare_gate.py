@@ -59,6 +59,11 @@ def test_compare_counts_and_gate():
     assert c["gate"]["passed"] and c["regression_rate"] == 0.01
     line = summary_line({"name": "ckpt-400"}, c)
     assert line == "ckpt-400 acc 0.92 (+0.02 vs base) win 0.51 regress 1.0% p=0.625 PASS"
+    # a priced run: the cost per 1k cases of both sides, before the verdict (a side without a price shows ?)
+    cost = {"candidate": {"usd_per_1k_cases": 0.004183}, "baseline": {"usd_per_1k_cases": 0.014}}
+    assert summary_line({"name": "ckpt-400", "cost": cost}, c).endswith(" p=0.625 $/1k cases 0.00418 vs 0.014 PASS")
+    assert summary_line({"name": "x", "cost": {"candidate": None, "baseline": {"usd_per_1k_cases": 2.5}}},
+                        c).endswith(" $/1k cases ? vs 2.5 PASS")
     # judge verdicts replace scorer outcomes in the win-rate (unjudged cases keep theirs), never the regressions
     v = compare(results(cand_passes, "x"), base, verdicts={f"c{i}": "candidate" for i in range(50)})
     assert (v["wins"], v["losses"]) == (50 + 3, 0) and v["regressions"] == ["c0"] and v["outcome_source"] == "judge"
