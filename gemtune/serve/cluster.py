@@ -213,8 +213,8 @@ def replica_class(max_loras: int):
             """Stream one generation as small dicts (`t` text, `f` finish reason, `p`/`c` token counts)."""
             core = self.core
             backend = await core.backend_ready()
-            key = serve.get_multiplexed_model_id() or None
             g = Gen(**gen)
+            key = g.adapter  # the gateway also sends it as the multiplexed model id: Ray Serve's routing hint
             core.inflight += 1
             core.write_stats()
             try:

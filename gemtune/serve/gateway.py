@@ -22,7 +22,7 @@ from gemtune.errors import UserError
 from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable, RouteWatcher, parse_model
 from gemtune.registry.store import CorruptAdapter, Registry
 from gemtune.serve.auth import OPEN, Principal, Tenants, bearer_key
-from gemtune.serve.backends import Gen, NotLoaded, Overloaded
+from gemtune.serve.backends import BackendError, Gen, NotLoaded, Overloaded
 from gemtune.serve.metrics import Metrics
 from gemtune.serve.openai import HTTPError, clip, generation_failed
 
@@ -272,6 +272,8 @@ class Gateway:
             except UserError as e:
                 self.metrics.rejected.inc("limits")
                 raise HTTPError(400, str(e), param=e.field) from None
+            except BackendError as e:  # the backend could not take it at all (replicas lost, vLLM down): 503
+                raise self.failed(e) from None
         raise HTTPError(429, f"adapter {res.ref} keeps being evicted under load; retry", headers={"Retry-After": "1"})
 
     async def take_slot(self, request: Request, principal: Principal) -> "TenantSlot":
