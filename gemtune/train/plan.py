@@ -154,12 +154,32 @@ def shape_from_params(text: str) -> Shape:
                  s.global_head_dim, s.full_layers, s.softcap)
 
 
+def _per_layer_head_dims(cfg, types: list) -> tuple[int, int] | None:
+    """(sliding head dim, full-attention head dim) of a config whose head_dim differs per layer (newer transformers
+    keep Gemma 4's wider global heads in `per_layer_config`, and reading `cfg.head_dim` then raises); None for a
+    homogeneous config."""
+    try:
+        getattr(cfg, "head_dim", None)
+        return None
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError
+        pass
+    layers = cfg.per_layer_config
+    dims = [layers[i].head_dim for i in range(cfg.num_hidden_layers)]
+    full = [d for d, t in zip(dims, types) if t == "full_attention"]
+    sliding = [d for d, t in zip(dims, types) if t != "full_attention"] or dims
+    return sliding[0], (full[0] if full else 0)
+
+
 def shape_of(cfg, params: float) -> Shape:
     """The plan's Shape of a transformers text config with `params` parameters (Gemma 4's wider full-attention
     heads and a final logit softcap included)."""
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    ghd = getattr(cfg, "global_head_dim", None) or 0
     types = getattr(cfg, "layer_types", None) or []
+    per_layer = _per_layer_head_dims(cfg, types)
+    if per_layer is not None:  # a heterogeneous config (transformers' per_layer_config): head_dim is per layer
+        hd, ghd = per_layer
+    else:
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        ghd = getattr(cfg, "global_head_dim", None) or 0
     full = sum(t == "full_attention" for t in types) if ghd and ghd != hd else 0
     return Shape(params, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                  getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, hd, cfg.intermediate_size,
