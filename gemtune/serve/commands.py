@@ -111,6 +111,10 @@ def register(app: typer.Typer) -> None:
         uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info",
                                       header_timeout_s=header_timeout)).run()
 
+    _register_merge(app)
+
+
+def _register_merge(app: typer.Typer) -> None:
     @app.command("merge")
     def merge(
         adapter: str = typer.Option(..., "--adapter", help="PEFT adapter directory."),
