@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from gemtune.errors import UserError
 from gemtune.utils import atomic_write_json, sha256_file
@@ -79,15 +79,18 @@ def _locked(adapter_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def update_sidecar(adapter_dir: str | Path, sections: Mapping[str, object]) -> dict:
+def update_sidecar(adapter_dir: str | Path, sections: Mapping[str, object] | Callable[[dict], Mapping[str, object]]
+                   ) -> dict:
     """Set the top-level `sections` of the sidecar (creating it when absent), keeping every other section;
-    returns the document written. Atomic, and serialised with other updates of the same directory."""
+    returns the document written. Atomic, and serialised with other updates of the same directory. `sections` may
+    be a function of the current document returning the sections to set: it runs under the lock, so a
+    read-modify-write of one section (appending a verdict) never loses a concurrent writer's change."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise UserError("adapter directory not found", file=str(d))
     with _locked(d):
         side = read_sidecar(d)
-        side.update(sections)
+        side.update(sections(dict(side)) if callable(sections) else sections)
         write_sidecar(d, side)
     return side
 

@@ -164,3 +164,47 @@ def test_check_adapter_dir(tmp_path):
     with pytest.raises(UserError, match="not a PEFT adapter: adapter_config.json missing"):
         check_adapter_dir(tmp_path)
     assert check_adapter_dir(_adapter(tmp_path / "a")) == tmp_path / "a"
+
+
+_VERDICT = """
+    import sys, time
+    from pathlib import Path
+    from gemtune.evals import verdicts
+
+    d, inside, other_done, who = *map(Path, sys.argv[1:4]), sys.argv[4]
+    verdict = {"adapter_sha256": "w" * 64, "suite_sha256": "s" * 64, "baseline": who, "baseline_id": who,
+               "passed": True}
+    if who == "first":
+        real = verdicts.merged
+
+        def slow_merge(rows, v):  # the first writer has read the verdict list; the second one runs meanwhile
+            inside.touch()
+            deadline = time.monotonic() + 3  # under the sidecar's lock the second cannot finish: wait it out
+            while not other_done.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return real(rows, v)
+
+        verdicts.merged = slow_merge
+    else:
+        deadline = time.monotonic() + 120
+        while not inside.exists():
+            assert time.monotonic() < deadline, "the first process never started its update"
+            time.sleep(0.02)
+    verdicts.record(d, {"shippable": True}, verdict)
+    if who != "first":
+        other_done.touch()
+"""
+
+
+def test_two_verdicts_recorded_at_once_both_survive(tmp_path):
+    """Appending a verdict is a read-modify-write of one section: it runs under the sidecar's lock, so a verdict
+    recorded by another process meanwhile is kept (reading the list outside the lock dropped it)."""
+    d = _adapter(tmp_path / "a", sidecar={"base_model": "b"})
+    args = [str(d), str(tmp_path / "inside"), str(tmp_path / "other-done")]
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_VERDICT), *args, who], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for who in ("first", "second")]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    assert sorted(v["baseline_id"] for v in read_sidecar(d)["eval_verdicts"]) == ["first", "second"]

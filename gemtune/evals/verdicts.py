@@ -65,9 +65,11 @@ def record(adapter_dir: str | Path, summary: Mapping, verdict: Optional[Mapping]
     """Write the run's summary (`eval`), the gate verdict (`shippable`) and, when given, `verdict` into
     `eval_verdicts`, keeping every other section; returns the sidecar written."""
     sections: dict[str, object] = {"eval": dict(summary), "shippable": bool(summary.get("shippable"))}
-    if verdict is not None:
-        sections[VERDICTS] = merged(read_sidecar(adapter_dir).get(VERDICTS), verdict)
-    return update_sidecar(adapter_dir, sections)
+
+    def with_verdict(side: dict) -> dict:  # runs under the sidecar's lock: a concurrent verdict is never lost
+        return {**sections, VERDICTS: merged(side.get(VERDICTS), verdict)} if verdict is not None else sections
+
+    return update_sidecar(adapter_dir, with_verdict)
 
 
 def passing_in(sidecar: Mapping, weights_sha: Optional[str], baseline_id: Optional[str] = None) -> list[dict]:
