@@ -11,6 +11,8 @@ class RequestFailed(RuntimeError): reason: str        # raised by a Handle: this
     top_p: float = 1.0; seed: int | None = None; stop_ids: list[int] | None = None  (None: the family's stop tokens)
     ignore_eos: bool = False                          # True: only explicit stop_ids stop generation (benchmarks)
     tenant: str | None = None                         # admission is round-robin across tenants (None: one bucket)
+    grammar: GrammarSpec | None = None                # decode under a grammar (JSON Schema, any JSON object, a
+                                                      # tool call; engine_grammar); GrammarError (400) if it cannot
 @dataclass class TokenEvent: token_id: int | None; text: str (incremental detokenised text);
     finish_reason: "stop" | "length" | "cancelled" | None; prompt_tokens: int; completion_tokens: int
 class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=64, max_queue=256,
@@ -28,7 +30,8 @@ class Engine(base, *, dtype="float32", max_batch=32, max_loras=8, max_lora_rank=
                                                       # adapter_refs{key: n}, tenants{t: {queued, running}},
                                                       # requests_total, requests_finished{reason}, token totals,
                                                       # prefix_shared_tokens_total, per_adapter{key: counts} (/metrics),
-                                                      # compute{dtype, lm_head path, cpu, cpu_capability, native_bf16}
+                                                      # compute{dtype, lm_head path, cpu, cpu_capability, native_bf16},
+                                                      # grammar_states (live matchers), grammars_cached
 Handle: `async for ev in handle` (from any asyncio loop, in any thread), `for ev in handle` (blocking),
         .cancel() (client disconnect: frees the batch slot at the next step), .result() -> (text, token_ids, reason)
         .admitted: the engine's admission counter when it got a batch row (None while queued)

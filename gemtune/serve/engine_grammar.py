@@ -115,42 +115,67 @@ def is_allowed(mask_row: torch.Tensor, token: int) -> bool:
     return bool((int(mask_row[token // 32]) >> (token % 32)) & 1)
 
 
-def allowed_ids(mask_row: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The token ids a [W] int32 bitmask row allows (ascending), below `vocab`."""
+def allowed_ids(mask_row: torch.Tensor, vocab: int, sparse_only: bool = False) -> torch.Tensor | None:
+    """The token ids a [W] int32 bitmask row allows (ascending), below `vocab`; with `sparse_only`, None when the
+    row allows tokens in more than EXPAND_WORDS words (then a whole-row mask is cheaper)."""
     words = mask_row.nonzero().flatten()
     if len(words) > EXPAND_WORDS:
-        bits = (mask_row.view(torch.uint8)[:, None] & _BITS8).bool().flatten()
-        return bits[:vocab].nonzero().flatten()
+        if sparse_only:
+            return None
+        return unpack(mask_row, vocab).nonzero().flatten()
     b = (mask_row[words].view(torch.uint8).view(-1, 4)[:, :, None] & _BITS8).bool().view(len(words), 32)
     r, c = b.nonzero(as_tuple=True)
     ids = words[r] * 32 + c
     return ids[ids < vocab]
 
 
-def constrain_tokens(grammars: Grammars, runner, hidden: torch.Tensor, seqs: list, tokens: list, errors: dict,
-                     idx: list[int], sampler) -> None:
-    """Fix the tokens of the constrained rows `idx` (greedy and sampled) so each is one its grammar allows.
+def unpack(mask_row: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A [W] int32 bitmask row as a [vocab] bool mask."""
+    return (mask_row.view(torch.uint8)[:, None] & _BITS8).bool().flatten()[:vocab]
 
-    `tokens[i]` for a greedy row holds its unconstrained argmax; a sampled constrained row's token is None here and
-    drawn by `sampler(logits, seq)` (an index into `logits`) from its logits over the allowed ids only, one draw as
-    a free row makes. Errors go into `errors[i]` as in choose_tokens.
+
+def constrain_tokens(grammars: Grammars, runner, hidden: torch.Tensor, seqs: list, tokens: list, errors: dict,
+                     idx: list[int], scores: dict, sampler) -> None:
+    """Choose the tokens of the constrained rows `idx` among those their grammars allow.
+
+    `tokens[i]` of a greedy row holds its free argmax, kept when the grammar allows it (no extra work). Otherwise
+    the argmax over the allowed ids is exact fp32: computed directly from the head's rows for those ids when they
+    are few, else by the bf16-screened head over the row's kept screen with the forbidden tokens masked (or from
+    its fp32 logits on the plain head path). A sampled row draws from its logits over the allowed ids only
+    (`sampler(logits, seq)` gives an index into them; one draw, as a free row). `scores[i]` is ("screen" |
+    "logits", the row's tensor) from the free pass. Errors go into `errors[i]` as in choose_tokens.
     """
     masks = grammars.fill([seqs[i].grammar for i in idx])
     vocab = runner.lm_head.out_features
-    need = [k for k, i in enumerate(idx) if tokens[i] is None or not is_allowed(masks[k], tokens[i])]
-    if not need:
-        return
-    logits = runner.logits(hidden[[idx[k] for k in need]])
-    for row, k in enumerate(need):
-        i, s = idx[k], seqs[idx[k]]
-        ids = allowed_ids(masks[k], vocab)
-        if len(ids) == 0:
-            errors[i] = ("engine", "the grammar allows no next token")
+    weight, softcap = runner.lm_head.weight, runner.softcap
+    screened: list[tuple[int, int]] = []  # (row, mask index): greedy rows for the masked screen
+    for k, i in enumerate(idx):
+        s = seqs[i]
+        greedy = s.gen is None
+        if greedy and is_allowed(masks[k], tokens[i]):
             continue
         try:
-            if s.gen is None:  # greedy: argmax over the allowed ids (ties: the lowest id, as the free head)
-                tokens[i] = int(ids[int(logits[row, ids].argmax())])
-            else:
-                tokens[i] = int(ids[sampler(logits[row, ids], s)])
+            kind, row = scores[i]
+            ids = allowed_ids(masks[k], vocab, sparse_only=greedy and kind == "screen")
+            if ids is None:
+                screened.append((i, k))
+                continue
+            if len(ids) == 0:
+                errors[i] = ("engine", "the grammar allows no next token")
+            elif not greedy:
+                tokens[i] = int(ids[sampler(row[ids], s)])
+            elif kind == "logits":
+                tokens[i] = int(ids[int(row[ids].argmax())])
+            else:  # exact fp32 logits of the few allowed tokens (ids ascending: ties go to the lowest id)
+                exact = (weight[ids] * hidden[i]).sum(dim=-1)
+                if softcap is not None:
+                    exact = torch.tanh(exact / softcap) * softcap
+                tokens[i] = int(ids[int(exact.argmax())])
         except Exception as e:  # this row only
             errors[i] = ("sampling", f"sampling failed: {type(e).__name__}: {e}")
+    if screened:
+        rows = [i for i, _ in screened]
+        allowed = torch.stack([unpack(masks[k], vocab) for _, k in screened])
+        screen = torch.stack([scores[i][1] for i in rows])
+        for i, t in zip(rows, runner.screened_head.argmax(hidden[rows], allowed=allowed, screen=screen).tolist()):
+            tokens[i] = t

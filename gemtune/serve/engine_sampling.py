@@ -100,11 +100,19 @@ class ScreenedHead:
                 return torch.ops.mkldnn._linear_pointwise(hb, self.packed, None, "none", [], "")
             return F.linear(hb, self.wb)
 
-    def argmax(self, h: torch.Tensor) -> torch.Tensor:
-        """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics; ties: lowest id)."""
+    def argmax(self, h: torch.Tensor, *, allowed: torch.Tensor | None = None, screen: torch.Tensor | None = None,
+               keep_screen: bool = False):
+        """[M, H] fp32 final hidden states -> [M] argmax token ids of `h @ weight.T` (fp32 semantics; ties: lowest id).
+
+        `allowed` ([M, V] bool) restricts each row's argmax to its allowed tokens (a grammar's mask: forbidden
+        screen logits are -inf, so the same exact bound picks among the allowed ones); `screen` reuses these rows'
+        bf16 screen from an earlier call (`keep_screen=True` returns it too: (ids, screen))."""
         M, V, C = h.shape[0], self.vocab, self.chunk
         hb = h.to(torch.bfloat16)
-        lb = self._screen(hb)  # [M, V] bf16
+        lb = self._screen(hb) if screen is None else screen  # [M, V] bf16
+        kept = lb
+        if allowed is not None:
+            lb = lb.masked_fill(~allowed, float("-inf"))
         n_chunks = -(-V // C)
         if n_chunks * C != V:  # pad the last chunk with -inf (only vocabularies that are not a multiple of C)
             lb = torch.cat([lb, lb.new_full((M, n_chunks * C - V), float("-inf"))], dim=1)
@@ -139,8 +147,10 @@ class ScreenedHead:
                 full = F.linear(h[fb], self.weight)
             if self.softcap is not None:
                 full = torch.tanh(full / self.softcap) * self.softcap
+            if allowed is not None:
+                full = full.masked_fill(~allowed[fb], float("-inf"))
             out[fb] = full.argmax(-1)
-        return out
+        return (out, kept) if keep_screen else out
 
 
 def choose_tokens(runner, hidden: torch.Tensor, seqs: list,
@@ -163,20 +173,30 @@ def choose_tokens(runner, hidden: torch.Tensor, seqs: list,
         if not ok:
             errors[i] = ("numerics", "the model's activations became inf/NaN for this request")
     live = [i for i in range(len(seqs)) if i not in errors]
-    constrained = [i for i in live if getattr(seqs[i], "grammar", None) is not None]
-    sampled = [i for i in live if is_sampled(seqs[i].req) and (not constrained or i not in constrained)]
+    constrained = {i for i in live if getattr(seqs[i], "grammar", None) is not None}
+    sampled = [i for i in live if is_sampled(seqs[i].req)]
     greedy = [i for i in live if not is_sampled(seqs[i].req)]
     tokens: list[int | None] = [None] * len(seqs)
+    scores: dict = {}  # constrained row -> what its free choice was made from, reused to constrain it
     if greedy:
         hg = hidden if len(greedy) == len(seqs) else hidden[greedy]
         head = runner.screened_head
-        ids = head.argmax(hg) if head is not None else runner.logits(hg).argmax(-1)
-        for i, t in zip(greedy, ids.tolist()):
+        if head is not None:
+            ids, screen = head.argmax(hg, keep_screen=True) if constrained else (head.argmax(hg), None)
+        else:
+            full = runner.logits(hg)
+            ids, screen = full.argmax(-1), None
+        for p, (i, t) in enumerate(zip(greedy, ids.tolist())):
             tokens[i] = t
+            if i in constrained:
+                scores[i] = ("screen", screen[p]) if screen is not None else ("logits", full[p])
     if sampled:
         logits = runner.logits(hidden[sampled])
         for row, i in enumerate(sampled):
             s = seqs[i]
+            if i in constrained:
+                scores[i] = ("logits", logits[row])
+                continue
             try:
                 tokens[i] = sample_row(logits[row], s.req.temperature, s.req.top_p, s.gen)
             except Exception as e:  # this row only: the batch goes on
@@ -185,7 +205,7 @@ def choose_tokens(runner, hidden: torch.Tensor, seqs: list,
         from gemtune.serve.engine_grammar import constrain_tokens
 
         draw = lambda logits, s: sample_row(logits, s.req.temperature, s.req.top_p, s.gen)  # noqa: E731
-        constrain_tokens(grammars, runner, hidden, seqs, tokens, errors, constrained, draw)
+        constrain_tokens(grammars, runner, hidden, seqs, tokens, errors, sorted(constrained), scores, draw)
     vocab = runner.lm_head.out_features
     for i, t in enumerate(tokens):
         if i not in errors and not (t is not None and 0 <= t < vocab):

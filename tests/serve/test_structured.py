@@ -364,3 +364,38 @@ def test_grammar_state_is_freed_on_cancel_and_disconnect(server):
             if line.startswith("data: ") and '"content"' in line:
                 break
     _wait_no_states(eng, "after a disconnect")
+
+
+@pytest.mark.parametrize("head", ["screened", "screened-masked", "fp32"])
+def test_constrained_greedy_equals_the_masked_fp32_argmax(tiny_fused, head, monkeypatch):
+    """The engine's constrained greedy tokens are the argmax of the fp32 logits over the tokens the grammar allows,
+    whichever way it finds them (free argmax kept, few allowed ids computed exactly, masked bf16 screen, or the
+    plain fp32 head): the eval's constrained decoder (HF forward + the same grammar) gives the same tokens."""
+    from gemtune.base.loader import load_base
+    from gemtune.evals.engine import make_generator
+    from gemtune.serve.engine import Engine, GenRequest
+    from gemtune.serve.engine_stream import GrammarSpec
+    from gemtune.serve.structured import check_schema
+
+    schemas = [SCHEMA, {"type": "object", "properties": {"t": {"type": "string", "maxLength": 30},
+                                                        "n": {"type": "integer", "minimum": -5, "maximum": 5000}},
+                                                   "required": ["t", "n"]}]
+    if head == "screened-masked":  # every forbidden free argmax goes through the masked bf16 screen (as a row
+        import gemtune.serve.engine_grammar as eg  # with many allowed tokens does at 262k)
+
+        monkeypatch.setattr(eg, "EXPAND_WORDS", 0)
+    with Engine(tiny_fused, max_model_len=512) as eng:
+        if head == "fp32":
+            eng.runner.screened_head = None
+        elif eng.runner.screened_head is None:
+            pytest.skip("this CPU has no native bf16: the engine runs the plain fp32 head only")
+        prompts = [eng.tokenizer(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
+        jobs = [(p, schemas[k % 2]) for k, p in enumerate(prompts)]
+        with eng._cv:
+            hs = [eng.submit(GenRequest(p, None, 60, grammar=GrammarSpec("json_schema", check_schema(s), "f")))
+                  for p, s in jobs]
+        got = [h.result(timeout=120)[0] for h in hs]
+    model, tok = load_base(tiny_fused)
+    want = make_generator(model, tok, batch_size=3).generate_constrained([p for p, _ in jobs], [s for _, s in jobs], 60)
+    assert got == want
+    assert all(_is_json(t) for t in got)

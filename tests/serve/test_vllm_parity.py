@@ -108,3 +108,47 @@ def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": f"alpha@{v2}"}).status_code == 200
         listed = {m["id"] for m in httpx.get(vllm_setup["vllm"].url + "/v1/models").json()["data"]}
         assert f"alpha@{v2}" not in listed
+
+
+def test_vllm_structured_outputs_through_the_gateway(vllm_setup):
+    """`response_format` json_schema / json_object and a named tool_choice reach vLLM's structured outputs through
+    the gateway (`backends.vllm_structured`): every answer validates."""
+    import json
+
+    import jsonschema
+
+    from gemtune.serve.api import ServerThread, create_app
+    from gemtune.serve.gateway import build_gateway
+
+    schema = {"type": "object", "properties": {"intent": {"enum": ["card", "pin", "fee", "other"]},
+                                               "urgent": {"type": "boolean"},
+                                               "note": {"type": "string", "maxLength": 40}},
+              "required": ["intent", "urgent", "note"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "route", "parameters": {
+        "type": "object", "properties": {"queue": {"enum": ["cards", "accounts"]}}, "required": ["queue"],
+        "additionalProperties": False}}}
+    gw = build_gateway(str(vllm_setup["root"]), engine="vllm", vllm_url=vllm_setup["vllm"].url,
+                       base=str(vllm_setup["base"]), max_model_len=1024)
+    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=300) as c:
+        for m in ("alpha", "beta", "base"):
+            for p in PROMPTS:
+                msgs = [{"role": "user", "content": p}]
+                r = c.post("/v1/chat/completions", json={
+                    "model": m, "messages": msgs, "max_tokens": 96, "temperature": 0,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema,
+                                                                               "strict": True}}})
+                assert r.status_code == 200, r.text
+                jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+            r = c.post("/v1/chat/completions", json={"model": m, "messages": msgs, "max_tokens": 96,
+                                                     "temperature": 0, "response_format": {"type": "json_object"}})
+            assert r.status_code == 200, r.text
+            assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
+            r = c.post("/v1/chat/completions", json={
+                "model": m, "messages": msgs, "max_tokens": 96, "temperature": 0, "tools": [tool],
+                "tool_choice": {"type": "function", "function": {"name": "route"}}})
+            assert r.status_code == 200, r.text
+            ch = r.json()["choices"][0]
+            assert ch["finish_reason"] == "tool_calls", ch
+            call = ch["message"]["tool_calls"][0]
+            assert call["function"]["name"] == "route"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
