@@ -15,7 +15,7 @@ import json
 import re
 from typing import Optional
 
-from gemtune.evals.scorers import CONSTRAINED_KEYS, field_regressions, field_summary, row_scores
+from gemtune.evals.scorers import CONSTRAINED_SCORES, field_regressions, field_summary
 
 MAX_ROWS = 2000
 _TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
@@ -207,11 +207,9 @@ def field_section(results: dict, baseline: Optional[dict] = None, scores_key: st
 
 def constrained_section(results: dict, baseline: Optional[dict] = None) -> str:
     """The same per-field results for the outputs decoded under each case's schema (`eval.constrained`)."""
-    cases = results.get("cases") or []
-    key = next((k for k in CONSTRAINED_KEYS if any(row_scores(c, k) for c in cases)), None)
-    if key is None:
+    if not any(c.get(CONSTRAINED_SCORES) for c in results.get("cases") or []):
         return ""
-    return field_section(results, baseline, key, " — decoded under the schema")
+    return field_section(results, baseline, CONSTRAINED_SCORES, " — decoded under the schema")
 
 
 def _status(c: dict, b: Optional[dict]) -> str:

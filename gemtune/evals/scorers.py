@@ -473,15 +473,7 @@ def _block(ms: list[dict]) -> dict:
     return out
 
 
-CONSTRAINED_KEYS = ("scores_constrained", "constrained.scores")  # where a row keeps its schema-constrained scores
-
-
-def row_scores(row: dict, key: str = "scores") -> Optional[dict]:
-    """A row's scores under `key`, a dotted path for nested ones ("constrained.scores")."""
-    cur: Any = row
-    for part in key.split("."):
-        cur = cur.get(part) if isinstance(cur, dict) else None
-    return cur if isinstance(cur, dict) else None
+CONSTRAINED_SCORES = "scores_constrained"  # the runner's scores of a row's schema-constrained output
 
 
 def field_summary(rows: list[dict], scores_key: str = "scores") -> dict:
@@ -490,7 +482,7 @@ def field_summary(rows: list[dict], scores_key: str = "scores") -> dict:
     schema_valid over the cases that had a schema, tool_call adds name-level P/R/F1)."""
     by_kind: dict[str, list[dict]] = {}
     for r in rows:
-        for s in (row_scores(r, scores_key) or {}).values():
+        for s in (r.get(scores_key) or {}).values():
             m = s.get("metrics") if isinstance(s, dict) else None
             if isinstance(m, dict) and m.get("kind") in ("json", "tool_call"):
                 by_kind.setdefault(m["kind"], []).append(m)
