@@ -50,11 +50,14 @@ LOAD_S = 60.0  # the load runs this long, or until the schedule below is done, w
 DEADLINE_S = 600.0  # a hung cluster fails the test here; never reached by a working one
 MAX_TOKENS = 6
 MSG = [{"role": "user", "content": "tell me"}]
+# A throwaway loopback cluster: no token auth, whatever ~/.ray/auth_token a local `ray.init()` may have left
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def _free_port() -> int:
+    """A port free on every interface: Ray resolves 127.0.0.1 to the node's address, where another Ray may listen."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -143,7 +146,7 @@ def ray_head():
          "--num-cpus", "4", "--include-dashboard=false", "--disable-usage-stats",
          "--object-store-memory", str(80 * 1024 ** 2), "--temp-dir", d],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **RAY_ENV})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while "ray start --address" not in (Path(d) / "head.log").read_text():
@@ -165,7 +168,7 @@ def _start_gateway(d: Path, i: int, base, address: str, redis_url: str) -> tuple
          address, "--replicas", str(REPLICAS), "--max-loras", str(SLOTS), "--max-batch", "2", "--max-queue", "64",
          "--max-model-len", "128", "--routes", redis_url, "--replica-stats", str(d / "stats")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", **RAY_ENV})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
