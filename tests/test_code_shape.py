@@ -30,7 +30,7 @@ def test_cli_assembles_stages_and_defines_no_verb():
     src = (PKG / "cli.py").read_text(encoding="utf-8")
     assert ".command(" not in src and "add_typer(" not in src
     stages = [m.split(".")[1] for m in STAGE_COMMANDS]
-    assert stages == ["base", "data", "train", "evals", "privacy", "card_commands", "registry", "serve",
+    assert stages == ["base", "data", "train", "evals", "privacy", "card_commands", "registry", "release_commands", "serve",
                       "demo_commands"]
     assert {f"gemtune.{p.parent.name}.commands" if p.name == "commands.py" else f"gemtune.{p.stem}"
             for p in _cli_modules()} == set(STAGE_COMMANDS)

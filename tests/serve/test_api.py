@@ -141,7 +141,9 @@ def _wait_alias(c, want: str, timeout: float = 2.0) -> float:
 def test_cli_promote_then_rollback_changes_alias_within_2s(setup):
     c, root = setup["client"], str(setup["root"])
     assert _chat(c, ACME, "acme-support").json()["model"] == "acme-support@v1"
-    assert _cli("registry", "--root", root, "promote", "acme-support", "v2") == 0
+    assert _cli("registry", "--root", root, "promote", "acme-support", "v2") == 1  # v2 has no verdict vs v1
+    assert _chat(c, ACME, "acme-support").json()["model"] == "acme-support@v1"
+    assert _cli("registry", "--root", root, "promote", "acme-support", "v2", "--force") == 0
     _wait_alias(c, "acme-support@v2")
     v2_text = _text(_chat(c, ACME, "acme-support"))
     assert v2_text == _text(_chat(c, ACME, "acme-support@v2"))
@@ -262,11 +264,24 @@ def test_metrics_have_gemtune_series(setup):
     assert c.get("/healthz").json()["status"] == "ok"
 
 
+def _passing_verdict(adapter_dir) -> None:
+    """A passing eval verdict (contract C1) for the adapter's current weights, as `gemtune eval --record` writes."""
+    from gemtune.adapter import update_sidecar, weights_sha256
+
+    update_sidecar(adapter_dir, {"eval_verdicts": [{
+        "adapter_sha256": weights_sha256(adapter_dir), "suite_sha256": "0" * 64, "baseline": "base",
+        "baseline_id": "base:tiny", "passed": True, "regressed_share": 0.0, "gate": 0.02}]})
+
+
 def test_hot_load_pushes_and_loads_without_restart(setup):
     c = setup["client"]
     h = {"Authorization": f"Bearer {ADMIN}"}
     assert c.post("/v1/load_lora_adapter", json={"lora_name": "acme-support", "lora_path": str(setup["srcs"][3])},
                   headers={"Authorization": f"Bearer {ACME}"}).status_code == 403
+    r = c.post("/v1/load_lora_adapter", json={"lora_name": "acme-support", "lora_path": str(setup["srcs"][3])},
+               headers=h)
+    assert r.status_code == 400 and "no eval verdict" in r.json()["error"]["message"]  # an unevaluated adapter
+    _passing_verdict(setup["srcs"][3])
     r = c.post("/v1/load_lora_adapter", json={"lora_name": "acme-support", "lora_path": str(setup["srcs"][3])},
                headers=h)
     assert r.status_code == 200, r.text

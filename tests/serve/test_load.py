@@ -27,6 +27,7 @@ import time
 import httpx
 import pytest
 
+from gemtune.adapter import update_sidecar, weights_sha256
 from gemtune.errors import UserError
 from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable
 from gemtune.registry.store import Registry
@@ -83,6 +84,10 @@ def server(tiny_gemma3, tmp_path_factory):
             proc.kill()
             raise TimeoutError("server did not start")
         time.sleep(0.2)
+    # the hot-loaded adapter pushes through the registry: it carries a passing eval verdict (contract C1)
+    update_sidecar(srcs[8], {"eval_verdicts": [{
+        "adapter_sha256": weights_sha256(srcs[8]), "suite_sha256": "0" * 64, "baseline": "base",
+        "baseline_id": "base:tiny", "passed": True, "regressed_share": 0.0, "gate": 0.02}]})
     yield {"url": url, "reg": reg, "extra": srcs[8], "dir": d}
     proc.terminate()
     try:
