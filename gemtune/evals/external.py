@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import httpx
 
+from gemtune.base.templates import format_tool_calls
 from gemtune.errors import UserError
 from gemtune.evals.baselines import DEFAULT_KEY_ENV, ExternalOptions
 from gemtune.evals.cache import OutputCache
@@ -124,8 +125,12 @@ class ExternalModel:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise UserError(f"baseline endpoint {self.endpoint} answered without choices[0].message "
                             f"({type(e).__name__}: {r.text[:200]})", field="baseline") from None
-        if msg.get("tool_calls") and not text:
-            text = json.dumps(msg["tool_calls"], ensure_ascii=False)
+        if msg.get("tool_calls"):  # written in Gemma 3's call syntax, which the `tool_call` scorer parses by default
+            try:
+                calls = format_tool_calls(msg["tool_calls"], "gemma3")
+            except (UserError, ValueError, KeyError, TypeError, AttributeError):
+                calls = json.dumps(msg["tool_calls"], ensure_ascii=False)  # malformed calls: scored as a format error
+            text = f"{text}\n{calls}" if text else calls
         return {"output": str(text).strip(), "tokens": int(usage.get("completion_tokens") or 0),
                 "prompt_tokens": int(usage.get("prompt_tokens") or 0)}
 

@@ -224,3 +224,27 @@ def test_a_real_gemtune_server_as_the_baseline(tiny_gemma3, tmp_path, suite_writ
     served = [c["output"] for c in o.baseline["cases"]]
     assert served == local and o.comparison["n"] == 4 and o.comparison["wins"] == o.comparison["losses"] == 0
     assert o.baseline["summary"]["usage"]["completion_tokens"] > 0
+
+
+def test_an_endpoints_tool_calls_are_scored_by_the_tool_call_scorer():
+    """An OpenAI endpoint answers a tool call in `message.tool_calls` (content null): the output is written in the
+    call syntax the `tool_call` scorer parses, so a right call passes and a wrong argument fails on that argument."""
+    import httpx
+
+    from gemtune.evals.external import ExternalModel
+    from gemtune.evals.scorers import ScoreContext, ScorerSpec, score_one
+
+    ext = ExternalModel("http://127.0.0.1:9/v1", MODEL)
+    expected = [{"id": "x", "type": "function", "function": {"name": "track", "arguments": '{"id": "SH-1", "n": 2}'}}]
+
+    def answer(args: str) -> str:
+        body = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "track", "arguments": args}}]}}],
+            "usage": {"completion_tokens": 7, "prompt_tokens": 3}}
+        return ext._parse(httpx.Response(200, json=body))["output"]
+
+    spec, ctx = ScorerSpec("tool_call"), ScoreContext()
+    right = score_one(spec, answer('{"n": 2, "id": "SH-1"}'), expected, ctx)
+    wrong = score_one(spec, answer('{"n": 3, "id": "SH-1"}'), expected, ctx)
+    assert right.passed is True and right.format_ok is True
+    assert wrong.passed is False and wrong.format_ok is True and "n" in wrong.detail
