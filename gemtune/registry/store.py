@@ -485,8 +485,9 @@ class Registry:
             what = []
             if problems:
                 what.append("not servable unchanged by vLLM/gemtune: " + "; ".join(problems))
-            if gate != [missing]:
-                what.append("its own checks say it must not ship: " + "; ".join(g for g in gate if g != missing))
+            own = [g for g in gate if g != missing]
+            if own:
+                what.append("its own checks say it must not ship: " + "; ".join(own))
             if missing:
                 what.append(missing)
             raise (UserError if problems else Refused)(

@@ -158,3 +158,15 @@ def test_route_check_runs_under_the_lock_and_library_routes_stay_unchecked(tmp_p
     assert RouteTable(reg).get("s")["weights"] == {"v1": 100}
     # a RouteTable without a check (the server's admin API, tests, benchmarks) routes as before
     assert RouteTable(reg).promote("s", "v2")["weights"] == {"v2": 100}
+
+
+def test_an_unservable_adapter_with_a_verdict_names_only_what_is_wrong(tmp_path, adapters, verdict):
+    """A DoRA adapter that passed its eval: the refusal names the servability problem and nothing else (no empty
+    "its own checks say" clause)."""
+    src = _copy(adapters[0], tmp_path / "dora")
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    verdict(src, passed=True)
+    with pytest.raises(UserError) as e:
+        Registry(tmp_path / "reg").push("s", src)
+    assert "DoRA" in str(e.value) and "its own checks" not in str(e.value)
