@@ -383,15 +383,11 @@ class VllmStream:
 
 
 def vllm_structured(spec) -> dict:
-    """A request's grammar as vLLM's structured outputs (`response_format` and `structured_outputs` of its
-    completions API): a JSON Schema as `response_format` json_schema, any JSON object as `json_object`, a tool call
-    as an EBNF `grammar` (xgrammar's, which vLLM's default structured-output backend reads)."""
-    if spec.kind == "json_schema":
-        return {"response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "schema", "schema": json.loads(spec.schema),
-                                                    "strict": True}}}
-    if spec.kind == "json_object":
-        return {"response_format": {"type": "json_object"}}
+    """A request's grammar as vLLM's `structured_outputs.grammar`: the very xgrammar grammar the embedded engine
+    decodes under (`structured.xgrammar_grammar`, as EBNF, which vLLM's xgrammar backend compiles), so both backends
+    emit the same compact JSON (`", "`, `": "`, no free whitespace). vLLM's own `json` / `response_format` path
+    allows any whitespace unless the whole server runs with `disable_any_whitespace`, and a model can then spend its
+    max_tokens on blanks."""
     from gemtune.serve.structured import xgrammar_grammar
 
     return {"structured_outputs": {"grammar": str(xgrammar_grammar(spec))}}
