@@ -74,6 +74,7 @@ def server(tiny_fused, tmp_path_factory):
     gw = build_gateway(str(d / "registry"), base=str(tiny_fused), max_model_len=1024, max_batch=16, max_queue=64)
     srv = ServerThread(create_app(gw)).start()
     client = httpx.Client(base_url=srv.url, timeout=120)
+    gw.backend.engine.load_adapter("alpha@v1", reg.verify("alpha", "v1").path)  # for the engine-level tests
     yield {"client": client, "gw": gw, "engine": gw.backend.engine}
     client.close()
     srv.stop()
