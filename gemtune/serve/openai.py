@@ -147,6 +147,13 @@ class Message(BaseModel):
 
 
 class ChatBody(GenBody):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "base", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
+        {"model": "base", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 64,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "greeting", "schema": {
+             "type": "object", "properties": {"greeting": {"type": "string", "maxLength": 20}},
+             "required": ["greeting"]}}}}]})
+
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list[dict]] = Field(None, description="OpenAI function tools, rendered into the prompt")
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict]] = Field(
