@@ -239,7 +239,7 @@ def alias_flip(base: Path, paths: list[Path], work: Path, rounds: int = 40) -> d
             for i in range(rounds):
                 v = "v2" if i % 2 == 0 else "v1"
                 t = time.perf_counter()
-                r = c.post("/admin/routes/promote", json={"name": "router", "version": v}, headers=admin)
+                r = c.post("/admin/routes/promote", json={"name": "router", "version": v, "force": True}, headers=admin)
                 http_ms.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 200, r.text
                 assert gw.watcher.resolve("router", "prod", None) == v, "flip not visible after the response"

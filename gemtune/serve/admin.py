@@ -3,7 +3,9 @@ route table (`/admin/routes`, promote, split, rollback), `/healthz` and `/metric
 
 All but `/healthz` need the admin key (`/metrics` only when tenants are configured). Route changes go through the
 registry's own checks (sha256 of every arm): a corrupt version is 409 and the route is unchanged; an unknown name or
-version is 404 (the registry's `NotFound`), any other refusal 400.
+version is 404 (the registry's `NotFound`), any other refusal 400. A promote or split is also gated like `gemtune
+registry promote`: a new arm needs a passing eval verdict against what the alias serves now, else 409 and the route
+is unchanged; `"force": true` routes anyway and records it on the route and in its history.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pydantic import BaseModel
 
 from gemtune import errors
 from gemtune.errors import UserError
-from gemtune.registry.routes import DEFAULT_ALIAS, parse_model, validate_weights
-from gemtune.registry.store import CorruptAdapter, normalize_version
+from gemtune.registry.routes import DEFAULT_ALIAS, RouteTable, parse_model, validate_weights
+from gemtune.registry.store import CorruptAdapter, Refused, normalize_version
 from gemtune.serve.asgi import read_body
 from gemtune.serve.backends import Overloaded
 from gemtune.serve.completions import gateway_of
@@ -42,12 +44,14 @@ class PromoteBody(BaseModel):
     name: str
     version: str
     alias: str = DEFAULT_ALIAS
+    force: bool = False  # route a version without a passing verdict against the alias's current one (recorded)
 
 
 class SplitBody(BaseModel):
     name: str
     alias: str = DEFAULT_ALIAS
     weights: dict[str, int]
+    force: bool = False
 
 
 class RollbackBody(BaseModel):
@@ -129,13 +133,20 @@ async def change_route(request: Request, fn, *args):
     gateway = gateway_of(request)
     try:
         out = await asyncio.to_thread(fn, *args)
-    except CorruptAdapter as e:
-        raise HTTPError(409, f"refused, the route is unchanged: {e}") from None
+    except (CorruptAdapter, Refused) as e:
+        raise HTTPError(409, f"refused, the route is unchanged: {e}", param=getattr(e, "field", None)) from None
     except UserError as e:
         raise HTTPError(404 if is_not_found(e) else 400, str(e), param=e.field) from None
     await asyncio.to_thread(gateway.watcher.refresh, True)
     gateway.note_route_changes()
     return out
+
+
+def _gated(gateway, force: bool) -> RouteTable:
+    """The gateway's route table with the registry's verdict check (`registry.route_check`), as the CLI has it."""
+    rt = gateway.routes
+    return RouteTable(gateway.registry, verify=rt.verify, source=rt.source,
+                      check=gateway.registry.route_check(force=force))
 
 
 async def get_routes(request: Request):
@@ -155,7 +166,7 @@ async def promote(request: Request):
         version = normalize_version(body.version)
     except UserError as e:
         raise HTTPError(400, str(e), param="version") from None
-    return await change_route(request, gateway.routes.promote, body.name, version, body.alias)
+    return await change_route(request, _gated(gateway, body.force).promote, body.name, version, body.alias)
 
 
 async def split(request: Request):
@@ -166,7 +177,7 @@ async def split(request: Request):
         weights = validate_weights(body.weights)
     except UserError as e:
         raise HTTPError(400, str(e), param="weights") from None
-    return await change_route(request, gateway.routes.split, body.name, body.alias, weights)
+    return await change_route(request, _gated(gateway, body.force).split, body.name, body.alias, weights)
 
 
 async def rollback(request: Request):

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from gemtune.registry.routes import RouteTable
+from gemtune.registry.routes import RouteTable, read_routes
 from gemtune.registry.store import Registry
 from gemtune.registry.synthetic import make_random_adapters
 
@@ -157,10 +157,18 @@ def test_admin_routes_promote_split_rollback(setup):
     assert c.post("/admin/routes/promote", json={"name": "acme-support", "version": "v2"},
                   headers={"Authorization": f"Bearer {ACME}"}).status_code == 403
     assert c.post("/admin/routes/promote", json={"name": "acme-support", "version": "v2"}).status_code == 401
+    # gated like the CLI: v2 has no passing verdict against v1, the alias's current version
     r = c.post("/admin/routes/promote", json={"name": "acme-support", "version": "v2"}, headers=h)
-    assert r.status_code == 200 and r.json()["weights"] == {"v2": 100}
-    assert _chat(c, ACME, "acme-support").json()["model"] == "acme-support@v2"  # admin changes are immediate
+    assert r.status_code == 409 and "no passing eval verdict" in r.json()["error"]["message"], r.text
     r = c.post("/admin/routes/split", json={"name": "acme-support", "weights": {"v1": 50, "v2": 50}}, headers=h)
+    assert r.status_code == 409
+    assert _chat(c, ACME, "acme-support").json()["model"] == "acme-support@v1"  # unchanged
+    r = c.post("/admin/routes/promote", json={"name": "acme-support", "version": "v2", "force": True}, headers=h)
+    assert r.status_code == 200 and r.json()["weights"] == {"v2": 100}
+    assert read_routes(setup["root"] / "routes.json")["routes"]["acme-support"]["prod"]["forced"] is True  # recorded
+    assert _chat(c, ACME, "acme-support").json()["model"] == "acme-support@v2"  # admin changes are immediate
+    r = c.post("/admin/routes/split", json={"name": "acme-support", "weights": {"v1": 50, "v2": 50}, "force": True},
+               headers=h)
     assert r.status_code == 200
     served = {u: _chat(c, ACME, "acme-support", user=u, max_tokens=1).json()["model"] for u in map(str, range(24))}
     assert set(served.values()) == {"acme-support@v1", "acme-support@v2"}

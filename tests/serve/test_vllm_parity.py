@@ -101,7 +101,7 @@ def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
             return r.json()["model"], r.json()["choices"][0]["message"]["content"]
 
         v2 = reg.push("alpha", vllm_setup["srcs"][1], require_verdict=False).version
-        assert c.post("/admin/routes/promote", json={"name": "alpha", "version": v2}).status_code == 200
+        assert c.post("/admin/routes/promote", json={"name": "alpha", "version": v2, "force": True}).status_code == 200
         assert ask("alpha") == (f"alpha@{v2}", want["beta"][0])
         assert c.post("/admin/routes/rollback", json={"name": "alpha"}).json()["weights"] == {"v1": 100}
         assert ask("alpha") == ("alpha@v1", want["alpha"][0])
