@@ -25,7 +25,7 @@ from gemtune.base.families import Family
 from gemtune.errors import UserError
 from gemtune.base.templates import render_prompt
 from gemtune.evals.cache import OutputCache
-from gemtune.evals.scorers import ScoreContext, score_one
+from gemtune.evals.scorers import ScoreContext, field_summary, score_one
 from gemtune.evals.suite import Case, Suite
 
 if TYPE_CHECKING:
@@ -155,8 +155,12 @@ def constrained_summary(rows: list[dict]) -> dict:
     n = len(sub)
     passed = sum(bool(r["pass_constrained"]) for r in sub)
     free = sum(bool(r["pass"]) for r in sub)
-    return {"n": n, "passed": passed, "accuracy": round(passed / n, 6) if n else None,
-            "free_passed": free, "free_accuracy": round(free / n, 6) if n else None}
+    out = {"n": n, "passed": passed, "accuracy": round(passed / n, 6) if n else None,
+           "free_passed": free, "free_accuracy": round(free / n, 6) if n else None}
+    fields = field_summary(sub, "scores_constrained")
+    if fields:
+        out["fields"] = fields  # per-field results of the constrained outputs (json / tool_call scorers)
+    return out
 
 
 def measure_latency(suite: Suite, mut: ModelUnderTest) -> list[float]:
@@ -238,7 +242,8 @@ def evaluate(suite: Suite, mut: ModelUnderTest, *, cache: OutputCache | None = N
     outputs, tokens, gen_stats = generate_outputs(suite, mut, cache, progress)
     constrained = generate_constrained_outputs(suite, mut, cache, progress) if suite.config.constrained else {}
     lat = measure_latency(suite, mut) if latency else [None] * len(suite.cases)
-    ctx = ScoreContext(labels=suite.labels, max_latency_ms=suite.config.max_latency_ms)
+    # the model's family: the tool_call scorer parses that family's call syntax (Gemma 4's is not Gemma 3's)
+    ctx = ScoreContext(labels=suite.labels, max_latency_ms=suite.config.max_latency_ms, family=mut.family)
     rows = []
     for i, (case, out, ntok, ms) in enumerate(zip(suite.cases, outputs, tokens, lat)):
         ok, scores = score_case(case, out, ctx, ms)
@@ -251,6 +256,9 @@ def evaluate(suite: Suite, mut: ModelUnderTest, *, cache: OutputCache | None = N
             rows[-1].update(output_constrained=c_out, pass_constrained=c_ok, scores_constrained=c_scores,
                             new_tokens_constrained=c_tok)
     summary = summarise(suite, rows, mut.name)
+    fields = field_summary(rows)
+    if fields:
+        summary["fields"] = fields  # per-field P/R/F1, exact-match and schema-valid rates (json / tool_call)
     if suite.config.constrained:
         summary["constrained"] = constrained_summary(rows)
     summary["generation"] = gen_stats

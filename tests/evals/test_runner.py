@@ -188,6 +188,11 @@ def test_constrained_eval_decodes_schema_cases_under_their_schema(fused_adapter,
     assert summ["n"] == 4 and summ["passed"] == sum(c["pass_constrained"] for c in with_schema)
     assert summ["free_passed"] == sum(c["pass"] for c in with_schema)
     assert "constrained" not in free.summary
+    # per-field results in summary.json, free and constrained: every constrained output is schema-valid
+    assert summ["fields"]["json"]["cases"] == 4 and summ["fields"]["json"]["schema_valid"] == 1.0
+    assert both.summary["fields"]["json"]["cases"] == 4
+    assert both.summary["fields"]["json"]["schema_valid"] == sum(_parses(c["output"]) for c in with_schema) / 4
+    assert json.loads((tmp_path / "both" / "summary.json").read_text())["fields"] == both.summary["fields"]
     # cached like free outputs: a rerun generates nothing
     again = run_eval(str(fused_adapter), suite, tmp_path / "again", config=cfg.model_copy(update={"constrained": True}),
                      baseline="none", echo=lambda s: None)
