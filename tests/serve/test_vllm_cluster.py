@@ -132,7 +132,8 @@ def test_vllm_replica_through_the_cluster_matches_embedded_engine(vllm_python, r
             # a new version (beta's weights) is promoted, served from the replica, and rolled back; with 2 slots
             # the replica's LRU evicts alpha@v1, then beta@v1, and unloads each from vLLM
             v2 = reg.push("alpha", srcs[1], require_verdict=False).version
-            assert c.post("/admin/routes/promote", json={"name": "alpha", "version": v2}).status_code == 200
+            r = c.post("/admin/routes/promote", json={"name": "alpha", "version": v2, "force": True})
+            assert r.status_code == 200, r.text
             assert ask("alpha", parity.PROMPTS[0]) == (f"alpha@{v2}", want["beta"][0])
             assert c.post("/admin/routes/rollback", json={"name": "alpha"}).json()["weights"] == {"v1": 100}
             assert ask("alpha", parity.PROMPTS[0]) == ("alpha@v1", want["alpha"][0])
