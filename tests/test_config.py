@@ -198,4 +198,4 @@ def test_help_lists_the_verbs_in_playbook_order():
 
     out = CliRunner().invoke(app, ["--help"], terminal_width=100).output
     verbs = re.findall(r"^│ (\w+) ", out, flags=re.M)
-    assert verbs == ["base", "data", "plan", "train", "eval", "probe", "card", "registry", "serve", "merge", "demo"]
+    assert verbs == ["base", "data", "plan", "train", "eval", "probe", "card", "registry", "release", "serve", "merge", "demo"]
