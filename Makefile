@@ -41,7 +41,7 @@ export GEMTUNE_REQUIRE_CHROMIUM := 1
 endif
 
 chromium:
-	@bash tests/setup_chromium.sh
+	@bash tests/setup_apt.sh chromium "chromium chromium-browser google-chrome" GEMTUNE_SKIP_CHROMIUM
 
 # redis-server (Debian) for the shared route store and cluster tests; the tests start their own instance on a free
 # port (GEMTUNE_SKIP_REDIS=1: those tests skip instead, and say why).
@@ -51,7 +51,7 @@ export GEMTUNE_REQUIRE_REDIS := 1
 endif
 
 redis:
-	@bash tests/setup_redis.sh
+	@bash tests/setup_apt.sh redis-server redis-server GEMTUNE_SKIP_REDIS
 
 demo: $(STAMP)
 	$(VENV)/bin/gemtune demo $(DEMO_ARGS)

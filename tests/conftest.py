@@ -50,12 +50,12 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless Chromium for tests that render HTML reports. It skips when absent, except under `make test`
-    (GEMTUNE_REQUIRE_CHROMIUM=1, after tests/setup_chromium.sh), where a missing browser is a failure."""
+    (GEMTUNE_REQUIRE_CHROMIUM=1, after `make chromium`, i.e. tests/setup_apt.sh), where a missing browser is a failure."""
     import shutil
 
     path = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if path is None:
-        why = "no headless Chromium to render reports (tests/setup_chromium.sh, or apt-get install chromium)"
+        why = "no headless Chromium to render reports (make chromium, or apt-get install chromium)"
         if os.environ.get("GEMTUNE_REQUIRE_CHROMIUM") == "1":
             pytest.fail(why)
         pytest.skip(why)

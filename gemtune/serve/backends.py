@@ -162,6 +162,17 @@ def embedded_engine_note(engine: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------- vLLM
+def admit(g: Gen, *, max_model_len: int | None, inflight: int, max_queue: int, retry_after: float) -> None:
+    """What a remote backend (vLLM, the Ray cluster) checks before it sends a request anywhere: the prompt and its
+    max_tokens fit the context (400 naming max_tokens), and fewer than `max_queue` requests are in flight (429)."""
+    n = len(g.prompt_ids)
+    if max_model_len and n + g.max_tokens > max_model_len:
+        raise UserError(f"prompt ({n} tokens) + max_tokens ({g.max_tokens}) exceeds max_model_len "
+                        f"{max_model_len}; max_tokens can be at most {max(0, max_model_len - n)}", field="max_tokens")
+    if inflight >= max_queue:
+        raise Overloaded(f"{inflight} requests in flight (max_queue {max_queue})", retry_after=retry_after)
+
+
 class VllmBackend:
     """Forward generation to a vLLM OpenAI server; adapters are loaded there through /v1/load_lora_adapter.
 
@@ -256,14 +267,8 @@ class VllmBackend:
         return self._running
 
     async def submit(self, g: Gen) -> "VllmStream":
-        n = len(g.prompt_ids)
-        if self.max_model_len and n + g.max_tokens > self.max_model_len:
-            raise UserError(f"prompt ({n} tokens) + max_tokens ({g.max_tokens}) exceeds max_model_len "
-                            f"{self.max_model_len}; max_tokens can be at most {max(0, self.max_model_len - n)}",
-                            field="max_tokens")
-        if self._inflight >= self.max_queue:
-            raise Overloaded(f"{self._inflight} requests in flight (max_queue {self.max_queue})",
-                             retry_after=self._latency_ema)
+        admit(g, max_model_len=self.max_model_len, inflight=self._inflight, max_queue=self.max_queue,
+              retry_after=self._latency_ema)
         if g.adapter is not None and g.adapter not in self._loaded:
             raise NotLoaded(f"adapter {g.adapter!r} is not loaded in vLLM")
         body = {
@@ -282,7 +287,7 @@ class VllmBackend:
         body["stop_token_ids"] = stop
         if g.grammar is not None:
             body.update(vllm_structured(g.grammar))
-        return await self._open(body, n, g.adapter)
+        return await self._open(body, len(g.prompt_ids), g.adapter)
 
     async def _open(self, body: dict, prompt_tokens: int, adapter: str | None) -> "VllmStream":
         """Send the request and read vLLM's status before returning, so refusals surface at admission:

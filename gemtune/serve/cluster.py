@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemtune.errors import UserError
-from gemtune.serve.backends import BackendError, Event, Gen, Overloaded
+from gemtune.serve.backends import BackendError, Event, Gen, Overloaded, admit
 
 log = logging.getLogger("gemtune.serve")
 APP = "gemtune"
@@ -303,15 +303,15 @@ def replica_class(max_loras: int):
             g = Gen(**gen)
             key = g.adapter  # the gateway also sends it as the multiplexed model id: Ray Serve's routing hint
             core.inflight += 1
-            core.write_stats()
-            try:
+            core.write_stats(force=True)  # every change of `inflight` is written: readers act on it (a stale
+            try:                          # count would name a replica busier than it is)
                 handle = await self._submit(backend, key, g)
                 async for ev in handle:
                     yield {"t": ev.text, "f": ev.finish_reason, "p": ev.prompt_tokens, "c": ev.completion_tokens}
                 core.served += 1
             finally:
                 core.inflight -= 1
-                core.write_stats()
+                core.write_stats(force=True)
 
         async def _submit(self, backend, key, g):
             from gemtune.serve.backends import NotLoaded
@@ -460,13 +460,7 @@ class ClusterBackend:
         return self._running
 
     async def submit(self, g: Gen) -> "ClusterStream":
-        n = len(g.prompt_ids)
-        if self.max_model_len and n + g.max_tokens > self.max_model_len:
-            raise UserError(f"prompt ({n} tokens) + max_tokens ({g.max_tokens}) exceeds max_model_len "
-                            f"{self.max_model_len}; max_tokens can be at most {max(0, self.max_model_len - n)}",
-                            field="max_tokens")
-        if self._inflight >= self.max_queue:
-            raise Overloaded(f"{self._inflight} requests in flight (max_queue {self.max_queue})", retry_after=1)
+        admit(g, max_model_len=self.max_model_len, inflight=self._inflight, max_queue=self.max_queue, retry_after=1)
         stream = ClusterStream(self, g)
         self._inflight += 1
         try:
