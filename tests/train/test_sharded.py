@@ -38,6 +38,35 @@ def launch(script: Path, *args, gate: Path | None = None) -> subprocess.Popen:
                             start_new_session=True)  # its own process group: SIGKILL reaches every rank
 
 
+def _ranks_of(out_dir: Path) -> list[int]:
+    """Pids of the training processes writing `out_dir` (their command line names it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out_dir).encode() in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_ranks_of(out_dir: Path) -> None:
+    """SIGKILL every rank of the run writing `out_dir` (as a node failure would) and wait until none is left, so
+    no orphan is still held at the gate when the resumed run starts, or after the test."""
+    deadline = time.time() + 120
+    while pids := _ranks_of(out_dir):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.time() < deadline, f"ranks {pids} of the killed run would not die"
+        time.sleep(0.05)
+
+
 def finish(p: subprocess.Popen) -> None:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
@@ -64,9 +93,11 @@ def test_fsdp2_two_cpu_processes_kill_and_resume_give_the_straight_adapter(tiny_
     assert p.poll() is None, "the run ended before it was held at step 3: " + p.stderr.read()[-3000:]
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    _kill_ranks_of(killed)  # torchrun starts its workers in sessions of their own: the group kill misses them
     done = [s for s, _ in complete_checkpoints(killed)]
     assert done == [1, 2] and not (killed / "adapter").exists(), done
     finish(launch(script, tiny_gemma3, route_data, killed, 6, 1))
+    assert _ranks_of(killed) == [] and _ranks_of(straight) == []  # no rank outlives its run (no orphan at the gate)
 
     a, b = load_file(str(straight / "adapter" / "adapter_model.safetensors")), \
         load_file(str(killed / "adapter" / "adapter_model.safetensors"))
