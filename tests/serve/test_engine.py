@@ -417,12 +417,16 @@ def test_multi_lora_linear_matches_per_token_reference(layout):
         assert torch.allclose(g, ref, atol=1e-5), (layout, j)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
 @pytest.mark.parametrize("vocab,softcap", [(1000, None), (1024, 500.0)])
-def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap):
-    """The bf16 screen + fp32 recomputation returns the full fp32 head's argmax: on peaked rows, on rows whose top
-    two logits differ by less than the bf16 rounding (both must survive the screen), on flat rows (fallback) and on
-    a vocabulary that is not a multiple of the chunk size."""
-    from gemtune.serve.engine_sampling import ScreenedHead
+def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap, kind):
+    """The bf16 (or fp16-weight) screen + fp32 recomputation returns the full fp32 head's argmax: on peaked rows, on
+    rows whose top two logits differ by less than the bf16 rounding (both must survive the screen), on flat rows
+    (fallback) and on a vocabulary that is not a multiple of the chunk size."""
+    from gemtune.serve.engine_sampling import ScreenedHead, fp16_screen_available
+
+    if kind == "fp16" and not fp16_screen_available():
+        pytest.skip("FBGEMM's fp16 GEMM is not in this torch build (non-x86)")
 
     torch.manual_seed(0)
     w = torch.randn(vocab, 64)
@@ -435,7 +439,7 @@ def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap):
         b = w[5] * 0.05 + 0.05 * torch.randn(64)
         h[i] = b - (float(b @ d) - 1e-4 * (-1) ** i) * d / float(d @ d)
     h[20:25] = w[100] * 3 + 1e-3 * torch.randn(5, 64)  # flat among tokens 100-399: too many candidates
-    head = ScreenedHead(w, softcap, chunk=128, max_candidates=200)
+    head = ScreenedHead(w, softcap, chunk=128, max_candidates=200, kind=kind)
     ref = torch.nn.functional.linear(h, w)
     if softcap:
         ref = torch.tanh(ref / softcap) * softcap
@@ -444,6 +448,8 @@ def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap):
     assert head.fallbacks >= 5  # the flat rows took the full head
     bf16_pick = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float().argmax(-1)
     assert bool((bf16_pick[10:20] != ref.argmax(-1)[10:20]).any())  # a bf16 head alone gets some close calls wrong
+    screen_pick = head._screen(h.bfloat16() if kind == "bf16" else h).float().argmax(-1)
+    assert bool((screen_pick[10:20] != ref.argmax(-1)[10:20]).any())  # so does the screen alone: it is not enough
 
 
 def test_thread_policy_narrows_small_steps_and_widens_gemms():

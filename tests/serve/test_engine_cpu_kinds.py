@@ -2,8 +2,9 @@
 
 On a CPU without native bf16 (AVX2-only, or torch capped to AVX2 with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA) a
 bf16 GEMM is emulated and runs several times slower than fp32: no bf16 tensor may reach a matmul in a decode step,
-and greedy outputs stay exactly the fp32 reference's (PEFT, one adapter at a time). Where bf16 is native, the fp32
-head's greedy argmax is screened in bf16 (exact, see engine_sampling).
+and greedy outputs stay exactly the fp32 reference's (PEFT, one adapter at a time); the fp32 head is screened there
+with FBGEMM's fp16-weight GEMM (fp32 FMAs). Where bf16 is native, the fp32 head's greedy argmax is screened in bf16
+(both exact, see engine_sampling).
 
 The matmul check wraps every op the scheduler thread dispatches (a TorchDispatchMode entered in that thread around
 each step) and records the dtypes of the tensors handed to matmul-family ops — oneDNN's `_linear_pointwise`
@@ -116,10 +117,20 @@ def run_engine(base, adapters, native: bool, monkeypatch) -> tuple[dict, dict, l
     return outs, stats, seen
 
 
+@pytest.mark.parametrize("fp16_screen", [True, False], ids=["fp16-screen", "fp32-head"])
 def test_without_native_bf16_no_bf16_reaches_a_matmul_and_greedy_equals_fp32(tiny_gemma3, adapters, reference,
-                                                                              monkeypatch):
+                                                                              monkeypatch, fp16_screen):
+    """Where bf16 is emulated the head is screened with FBGEMM's fp16-weight GEMM (fp32 activations) and confirmed
+    in fp32; without FBGEMM it is the plain fp32 head. Either way greedy outputs are the fp32 reference's."""
+    from gemtune.serve import engine_sampling
+
+    if fp16_screen and not engine_sampling.fp16_screen_available():
+        pytest.skip("FBGEMM's fp16 GEMM is not in this torch build (non-x86)")
+    if not fp16_screen:
+        monkeypatch.setattr(engine_sampling, "fp16_screen_available", lambda: False)
     outs, stats, seen = run_engine(tiny_gemma3, adapters, False, monkeypatch)
-    assert stats["compute"]["lm_head"] == "fp32"
+    assert stats["compute"]["lm_head"] == ("fp16-screen" if fp16_screen else "fp32")
+    assert any(name == "linear_dynamic_fp16" for name, _ in seen) == fp16_screen  # the screen's GEMM ran (or not)
     assert stats["compute"]["native_bf16"] is False and stats["compute"]["dtype"] == "float32"
     assert len(seen) > 100  # the recorder saw the steps' GEMMs (base linears, LoRA, attention, head)
     bf16 = sorted({name for name, dts in seen if torch.bfloat16 in dts})
@@ -140,9 +151,10 @@ def test_with_native_bf16_the_greedy_head_is_screened_in_bf16_and_stays_exact(ti
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 caps are x86 settings")
-def test_torch_capped_to_avx2_is_seen_as_emulated_bf16_and_takes_the_fp32_head(tiny_gemma3):
+def test_torch_capped_to_avx2_is_seen_as_emulated_bf16_and_takes_the_fp16_screen(tiny_gemma3):
     """The real switch, no patching: a fresh process with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (how an
-    AVX2-only CPU is emulated on an AVX-512 one) reports no native bf16 and the engine runs the fp32 head there."""
+    AVX2-only CPU is emulated on an AVX-512 one) reports no native bf16 and the engine screens its fp32 head with
+    FBGEMM's fp16-weight GEMM there (fp32 FMAs: nothing emulated)."""
     code = textwrap.dedent(f"""
         import json
         from gemtune.base import device
@@ -156,5 +168,5 @@ def test_torch_capped_to_avx2_is_seen_as_emulated_bf16_and_takes_the_fp32_head(t
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["native"] is False and got["cap"] == "AVX2"
-    assert got["compute"]["lm_head"] == "fp32" and got["compute"]["native_bf16"] is False
+    assert got["compute"]["lm_head"] == "fp16-screen" and got["compute"]["native_bf16"] is False
     assert got["compute"]["cpu_capability"] == "AVX2"
