@@ -101,6 +101,18 @@ class CheckpointEvaluator:
         hook runs), instead of loading the base a second time."""
         self._live = model
 
+    def keep_tokenizer(self, tokenizer, family, *, vocab_size: Optional[int] = None) -> None:
+        """Called by the trainer with its tokenizer before it frees it: keep the suite's rendered prompts and a
+        decode table (`LeanTokenizer`, a few tens of MB), so evaluating on the training model never loads Gemma's
+        ~0.32 GiB tokenizer a second time. `vocab_size` (the logits' width) is needed for `eval.constrained`."""
+        from gemtune.base.lean_tokenizer import LeanTokenizer
+        from gemtune.base.provision import pull
+
+        grammar = vocab_size if self.config.constrained and any(c.schema is not None for c in self.suite.cases) else None
+        lean = LeanTokenizer.from_tokenizer(tokenizer, family, [(c.messages, c.tools) for c in self.suite.cases],
+                                            grammar_vocab=grammar)
+        self._live_tok = (lean, dir_fingerprint(pull(self.base)))
+
     @contextlib.contextmanager
     def _on_training_model(self, adapter: Optional[Path], name: str) -> Iterator[ModelUnderTest]:
         """The training model in eval mode: adapter enabled (a checkpoint) or disabled (the base)."""
@@ -109,8 +121,9 @@ class CheckpointEvaluator:
         from gemtune.base.provision import pull
         from gemtune.evals.engine import make_generator
 
-        model, base_path = self._live, pull(self.base)
-        if self._live_tok is None:
+        model = self._live
+        if self._live_tok is None:  # the trainer did not hand over its tokenizer (`keep_tokenizer`): load one
+            base_path = pull(self.base)
             self._live_tok = (load_tokenizer(base_path), dir_fingerprint(base_path))
         tok, base_sha = self._live_tok
         fam, was_training = family_of(model), model.training

@@ -106,7 +106,9 @@ class SchemaCompiler:
         import xgrammar as xgr
 
         self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stops))
+        info = getattr(tokenizer, "xgrammar_info", None)  # a LeanTokenizer's, built while its tokenizer was loaded
+        if info is None:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stops))
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._cache: dict[str, Any] = {}
 

@@ -49,7 +49,10 @@ class ModelUnderTest:
 
 
 def render_prompts(suite: Suite, tokenizer, family: Family) -> list[list[int]]:
-    """Each case's prompt, its tool definitions rendered in when it offers tools."""
+    """Each case's prompt, its tool definitions rendered in when it offers tools (a `LeanTokenizer` holds them
+    rendered already: the per-checkpoint eval renders the suite before the trainer frees its tokenizer)."""
+    if hasattr(tokenizer, "prompt_ids"):
+        return [tokenizer.prompt_ids(c.messages, c.tools or None) for c in suite.cases]
     return [render_prompt(c.messages, tokenizer, family, tools=c.tools or None).input_ids for c in suite.cases]
 
 

@@ -294,7 +294,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, stop_a
         if max_steps < 1:
             raise UserError(f"max_steps {max_steps}: must be at least 1", field="max_steps")
         cfg = cfg.model_copy(update={"max_steps": max_steps})
-    r = setup(data_dir, run_dir, cfg, console)
+    keep = getattr(on_checkpoint, "keep_tokenizer", None)
+    r = setup(data_dir, run_dir, cfg, console, keep_tokenizer=keep if callable(keep) else None)
     plan_steps(r, stop_after=stop_after)
     prepare(r)
     step = resume_from_checkpoint(r) if resume else start_fresh(r)
@@ -330,8 +331,11 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, log_with: Optional[str]):
     return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir), kwargs_handlers=handlers)
 
 
-def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=None) -> Run:
-    """Accelerator, seeds, the resolved policy, the dataset, the PEFT model (lean kernels on a CPU)."""
+def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=None,
+          keep_tokenizer: Optional[Callable] = None) -> Run:
+    """Accelerator, seeds, the resolved policy, the dataset, the PEFT model (lean kernels on a CPU).
+    `keep_tokenizer(tok, family, vocab_size=...)` is called once the examples are encoded, just before the
+    tokenizer is freed (the checkpoint eval keeps its prompts and a decode table from it)."""
     t_start = time.time()
     log_with = None
     if cfg.report_to:
@@ -372,6 +376,8 @@ def setup(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, console=N
     if not train_ex:
         raise UserError(f"no training example fits max_len={cfg.max_len}", file=str(Path(data_dir) / "train.jsonl"))
     pad_id = tok.pad_token_id
+    if keep_tokenizer is not None:  # the checkpoint eval takes its prompts and decode table now (evals/checkpoint.py)
+        keep_tokenizer(tok, fam, vocab_size=model.get_output_embeddings().weight.shape[0])
     del tok  # the 262k-entry tokenizer is ~300 MB we no longer need: give it back before activations need room
     _release_memory()
     r = Run(cfg=cfg, acc=acc, run_dir=Path(run_dir), data_dir=Path(data_dir), say=say, policy=policy,
