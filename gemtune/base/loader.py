@@ -38,12 +38,13 @@ def load_tokenizer(path: str | Path):
 
 
 def load_base(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", quant: str | None = None,
-              device: str | torch.device = "cpu", placement: Placement | None = None):
+              device: str | torch.device = "cpu", placement: Placement | None = None, tokenizer: bool = True):
     """Return (model, tokenizer) for a base name, directory or hub id, with the model on `device` in `dtype`
     (each may be "auto"; `placement`, an already resolved Placement, wins over both).
 
     On a GPU the weights are loaded straight onto it (no host copy of the whole model). `quant="4bit"` loads NF4
-    weights with bitsandbytes (double quantisation, compute in `dtype`) for QLoRA, on `device`.
+    weights with bitsandbytes (double quantisation, compute in `dtype`) for QLoRA, on `device`. `tokenizer=False`
+    returns (model, None) for a caller that holds the tokenizer already.
     """
     from transformers import AutoModelForCausalLM
 
@@ -79,4 +80,4 @@ def load_base(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "
         raise UserError(f"cannot load a causal LM from {path}: {e}", field="model") from None
     family_of(m)  # refuses non-Gemma model types with a clear message
     m.eval()
-    return m, load_tokenizer(path)
+    return m, (load_tokenizer(path) if tokenizer else None)  # Gemma's 262k tokenizer takes seconds: only when asked

@@ -235,7 +235,7 @@ def run_models(inp: Inputs, plan: Plan, cfg: PrivacyConfig, timings: dict, say) 
     placement = resolve(cfg.device, cfg.dtype)
     with _Stage(timings, "load", say):
         say(f"loading base {inp.base_name} ({placement.device}, {placement.dtype_name})")
-        model, _ = load_base(inp.base_path, placement=placement)
+        model, _ = load_base(inp.base_path, placement=placement, tokenizer=False)  # the plan holds the tokenizer
     args = (plan.tok, plan.fam, cfg, plan.probes, plan.tasks, plan.pii_prompts, timings, say)
     results = {"placement": placement.describe(), "base": _probe_model("base", model, *args)}
     with attached(model, inp.adapter_dir) as peft_model:

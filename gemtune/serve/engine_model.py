@@ -115,8 +115,11 @@ class ModelRunner:
         if self.head_path.endswith("-screen"):
             from gemtune.serve.engine_sampling import ScreenedHead
 
-            self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap, threads=self.threads,
-                                              kind=self.head_path.removesuffix("-screen"))
+            try:
+                self.screened_head = ScreenedHead(self.lm_head.weight, self.softcap, threads=self.threads,
+                                                  kind=self.head_path.removesuffix("-screen"))
+            except ValueError:  # weights the screen cannot hold exactly (beyond fp16's range): the plain head
+                self.head_path = "fp32"
 
     def _head_path(self, screen_head: bool) -> str:
         """The LM head's path for this model's dtype on this hardware (see the module docstring)."""

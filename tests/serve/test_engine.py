@@ -452,6 +452,20 @@ def test_screened_head_argmax_equals_full_fp32_head(vocab, softcap, kind):
     assert bool((screen_pick[10:20] != ref.argmax(-1)[10:20]).any())  # so does the screen alone: it is not enough
 
 
+def test_fp16_screen_refuses_weights_beyond_fp16_range_and_the_engine_keeps_the_fp32_head():
+    """FBGEMM would clamp a weight beyond fp16's range, and the screen's bound would no longer hold: refused."""
+    from gemtune.serve.engine_sampling import ScreenedHead, fp16_screen_available
+
+    if not fp16_screen_available():
+        pytest.skip("FBGEMM's fp16 GEMM is not in this torch build (non-x86)")
+    w = torch.randn(600, 32)
+    head = ScreenedHead(w, kind="fp16")
+    assert len(head.packed16) == 2 and head.dwmax > 0  # two row blocks (512 + 88), packed at once
+    w[517, 3] = 1e5
+    with pytest.raises(ValueError, match="fp16's range"):
+        ScreenedHead(w, kind="fp16")
+
+
 def test_thread_policy_narrows_small_steps_and_widens_gemms():
     """A small step runs on one thread, GEMMs inside it on all, a prefill-sized step on all throughout, and the
     thread count is restored after (also when the step raises)."""
