@@ -13,6 +13,7 @@ import pytest
 from gemtune.data.config import DataConfig, load_data_config
 from gemtune.data.pipeline import build
 from gemtune.errors import UserError
+from jsonl_rows import read_jsonl, write_jsonl  # tests/data/fixtures (conftest puts it on the path)
 
 BENCH = [
     "What is the boiling point of water at sea level in degrees Celsius and why does altitude change it?",
@@ -42,34 +43,25 @@ def _domain(n: int = 40) -> list[dict]:
     return rows
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def _bench_jsonl(path: Path) -> Path:
     # line 1 is a header-like row without a text column (skipped), benchmark rows start at line 2
     rows = [{"meta": "mmlu-mini"}] + [{"question": q, "answer": "x"} for q in BENCH]
-    return _jsonl(path, rows)
+    return write_jsonl(path, rows)
 
 
 def _kept_ids(out: Path) -> set[str]:
-    return {r["id"] for r in _records(out / "train.jsonl") + _records(out / "eval.jsonl")}
+    return {r["id"] for r in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")}
 
 
 def test_planted_near_duplicates_of_a_benchmark_are_quarantined_unrelated_rows_kept(tiny_gemma3, tmp_path):
-    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _domain())
     bench = _bench_jsonl(tmp_path / "bench.jsonl")
     out = tmp_path / "ds"
     report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Answer.",
                                           decontaminate=[{"path": str(bench)}]))
     kept = _kept_ids(out)
     assert kept == {f"r{i}" for i in range(40)}
-    q = {r["line"]: r for r in _records(out / "quarantine.jsonl")}
+    q = {r["line"]: r for r in read_jsonl(out / "quarantine.jsonl")}
     for k, name in enumerate(PLANTED):
         r = q[41 + k]
         assert r["stage"] == "benchmark", r
@@ -86,7 +78,7 @@ def test_planted_near_duplicates_of_a_benchmark_are_quarantined_unrelated_rows_k
 
 
 def test_without_decontaminate_the_planted_rows_are_kept(tiny_gemma3, tmp_path):
-    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _domain())
     report = build([raw], tmp_path / "ds", DataConfig(base=str(tiny_gemma3), instruction="Answer."))
     assert {f"p-{n}" for n in PLANTED} <= _kept_ids(tmp_path / "ds")
     assert report["decontamination"]["benchmarks"] is None
@@ -96,7 +88,7 @@ def test_cli_csv_with_file_colon_column_and_parquet_from_the_config(tiny_gemma3,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _domain())
     bench_csv = tmp_path / "bench.csv"
     with open(bench_csv, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -106,7 +98,7 @@ def test_cli_csv_with_file_colon_column_and_parquet_from_the_config(tiny_gemma3,
     assert cli("data", "build", raw, "--out", out, "--base", tiny_gemma3, "--instruction", "Answer.",
                "--decontaminate", f"{bench_csv}:prompt_text", "-q") == 0
     assert _kept_ids(out) == {f"r{i}" for i in range(40)} | {"p-reworded", "p-messages"}
-    reasons = [r["reason"] for r in _records(out / "quarantine.jsonl")]
+    reasons = [r["reason"] for r in read_jsonl(out / "quarantine.jsonl")]
     assert sorted(reasons) == sorted([f"benchmark contamination: copy of {bench_csv}:2",
                                       f"benchmark contamination: copy of {bench_csv}:3"])
 
@@ -129,15 +121,15 @@ def test_eval_rows_are_protected_too(tiny_gemma3, tmp_path):
     rows = _domain()
     for r in rows[40:]:
         r["split"] = "eval"
-    raw = _jsonl(tmp_path / "raw.jsonl", rows)
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ds"
     build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Answer.",
                                  decontaminate=[{"path": str(_bench_jsonl(tmp_path / "b.jsonl"))}]))
-    assert not any(r["id"].startswith("p-") for r in _records(out / "eval.jsonl"))
+    assert not any(r["id"].startswith("p-") for r in read_jsonl(out / "eval.jsonl"))
 
 
 def test_missing_or_unreadable_benchmark_exits_2_naming_it(tiny_gemma3, tmp_path, cli, capsys):
-    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _domain())
     missing = tmp_path / "nope.jsonl"
     assert cli("data", "build", raw, "--out", tmp_path / "ds", "--base", tiny_gemma3, "--instruction", "Answer.",
                "--decontaminate", missing, "-q") == 2
@@ -148,7 +140,7 @@ def test_missing_or_unreadable_benchmark_exits_2_naming_it(tiny_gemma3, tmp_path
                "--decontaminate", broken, "-q") == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "unreadable Parquet" in err
-    no_text = _jsonl(tmp_path / "labels.jsonl", [{"label": "x"}])
+    no_text = write_jsonl(tmp_path / "labels.jsonl", [{"label": "x"}])
     assert cli("data", "build", raw, "--out", tmp_path / "ds", "--base", tiny_gemma3, "--instruction", "Answer.",
                "--decontaminate", no_text, "-q") == 2
     assert "no usable benchmark text" in capsys.readouterr().err
@@ -164,8 +156,8 @@ def test_config_names_file_line_and_field_for_a_missing_benchmark(tmp_path):
 
 
 def test_generic_rows_copying_a_benchmark_are_quarantined_and_never_mixed_in(tiny_gemma3, tmp_path):
-    raw = _jsonl(tmp_path / "raw.jsonl", _domain())
-    gen = _jsonl(tmp_path / "generic.jsonl",
+    raw = write_jsonl(tmp_path / "raw.jsonl", _domain())
+    gen = write_jsonl(tmp_path / "generic.jsonl",
                  [{"instruction": BENCH[1].lower(), "output": "Venus"}]
                  + [{"instruction": f"Write a haiku about the number {i} and the colour {i * 11}", "output": "ok"}
                     for i in range(10)])
@@ -174,7 +166,7 @@ def test_generic_rows_copying_a_benchmark_are_quarantined_and_never_mixed_in(tin
                                           generic_fraction=0.1, decontaminate=[{"path": str(_bench_jsonl(tmp_path / "b.jsonl"))}]))
     bm = report["decontamination"]["benchmarks"]
     assert (bm["removed"], bm["generic_removed"]) == (4, 1)
-    q = [r for r in _records(out / "quarantine.jsonl") if r.get("generic")]
+    q = [r for r in read_jsonl(out / "quarantine.jsonl") if r.get("generic")]
     assert [(r["line"], r["stage"]) for r in q] == [(1, "benchmark")]
     assert report["counts"]["generic_added"] > 0
-    assert not any("Venus" in json.dumps(r) for r in _records(out / "train.jsonl"))
+    assert not any("Venus" in json.dumps(r) for r in read_jsonl(out / "train.jsonl"))

@@ -12,6 +12,7 @@ import pytest
 from gemtune.data.config import DataConfig, load_data_config
 from gemtune.data.pipeline import build
 from gemtune.errors import UserError
+from jsonl_rows import read_jsonl, write_jsonl  # tests/data/fixtures (conftest puts it on the path)
 
 STATUSES = ["approved", "pending", None, "Approved ", "rejected"]  # cycled over the rows
 TOPICS = ("refund", "parcel", "login", "invoice", "transfer", "password", "statement", "delivery")
@@ -30,30 +31,21 @@ def _rows(n: int = 50) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def _approved(r: dict) -> bool:
     return (r["provenance"].get("review_status") or "").strip().lower() == "approved"
 
 
 def test_unreviewed_rows_never_reach_train_or_eval_and_are_quarantined_with_the_reason(tiny_gemma3, tmp_path):
     rows = _rows()
-    raw = _write(tmp_path / "raw.jsonl", rows)
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ds"
     report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Route.", require_review=["approved"]))
-    written = _records(out / "train.jsonl") + _records(out / "eval.jsonl")
+    written = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
     want_kept = {r["id"] for r in rows if _approved(r)}
     assert {r["id"] for r in written} == want_kept and len(want_kept) == 20
-    assert _records(out / "eval.jsonl"), "the eval split must not be empty, or it proves nothing"
+    assert read_jsonl(out / "eval.jsonl"), "the eval split must not be empty, or it proves nothing"
     assert all(_approved(r) for r in written)
-    q = {r["line"]: r for r in _records(out / "quarantine.jsonl")}
+    q = {r["line"]: r for r in read_jsonl(out / "quarantine.jsonl")}
     for line, r in enumerate(rows, 1):
         status = r["provenance"].get("review_status")
         if _approved(r):
@@ -70,7 +62,7 @@ def test_unreviewed_rows_never_reach_train_or_eval_and_are_quarantined_with_the_
 def test_report_provenance_table_counts_source_status_license(tiny_gemma3, tmp_path):
     rows = _rows()
     rows.append(dict(rows[0], id="dup"))  # an exact duplicate of an approved crm/cc-by-4.0 row: dropped
-    raw = _write(tmp_path / "raw.jsonl", rows)
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ds"
     report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Route.", require_review=["approved"]))
     table = {(r["source"], r["review_status"], r["license"]): (r["kept"], r["quarantined"], r["dropped"])
@@ -100,7 +92,7 @@ def test_report_provenance_table_counts_source_status_license(tiny_gemma3, tmp_p
 
 
 def test_without_require_review_every_status_is_kept_and_still_counted(tiny_gemma3, tmp_path):
-    raw = _write(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     report = build([raw], tmp_path / "ds", DataConfig(base=str(tiny_gemma3), instruction="Route."))
     assert report["counts"]["train"] + report["counts"]["eval"] == 50 and report["counts"]["quarantined"] == 0
     assert report["provenance"]["require_review"] is None
@@ -110,7 +102,7 @@ def test_without_require_review_every_status_is_kept_and_still_counted(tiny_gemm
 def test_rows_rejected_by_sanitising_still_count_their_provenance(tiny_gemma3, tmp_path):
     rows = _rows(20)
     rows[3] = {"input": "", "output": "a", "review_status": "approved", "source": "crm", "license": "mit"}  # empty
-    raw = _write(tmp_path / "raw.jsonl", rows)
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
     report = build([raw], tmp_path / "ds", DataConfig(base=str(tiny_gemma3), instruction="Route.",
                                                        require_review=["approved"]))
     row = next(r for r in report["provenance"]["rows"] if r["license"] == "mit")
@@ -124,24 +116,24 @@ def _generic(path: Path, statuses: list) -> Path:
         if st:
             r["review_status"] = st
         rows.append(r)
-    return _write(path, rows)
+    return write_jsonl(path, rows)
 
 
 @pytest.mark.parametrize("review_generic", [False, True])
 def test_generic_rows_without_a_status_are_exempt_unless_review_generic(tiny_gemma3, tmp_path, review_generic):
-    raw = _write(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     gen = _generic(tmp_path / "generic.jsonl", [None] * 20 + ["pending"] * 5)
     out = tmp_path / "ds"
     report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Route.", require_review=["approved"],
                                           generic=[str(gen)], generic_fraction=0.1, review_generic=review_generic))
-    q = [r for r in _records(out / "quarantine.jsonl") if r.get("generic")]
+    q = [r for r in read_jsonl(out / "quarantine.jsonl") if r.get("generic")]
     assert sum(r["reason"] == "review_status 'pending' not in require_review [approved]" for r in q) == 5
     if review_generic:
         assert len(q) == 25 and report["counts"]["generic_added"] == 0
         assert sum(r["reason"] == "no review_status; require_review [approved]" for r in q) == 20
     else:
         assert len(q) == 5 and report["counts"]["generic_added"] == 2
-    train = _records(out / "train.jsonl")
+    train = read_jsonl(out / "train.jsonl")
     assert not any(r["provenance"].get("review_status") == "pending" for r in train)
 
 
@@ -153,10 +145,10 @@ def test_require_review_from_yaml_and_the_cli(tiny_gemma3, tmp_path, cli):
     with pytest.raises(UserError) as e:
         load_data_config(y)
     assert str(e.value).startswith(f'{y}:3: field "data.require_review": ')
-    raw = _write(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     assert cli("data", "build", raw, "--out", tmp_path / "ds", "--base", tiny_gemma3, "--instruction", "Route.",
                "--require-review", "approved", "--require-review", "rejected", "-q") == 0
-    kept = _records(tmp_path / "ds" / "train.jsonl") + _records(tmp_path / "ds" / "eval.jsonl")
+    kept = read_jsonl(tmp_path / "ds" / "train.jsonl") + read_jsonl(tmp_path / "ds" / "eval.jsonl")
     assert {(r["provenance"]["review_status"] or "").strip().lower() for r in kept} == {"approved", "rejected"}
     assert len(kept) == 30
 

@@ -14,6 +14,7 @@ from gemtune.data.pipeline import build
 from gemtune.data.records import content_sha256
 from gemtune.data.sanitise import Example
 from gemtune.errors import UserError
+from jsonl_rows import read_jsonl, write_jsonl  # tests/data/fixtures (conftest puts it on the path)
 
 SCHEMA = {"type": "object", "properties": {"queue": {"enum": ["billing", "cards"]}, "priority": {"type": "integer"}},
           "required": ["queue", "priority"], "additionalProperties": False}
@@ -40,23 +41,14 @@ def _rows(n: int = 40, task: str = "extract") -> list[dict]:
     return rows
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def _check_build(out: Path, report: dict) -> None:
-    q = {r["line"]: r for r in _records(out / "quarantine.jsonl")}
+    q = {r["line"]: r for r in read_jsonl(out / "quarantine.jsonl")}
     assert set(q) == {i + 1 for i in BAD} | {NOT_JSON + 1}
     for i, (_, tail) in BAD.items():
         assert q[i + 1]["reason"] == f'field "schema": the answer does not satisfy its schema {tail}'
         assert q[i + 1]["stage"] == "schema"
     assert q[NOT_JSON + 1]["reason"].startswith('field "schema": the answer is not JSON (')
-    ev, tr = _records(out / "eval.jsonl"), _records(out / "train.jsonl")
+    ev, tr = read_jsonl(out / "eval.jsonl"), read_jsonl(out / "train.jsonl")
     assert ev and len(ev) + len(tr) == 41 - 4
     for r in ev + tr:
         if r["task"] == "extract":
@@ -69,7 +61,7 @@ def _check_build(out: Path, report: dict) -> None:
 
 
 def test_per_task_schema_from_the_config_quarantines_invalid_answers_and_reaches_eval(tiny_gemma3, tmp_path):
-    raw = _jsonl(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     y = tmp_path / "gemtune.yaml"
     y.write_text("data:\n  instruction: Extract.\n  schemas:\n    extract: " + json.dumps(SCHEMA) + "\n")
     cfg = load_data_config(y, {"base": str(tiny_gemma3)})
@@ -82,7 +74,7 @@ def test_per_task_schema_from_a_json_file(tiny_gemma3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "schemas").mkdir()
     (tmp_path / "schemas" / "extract.json").write_text(json.dumps(SCHEMA))
-    raw = _jsonl(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     y = tmp_path / "gemtune.yaml"
     y.write_text("data:\n  instruction: Extract.\n  schemas:\n    extract: schemas/extract.json\n")
     out = tmp_path / "ds"
@@ -92,11 +84,11 @@ def test_per_task_schema_from_a_json_file(tiny_gemma3, tmp_path, monkeypatch):
 
 
 def test_without_a_schema_the_same_rows_are_all_kept(tiny_gemma3, tmp_path):
-    raw = _jsonl(tmp_path / "raw.jsonl", _rows())
+    raw = write_jsonl(tmp_path / "raw.jsonl", _rows())
     out = tmp_path / "ds"
     report = build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Extract."))
     assert report["counts"]["quarantined"] == 0
-    assert not any("schema" in r for r in _records(out / "train.jsonl") + _records(out / "eval.jsonl"))
+    assert not any("schema" in r for r in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl"))
 
 
 @pytest.mark.skipif("schema" not in getattr(Example, "__dataclass_fields__", {}),
@@ -106,12 +98,12 @@ def test_a_rows_own_schema_wins_over_the_task_schema(tiny_gemma3, tmp_path):
     rows = _rows()
     rows[3] = dict(rows[3], output='{"answer": 42}', schema=own)  # fails the task schema, satisfies its own
     rows[5] = dict(rows[5], output='{"queue": "billing", "priority": 1}', schema=json.dumps(own))  # fails its own
-    raw = _jsonl(tmp_path / "raw.jsonl", rows)
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ds"
     build([raw], out, DataConfig(base=str(tiny_gemma3), instruction="Extract.", schemas={"extract": SCHEMA}))
-    kept = {r["id"]: r for r in _records(out / "train.jsonl") + _records(out / "eval.jsonl")}
+    kept = {r["id"]: r for r in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")}
     assert kept["r3"]["schema"] == own and "r5" not in kept
-    q = {r["line"]: r for r in _records(out / "quarantine.jsonl")}
+    q = {r["line"]: r for r in read_jsonl(out / "quarantine.jsonl")}
     assert q[6]["reason"] == "field \"schema\": the answer does not satisfy its schema at $: 'answer' is a required property"
 
 
