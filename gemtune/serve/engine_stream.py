@@ -39,8 +39,9 @@ class GrammarSpec:
     """A request's output grammar, as text (hashable: the engine's compiled-grammar cache is keyed by it).
 
     kind: "json_schema" (`schema` is the JSON Schema's canonical JSON text), "json_object" (any JSON object;
-    `schema` is "{}"), or "tool_call" (`schema` is the JSON Schema of one call's `{"name", "arguments"}` object, and
-    the call is wrapped in `open` ... `close`, the family's tool-call syntax). `field` names the request field the
+    `schema` is "{}"), "tool_call" (`schema` is the JSON Schema of one call's `{"name", "arguments"}` object, and
+    the call is wrapped in `open` ... `close`, the family's tool-call syntax), or "ebnf" (`schema` is a whole EBNF
+    grammar: Gemma 4's calls, `g4_grammar`). `field` names the request field the
     grammar came from, for errors ("response_format.json_schema.schema", "tools").
     """
 

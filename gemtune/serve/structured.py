@@ -11,8 +11,9 @@ Torch-free (the gateway and the vLLM backend use it too); compiling and masking 
   parsed), "auto" (default with tools: decode freely, parse calls out of the text), "required" (decode under a
   grammar of one call to any of the tools), {"type": "function", "function": {"name"}} (one call to that tool).
   The call grammar is the family's tool-call syntax (`tool_call_syntax`) around the JSON object {"name",
-  "arguments"} whose arguments follow the tool's `parameters` schema; families whose call body is not JSON (Gemma 4's
-  own notation) take "auto" only.
+  "arguments"} whose arguments follow the tool's `parameters` schema (Gemma 3); for Gemma 4 it is `call:NAME{...}`
+  in Gemma 4's own value notation, written by `g4_grammar` from the same schemas (a schema keyword that grammar
+  cannot enforce is a 400 naming `tools`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def xgrammar_grammar(spec: GrammarSpec):
 
     if spec.kind == "json_object":
         return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+    if spec.kind == "ebnf":
+        return xgr.Grammar.from_ebnf(spec.schema)
     body = xgr.Grammar.from_json_schema(spec.schema, any_whitespace=False, strict_mode=True)
     if spec.kind == "json_schema":
         return body
@@ -164,6 +167,13 @@ def tool_plan(tools, tool_choice, family) -> ToolPlan | None:
         raise UserError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
                         '{"name": ...}}', field="tool_choice")
     syntax = tool_call_syntax(family)
+    if syntax.body == "gemma4":  # Gemma 4's own value notation: a grammar written for it
+        from gemtune.serve.g4_grammar import call_grammar
+
+        for t in chosen:
+            check_schema(t["function"].get("parameters") or {"type": "object"}, "tools")
+        return ToolPlan(tools, GrammarSpec("ebnf", call_grammar(chosen, open_=syntax.open, close=syntax.close),
+                                           "tools"), True)
     if syntax.body != "json":
         raise UserError(f"tool_choice {json.dumps(choice)[:80]} needs a grammar over the call syntax; this base's "
                         f"calls are written in {syntax.body!r} notation, for which gemtune has no grammar: use "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -42,22 +41,6 @@ TIME = {"type": "function", "function": {
                                        "required": ["zone"], "additionalProperties": False}}}
 PROMPTS = ["hello there", "what is the weather", "describe a thing", "pick a colour", "tell me more",
            "one more time"]
-
-
-def save_tiny_fused(path: Path, family: str = "gemma3") -> Path:
-    from gemtune.base.tiny import save_tiny
-
-    d = save_tiny(path, family)
-    p = Path(d) / "tokenizer.json"
-    tok = json.loads(p.read_text())
-    tok["decoder"] = {"type": "Fuse"}
-    p.write_text(json.dumps(tok))
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_fused(tmp_path_factory) -> Path:
-    return save_tiny_fused(tmp_path_factory.mktemp("tiny-fused"))
 
 
 @pytest.fixture(scope="module")
