@@ -1,4 +1,5 @@
-"""`gemtune registry --root DIR push|list|promote|rollback|split`: CLI wiring over store.py, routes.py, listing.py."""
+"""`gemtune registry --root DIR [--routes redis://…] push|list|promote|rollback|split`: CLI wiring over store.py,
+routes.py (routes in routes.json, or in the Redis store gateways share: routes_redis.py), listing.py."""
 
 from __future__ import annotations
 
@@ -23,11 +24,19 @@ def register(app: typer.Typer) -> None:
     state: dict = {}
 
     @reg.callback()
-    def _root(root: str = typer.Option(..., "--root", help="Registry directory (created on first push).")):
-        state["root"] = root
+    def _root(root: str = typer.Option(..., "--root", help="Registry directory (created on first push)."),
+              routes: Optional[str] = typer.Option(None, "--routes", help="Where routes live: file (routes.json, "
+                                                   "the default) or redis://HOST:PORT/DB, the store `gemtune serve "
+                                                   "--routes` gateways share.")):
+        state["root"], state["routes"] = root, routes
 
     def _registry(create: bool = False) -> Registry:
         return Registry(state["root"], create=create)
+
+    def _table(reg: Registry, **kw) -> RouteTable:
+        from gemtune.registry.routes_redis import route_source
+
+        return RouteTable(reg, source=route_source(state.get("routes"), reg), **kw)
 
     @reg.command("push")
     def push(name: str = typer.Argument(..., help="Adapter name (lower-case, digits, . _ -)."),
@@ -46,7 +55,8 @@ def register(app: typer.Typer) -> None:
     @reg.command("list")
     def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
         """Every adapter version and the aliases that route to it."""
-        listing = list_versions(_registry())
+        reg_ = _registry()
+        listing = list_versions(reg_, _table(reg_).read())
         if as_json:
             print(json.dumps(listing, indent=2))
             return
@@ -60,10 +70,10 @@ def register(app: typer.Typer) -> None:
 
     def _routes(force: bool) -> RouteTable:
         reg = _registry()
-        return RouteTable(reg, check=reg.route_check(force=force))
+        return _table(reg, check=reg.route_check(force=force))
 
     def _routed(name: str, alias: str, out: dict) -> None:
-        entry = RouteTable(_registry()).get(name, alias) or {}
+        entry = _table(_registry()).get(name, alias) or {}
         if entry.get("forced"):
             console.print(f"[yellow]forced:[/yellow] {'; '.join(entry.get('forced_reasons') or [])}", highlight=False)
         console.print(f"{name}@{alias} → {out['weights']}", highlight=False)
@@ -90,5 +100,5 @@ def register(app: typer.Typer) -> None:
     @reg.command("rollback")
     def rollback(name: str = typer.Argument(...), alias: str = typer.Option(DEFAULT_ALIAS, "--alias")):
         """Restore the alias's previous route; repeat to walk further back."""
-        out = RouteTable(_registry()).rollback(name, alias)
+        out = _table(_registry()).rollback(name, alias)
         console.print(f"{name}@{alias} → {out['weights']} (history left: {out['history_depth']})", highlight=False)

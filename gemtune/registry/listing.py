@@ -6,13 +6,14 @@ from gemtune.registry.history import read_routes
 from gemtune.registry.store import Registry
 
 
-def list_versions(registry: Registry) -> dict:
+def list_versions(registry: Registry, routes_doc: dict | None = None) -> dict:
     """{"versions": [manifest summary + "aliases": {alias: weight}], "routes": {name: {alias: weights}}}.
 
     A version's `aliases` names every alias of its adapter that gives it a positive weight (the document
-    `registry list --json` prints)."""
+    `registry list --json` prints). `routes_doc`: the route document when routes live elsewhere than routes.json
+    (a shared Redis store)."""
     rows = registry.list()
-    routes = read_routes(registry.routes_path)["routes"]
+    routes = (routes_doc if routes_doc is not None else read_routes(registry.routes_path))["routes"]
     for row in rows:
         row["aliases"] = {a: e["weights"][row["version"]] for a, e in routes.get(row["name"], {}).items()
                           if e["weights"].get(row["version"])}

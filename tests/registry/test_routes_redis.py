@@ -166,3 +166,30 @@ def test_a_route_to_a_damaged_version_is_refused_by_the_watching_gateway(two_gat
     finally:
         data[-1] ^= 0xFF
         weights.write_bytes(bytes(data))
+
+
+def test_registry_cli_changes_the_routes_gateways_share_in_redis(adapters, redis_url, tmp_path, cli, capsys):
+    """`gemtune registry --routes redis://… promote|split|rollback|list` reads and writes the Redis store the
+    gateways watch, not routes.json (a promote made there would never reach a gateway on Redis)."""
+    import json
+
+    from gemtune.registry.routes_redis import RedisRoutes
+
+    url = redis_url + "?prefix=cli-test"
+    reg = Registry(tmp_path / "registry")
+    for src in adapters[:2]:
+        reg.push("a", src, require_verdict=False)
+    shared = RouteTable(reg, source=RedisRoutes(url, reg))
+    head = ("registry", "--root", tmp_path / "registry", "--routes", url)
+    assert cli(*head, "promote", "a", "v1", "--force") == 0
+    assert shared.get("a", "prod")["weights"] == {"v1": 100}
+    assert cli(*head, "split", "a", "v1=70", "v2=30", "--force") == 0
+    assert shared.get("a", "prod")["weights"] == {"v1": 70, "v2": 30}
+    capsys.readouterr()
+    assert cli(*head, "list", "--json") == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["routes"] == {"a": {"prod": {"v1": 70, "v2": 30}}}
+    assert cli(*head, "rollback", "a") == 0
+    assert shared.get("a", "prod")["weights"] == {"v1": 100}
+    assert RouteTable(reg).get("a", "prod") is None  # routes.json never saw any of it
+    assert cli("registry", "--root", tmp_path / "registry", "--routes", "memcached://x", "list") == 2
