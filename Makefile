@@ -57,7 +57,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gemtune demo $(DEMO_ARGS)
 
 test: $(TEST_DEPS)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
