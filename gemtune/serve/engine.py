@@ -72,8 +72,9 @@ Prefix sharing: a new request whose prompt starts like a running request's (same
 keys/values from that row instead of recomputing them (a shared system prompt is computed once per adapter).
 Exact: the copied values are what the new row would compute. Where bf16 is native (AVX512-BF16/AMX, a GPU) the fp32
 LM head's greedy argmax is screened in bf16 and confirmed in fp32 with a proven error bound (`engine_sampling`), so
-it too stays exact; where the CPU only emulates bf16 (AVX2-only) the head runs in plain fp32 — no stage leans on
-emulated math (`engine_model`, head paths; `stats()["compute"]` says which one runs).
+it too stays exact; where the CPU only emulates bf16 (AVX2-only) the screen is FBGEMM's fp16-weight GEMM with fp32
+FMAs, equally exact — no stage leans on emulated math (`engine_model`, head paths; `stats()["compute"]` says which
+one runs).
 
 CPU note: on a machine shared with other busy processes, set OMP_WAIT_POLICY=PASSIVE before torch is imported:
 OpenMP's default spin-waiting then makes multi-threaded GEMMs many times slower (bench/serve.py does this).
