@@ -13,8 +13,8 @@ screen the vocabulary with a cheaper GEMM and then recompute in fp32 only the to
 The screen is exact, not a heuristic. For bf16, with unit roundoff u = 2^-8, the screen logit of token j differs
 from the fp32 one by at most E = (2u + u^2 + 2n 2^-24) |h| max_j |w_j| plus the output rounding r |logit|
 (r = 2^-8); for fp16, E = |h| (max_j |w_j - w16_j| + 2^-11 max_j |w_j|) + 2n 2^-24 |h| max_j |w_j| with r = 0,
-where w16 are the weights FBGEMM really multiplies with (read back from its packed copy; the 2^-11 term covers the
-activations too, should a kernel ever round them). Token j can only be the argmax if
+where w16 are the weights FBGEMM really multiplies with (IEEE round-to-nearest fp16, checked against its packed copy
+of sample rows; the 2^-11 term covers the activations too, should a kernel ever round them). Token j can only be the argmax if
 screen_j + r|screen_j| + E >= top - r|top| - E, where top is the best screened logit. x + r|x| is increasing, so
 that is a threshold on screen_j: one max per 256-token chunk finds the few chunks that reach it, and only their
 tokens are compared and recomputed in fp32 (a full top-k over 262k logits cost 4x more). Rows where too many tokens

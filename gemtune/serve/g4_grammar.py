@@ -67,13 +67,20 @@ class _Builder:
         if "const" in schema:
             return lit(g4_value(schema["const"]))
         if "enum" in schema:
-            return self.rule(" | ".join(lit(g4_value(v)) for v in schema["enum"]) or '""')
+            if not schema["enum"]:
+                raise UserError(f"{where}: an empty enum admits no value", field="tools")
+            return self.rule(" | ".join(lit(g4_value(v)) for v in schema["enum"]))
         alts = schema.get("anyOf") or schema.get("oneOf")
         if alts is not None:
             return self.rule(" | ".join(self.value(s, f"{where}.anyOf[{i}]") for i, s in enumerate(alts)))
         types = schema.get("type")
         if types is None:
-            return "g4_any" if "properties" not in schema else self.obj(schema, where)
+            if "properties" in schema:
+                return self.obj(schema, where)
+            if set(schema) - ANNOTATIONS:  # bounds or items with no type to apply them to: not enforced by g4_any
+                raise UserError(f"{where}: {', '.join(sorted(set(schema) - ANNOTATIONS))} needs a \"type\" here "
+                                "to be enforced in Gemma 4's call notation", field="tools")
+            return "g4_any"
         types = types if isinstance(types, list) else [types]
         return self.rule(" | ".join(self.typed(t, schema, where) for t in types))
 

@@ -92,6 +92,12 @@ def test_keywords_the_notation_cannot_enforce_are_refused_naming_tools(keyword, 
     with pytest.raises(UserError, match=keyword) as e:
         call_grammar([tool])
     assert e.value.field == "tools"
+    for bad in ({"minimum": 1}, {"items": {"type": "string"}}, {"enum": []}):  # nothing to enforce them with
+        tool = {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": bad}, "required": ["x"]}}}
+        with pytest.raises(UserError) as e:
+            call_grammar([tool])
+        assert e.value.field == "tools" and "properties.x" in str(e.value), bad
     wide = {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 10**6}}}}}
     with pytest.raises(UserError, match="at most"):
