@@ -9,9 +9,11 @@ replica counts and autoscaling bounds come from `ClusterConfig`; Ray Serve resta
 health check.
 
 The gateway stays the policy layer (tenants, routes, A/B, metrics, 429s). `ClusterBackend` is its backend, with the
-interface of backends.py: `submit` returns only once the first event has arrived, so a replica that dies (or stays
-silent past `first_event_timeout_s`) before streaming anything costs nothing but a retry, once, which Ray Serve's
-router sends to another replica (it drops a replica whose actor died). A request that had streamed and then loses its
+interface of backends.py: `submit` returns only once the first event with text (or a finish) has arrived, so a
+replica that dies (or stays silent past `first_event_timeout_s`) before streaming any text costs nothing but a retry,
+once, which Ray Serve's router sends to another replica (it drops a replica whose actor died). Tokens that decode to
+no text yet (part of a UTF-8 character, a skipped special token) are held until then. A request that had streamed
+text and then loses its
 replica ends with `ReplicaLost` (a `BackendError`: an SSE error event, or 503 for a whole answer). Each replica can
 write its counters (pid, adapter loads, requests in flight) to `stats_dir` for operators and tests.
 """
@@ -483,18 +485,26 @@ class ClusterStream:
     def __init__(self, backend: ClusterBackend, g: Gen):
         self.b, self.g = backend, g
         self.gen = None
-        self.first: dict | None = None
+        self.held: list[dict] = []  # the events `open()` read: none but the last has text or a finish reason
         self._cancelled = self._done = False
         self._iter = None
 
     async def open(self) -> None:
+        """Wait for the first event that shows the client something (text or the end): tokens that decode to
+        nothing yet (a partial UTF-8 character, a skipped special token) are held, so a replica lost before any
+        text is retried like one lost before its first token."""
         for attempt in (1, 2):
             self.gen = self.b.call(self.g)
+            self.held = []
             try:
-                self.first = await asyncio.wait_for(self.gen.__anext__(), self.b.cfg.first_event_timeout_s)
-                return
+                while True:
+                    ev = await asyncio.wait_for(self.gen.__anext__(), self.b.cfg.first_event_timeout_s)
+                    self.held.append(ev)
+                    if ev["t"] or ev["f"]:
+                        return
             except StopAsyncIteration:
-                self.first = {"t": "", "f": "stop", "p": len(self.g.prompt_ids), "c": 0}
+                c = self.held[-1]["c"] if self.held else 0
+                self.held.append({"t": "", "f": "stop", "p": len(self.g.prompt_ids), "c": c})
                 return
             except BaseException as e:
                 self.gen.cancel()
@@ -530,12 +540,16 @@ class ClusterStream:
         prompt, completion = len(self.g.prompt_ids), 0
         self.b._running += 1
         try:
-            ev = self.first
+            held = collections.deque(self.held)
+            ev = held.popleft() if held else None
             while ev is not None:
                 prompt, completion = ev["p"], ev["c"]
                 yield Event(None, ev["t"], ev["f"], prompt, completion)
                 if ev["f"] or self._cancelled:
                     return
+                if held:
+                    ev = held.popleft()
+                    continue
                 try:
                     ev = await self.gen.__anext__()
                 except StopAsyncIteration:
