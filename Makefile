@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.gemtune-installed
 
-.PHONY: demo test test-fast install bench clean chromium redis
+.PHONY: demo test test-fast install bench clean chromium redis apt-deps test-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ endif
 # Headless Chromium renders report.html in two tests; installed from Debian when absent (GEMTUNE_SKIP_CHROMIUM=1:
 # those tests skip instead, and say why).
 ifneq ($(GEMTUNE_SKIP_CHROMIUM),1)
-TEST_DEPS += chromium
+APT_DEPS += chromium
 export GEMTUNE_REQUIRE_CHROMIUM := 1
 endif
 
@@ -46,7 +46,7 @@ chromium:
 # redis-server (Debian) for the shared route store and cluster tests; the tests start their own instance on a free
 # port (GEMTUNE_SKIP_REDIS=1: those tests skip instead, and say why).
 ifneq ($(GEMTUNE_SKIP_REDIS),1)
-TEST_DEPS += redis
+APT_DEPS += redis
 export GEMTUNE_REQUIRE_REDIS := 1
 endif
 
@@ -56,7 +56,15 @@ redis:
 demo: $(STAMP)
 	$(VENV)/bin/gemtune demo $(DEMO_ARGS)
 
-test: $(TEST_DEPS)
+# apt-get holds a lock: the Debian packages go one after the other, beside the two venvs' installs.
+apt-deps:
+	@for t in $(APT_DEPS); do $(MAKE) --no-print-directory $$t || exit 1; done
+
+test-deps: $(TEST_DEPS) apt-deps
+
+# The two venvs install side by side (-j3): on 2 cores from pip's cache, 135 s instead of 235 s one after the other.
+test:
+	@$(MAKE) --no-print-directory -j3 test-deps
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
