@@ -7,6 +7,7 @@ Needs `.venv-vllm` (bench/setup_vllm.sh, which `make test` runs) and the real Ge
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 from pathlib import Path
@@ -127,30 +128,34 @@ def test_vllm_structured_outputs_through_the_gateway(vllm_setup):
     tool = {"type": "function", "function": {"name": "route", "parameters": {
         "type": "object", "properties": {"queue": {"enum": ["cards", "accounts"]}}, "required": ["queue"],
         "additionalProperties": False}}}
+    cases = []  # (what the answer must be, request body); sent together, so vLLM batches them
+    for m in ("alpha", "beta", "base"):
+        for p in PROMPTS:
+            msgs = [{"role": "user", "content": p}]
+            cases.append(("schema", {"model": m, "messages": msgs, "max_tokens": 96, "temperature": 0,
+                                     "response_format": {"type": "json_schema", "json_schema": {
+                                         "name": "t", "schema": schema, "strict": True}}}))
+        if m == "base":  # any JSON object is unbounded: the random adapters' keys can outrun max_tokens
+            cases.append(("object", {"model": m, "messages": msgs, "max_tokens": 200, "temperature": 0,
+                                     "response_format": {"type": "json_object"}}))
+        cases.append(("tool", {"model": m, "messages": msgs, "max_tokens": 96, "temperature": 0, "tools": [tool],
+                               "tool_choice": {"type": "function", "function": {"name": "route"}}}))
     gw = build_gateway(str(vllm_setup["root"]), engine="vllm", vllm_url=vllm_setup["vllm"].url,
                        base=str(vllm_setup["base"]), max_model_len=1024)
-    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=300) as c:
-        for m in ("alpha", "beta", "base"):
-            for p in PROMPTS:
-                msgs = [{"role": "user", "content": p}]
-                r = c.post("/v1/chat/completions", json={
-                    "model": m, "messages": msgs, "max_tokens": 96, "temperature": 0,
-                    "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema,
-                                                                               "strict": True}}})
-                assert r.status_code == 200, r.text
-                jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
-            if m == "base":  # any JSON object is unbounded: the random adapters' keys can outrun max_tokens
-                r = c.post("/v1/chat/completions", json={"model": m, "messages": msgs, "max_tokens": 200,
-                                                         "temperature": 0, "response_format": {"type": "json_object"}})
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["finish_reason"] == "stop", r.text
-                assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
-            r = c.post("/v1/chat/completions", json={
-                "model": m, "messages": msgs, "max_tokens": 96, "temperature": 0, "tools": [tool],
-                "tool_choice": {"type": "function", "function": {"name": "route"}}})
-            assert r.status_code == 200, r.text
-            ch = r.json()["choices"][0]
+    with ServerThread(create_app(gw)) as server, httpx.Client(base_url=server.url, timeout=300) as c, \
+            concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda case: c.post("/v1/chat/completions", json=case[1]), cases))
+    for (kind, body), r in zip(cases, answers):
+        assert r.status_code == 200, (body["model"], kind, r.text)
+        ch = r.json()["choices"][0]
+        if kind == "schema":
+            jsonschema.validate(json.loads(ch["message"]["content"]), schema)
+        elif kind == "object":
+            assert ch["finish_reason"] == "stop", r.text
+            assert isinstance(json.loads(ch["message"]["content"]), dict)
+        else:
             assert ch["finish_reason"] == "tool_calls", ch
             call = ch["message"]["tool_calls"][0]
             assert call["function"]["name"] == "route"
             jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+    assert [k for k, _ in cases].count("schema") == 9 and len(cases) == 13
