@@ -56,17 +56,23 @@ def register(app: typer.Typer) -> None:
                                                   "--cluster ray --engine vllm."),
         replica_stats: Optional[str] = typer.Option(None, "--replica-stats", help="Directory where each replica "
                                                     "writes its counters (pid, adapter loads, in flight)."),
+        gpu_memory_utilization: Optional[float] = typer.Option(
+            None, "--gpu-memory-utilization", help="vLLM's flag, in (0, 1]: the share of GPU memory (vLLM-cpu: of "
+            "RAM) each vLLM server takes; for --print-vllm-command and --cluster ray --engine vllm."),
     ):
         """Serve the registry's adapters over an OpenAI-compatible API (routes, A/B, tenants, metrics)."""
         from gemtune.base.provision import DEFAULT_MODEL, pull
         from gemtune.registry.store import Registry
         from gemtune.serve.auth import is_loopback
 
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise UserError(f"must be in (0, 1], got {gpu_memory_utilization}", field="gpu_memory_utilization")
         if print_vllm_command:
             from gemtune.serve.backends import vllm_command
 
             print(vllm_command(Registry(registry, create=True), pull(base or DEFAULT_MODEL), port=vllm_port,
-                               dtype=dtype, max_loras=max_loras, max_model_len=max_model_len))
+                               dtype=dtype, max_loras=max_loras, max_model_len=max_model_len,
+                               gpu_memory_utilization=gpu_memory_utilization))
             return
         for flag, v in (("max_body_mib", max_body_mib), ("header_timeout", header_timeout),
                         ("body_timeout", body_timeout)):
@@ -85,17 +91,11 @@ def register(app: typer.Typer) -> None:
         from gemtune.serve.gateway import build_gateway
         from gemtune.serve.server import uvicorn_config
 
-        ccfg = None
-        if cluster is not None:
-            if cluster != "ray":
-                raise UserError(f"unknown cluster {cluster!r}; expected ray", field="cluster")
-            from gemtune.serve.cluster import ClusterConfig
-
-            ccfg = ClusterConfig(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                                 max_loras=max_loras, engine=engine, vllm_python=vllm_python, num_cpus=replica_cpus,
-                                 num_gpus=replica_gpus, max_batch=max_batch, max_queue=max_queue,
-                                 max_model_len=max_model_len, max_lora_rank=max_lora_rank, dtype=dtype,
-                                 stats_dir=replica_stats).check()
+        ccfg = None if cluster is None else _cluster_config(
+            cluster, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas, max_loras=max_loras,
+            engine=engine, vllm_python=vllm_python, num_cpus=replica_cpus, num_gpus=replica_gpus,
+            max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
+            dtype=dtype, stats_dir=replica_stats, gpu_memory_utilization=gpu_memory_utilization)
         gw = build_gateway(registry, tenants=tenants, engine=engine, vllm_url=vllm_url, base=base, dtype=dtype,
                            max_batch=max_batch, max_loras=max_loras, max_lora_rank=max_lora_rank,
                            max_queue=max_queue, max_model_len=max_model_len, routes=routes, cluster=ccfg,
@@ -112,6 +112,15 @@ def register(app: typer.Typer) -> None:
                                       header_timeout_s=header_timeout)).run()
 
     _register_merge(app)
+
+
+def _cluster_config(cluster: str, **fields):
+    """`--cluster ray`'s ClusterConfig from the serve flags (checked: a bad value names its field)."""
+    if cluster != "ray":
+        raise UserError(f"unknown cluster {cluster!r}; expected ray", field="cluster")
+    from gemtune.serve.cluster import ClusterConfig
+
+    return ClusterConfig(**fields).check()
 
 
 def _register_merge(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from gemtune.errors import UserError
 from gemtune.registry.routes import RouteTable, read_routes
 from gemtune.registry.store import Registry
 from gemtune.registry.synthetic import make_random_adapters
@@ -412,6 +413,32 @@ def test_print_vllm_command(setup, tiny_gemma3, capsys):
     out = capsys.readouterr().out
     assert "vllm serve" in out and "--enable-lora" in out and "--max-lora-rank 8" in out
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1" in out
+    assert "--gpu-memory-utilization" not in out  # vLLM's own default unless asked
+    assert _cli("serve", "--registry", str(setup["root"]), "--base", str(tiny_gemma3), "--print-vllm-command",
+                "--gpu-memory-utilization", "0.35") == 0
+    assert "--gpu-memory-utilization 0.35" in capsys.readouterr().out
+    for bad in ("0", "1.5", "-0.2"):
+        assert _cli("serve", "--registry", str(setup["root"]), "--base", str(tiny_gemma3), "--print-vllm-command",
+                    "--gpu-memory-utilization", bad) == 2
+        assert 'field "gpu_memory_utilization"' in capsys.readouterr().err
+
+
+def test_cluster_flags_reach_the_replicas_config(tmp_path):
+    """`--cluster ray`'s flags, as the replicas get them (ClusterConfig, checked before Ray is touched)."""
+    from gemtune.serve.commands import _cluster_config
+
+    cfg = _cluster_config("ray", replicas=3, engine="vllm", vllm_python="/x/python", gpu_memory_utilization=0.3,
+                          max_loras=2, stats_dir=str(tmp_path))
+    assert (cfg.replicas, cfg.engine, cfg.gpu_memory_utilization, cfg.max_loras) == (3, "vllm", 0.3, 2)
+    with pytest.raises(UserError, match="expected ray") as e:
+        _cluster_config("k8s", replicas=1)
+    assert e.value.field == "cluster"
+    with pytest.raises(UserError) as e:
+        _cluster_config("ray", engine="vllm")  # no vllm_python
+    assert e.value.field == "vllm_python"
+    with pytest.raises(UserError) as e:
+        _cluster_config("ray", engine="vllm", vllm_python="/x/python", gpu_memory_utilization=1.2)
+    assert e.value.field == "gpu_memory_utilization"
 
 
 def test_gemma4_base_serves_through_the_gateway(tiny_gemma4, tmp_path):
