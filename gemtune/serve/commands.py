@@ -67,6 +67,10 @@ def register(app: typer.Typer) -> None:
 
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise UserError(f"must be in (0, 1], got {gpu_memory_utilization}", field="gpu_memory_utilization")
+        if gpu_memory_utilization is not None and not (print_vllm_command or (cluster and engine == "vllm")):
+            raise UserError("applies to the vLLM servers gemtune starts or prints: use it with --print-vllm-command "
+                            "or --cluster ray --engine vllm (a server at --vllm-url has its own)",
+                            field="gpu_memory_utilization")
         if print_vllm_command:
             from gemtune.serve.backends import vllm_command
 

@@ -421,6 +421,11 @@ def test_print_vllm_command(setup, tiny_gemma3, capsys):
         assert _cli("serve", "--registry", str(setup["root"]), "--base", str(tiny_gemma3), "--print-vllm-command",
                     "--gpu-memory-utilization", bad) == 2
         assert 'field "gpu_memory_utilization"' in capsys.readouterr().err
+    # a flag that would do nothing is refused: the embedded engine, or a vLLM server gemtune did not start
+    for engine in (["--engine", "embedded"], ["--engine", "vllm", "--vllm-url", "http://127.0.0.1:9"]):
+        assert _cli("serve", "--registry", str(setup["root"]), "--base", str(tiny_gemma3), *engine,
+                    "--gpu-memory-utilization", "0.5") == 2
+        assert "--print-vllm-command" in capsys.readouterr().err
 
 
 def test_cluster_flags_reach_the_replicas_config(tmp_path):
