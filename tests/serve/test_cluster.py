@@ -412,7 +412,7 @@ def test_replicas_gateways_route_flips_and_a_killed_replica(cluster):
     assert not wrong_text, f"{len(wrong_text)} answers whose text is not their version's: {wrong_text[:3]}"
     for r in lost:  # a request that had streamed and lost its replica ends with a clear error event
         why = {k: r.get(k) for k in ("name", "model", "text", "error", "streamed", "t0", "t1")}
-        assert r["streamed"] and "replica" in r["error"], f"a lost stream that had shown no text, or a wrong error: {why}"
+        assert r["streamed"] and "replica" in r["error"], f"lost before showing text, or a wrong error: {why}"
         assert r["t1"] >= notes["killed_at"], f"lost before the kill: {why}"
     assert retries >= 1, "the killed replica held unstarted requests: they must have been retried elsewhere"
     # Ray Serve's default (power-of-two-choices) routing without the multiplexed id loads about as often as random
