@@ -164,21 +164,15 @@ def test_progress_lines_reach_a_pipe_while_the_run_goes_on(tiny_gemma3, route_da
         p.wait()
 
 
-def _run_cli(base, data, out, *flags):
+def _run_cli(cli, base, data, out, *flags):
     """`gemtune train …` in-process through the real entry point (a subprocess costs ~8 s of imports)."""
-    from gemtune.cli import main
-
-    try:
-        main(["train", "--data", str(data), "--out", str(out), "--base", str(base), "--batch-size", "4",
-              "--lr", "1e-3", *flags])
-    except SystemExit as e:
-        assert not e.code, e.code
+    assert cli("train", "--data", data, "--out", out, "--base", base, "--batch-size", "4", "--lr", "1e-3", *flags) == 0
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return json.loads((out / "run.json").read_text()), [row["lr"] for row in rows]
 
 
-def test_max_steps_sets_the_lr_horizon_and_stop_after_steps_does_not(tiny_gemma3, route_data, tmp_path):
-    run, lrs = _run_cli(tiny_gemma3, route_data, tmp_path / "a", "--max-steps", "6")
+def test_max_steps_sets_the_lr_horizon_and_stop_after_steps_does_not(tiny_gemma3, route_data, tmp_path, cli):
+    run, lrs = _run_cli(cli, tiny_gemma3, route_data, tmp_path / "a", "--max-steps", "6")
     assert run["horizon"] == 6 and len(lrs) == 6
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reaches zero at the horizon
     assert run["resolved"] == resolve_policy(TrainConfig(base=str(tiny_gemma3), batch_size=4, lr=1e-3,
@@ -186,10 +180,10 @@ def test_max_steps_sets_the_lr_horizon_and_stop_after_steps_does_not(tiny_gemma3
     assert run["resolved"]["dtype"] == "float32" and run["resolved"]["device"] == "cpu"
     side = json.loads((tmp_path / "a" / "adapter" / "gemtune.json").read_text())
     assert side["resolved"] == run["resolved"]
-    run, early = _run_cli(tiny_gemma3, route_data, tmp_path / "b", "--max-steps", "6", "--stop-after-steps", "3")
+    run, early = _run_cli(cli, tiny_gemma3, route_data, tmp_path / "b", "--max-steps", "6", "--stop-after-steps", "3")
     assert run["horizon"] == 6 and run["stop_at"] == 3 and early == lrs[:3]
     # without --max-steps the horizon is one epoch: 32 examples / 4 = 8 steps
-    run, _ = _run_cli(tiny_gemma3, route_data, tmp_path / "c", "--stop-after-steps", "2")
+    run, _ = _run_cli(cli, tiny_gemma3, route_data, tmp_path / "c", "--stop-after-steps", "2")
     assert run["horizon"] == 8 and run["stop_at"] == 2
 
 
