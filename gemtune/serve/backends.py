@@ -406,6 +406,12 @@ def _vllm_message(text: str) -> str:
         return text[:500]
 
 
+def check_gpu_memory_utilization(share: float | None) -> None:
+    """vLLM's `--gpu-memory-utilization` must be a share in (0, 1] (None: vLLM's own default)."""
+    if share is not None and not 0 < share <= 1:
+        raise UserError(f"must be in (0, 1], got {share}", field="gpu_memory_utilization")
+
+
 def vllm_args(registry, *, host: str = "127.0.0.1", port: int = 8001, dtype: str = "float32",
               max_loras: int = 8, max_model_len: int = 2048, gpu_memory_utilization: float | None = None,
               max_lora_rank: int | None = None) -> list[str]:

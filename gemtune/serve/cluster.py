@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemtune.errors import UserError
-from gemtune.serve.backends import BackendError, Event, Gen, Overloaded, admit
+from gemtune.serve.backends import BackendError, Event, Gen, Overloaded, admit, check_gpu_memory_utilization
 
 log = logging.getLogger("gemtune.serve")
 APP = "gemtune"
@@ -83,9 +83,7 @@ class ClusterConfig:
                             f"{self.max_replicas}", field="min_replicas")
         if self.max_loras < 1:
             raise UserError(f"must be at least 1, got {self.max_loras}", field="max_loras")
-        g = self.gpu_memory_utilization
-        if g is not None and not 0 < g <= 1:
-            raise UserError(f"must be in (0, 1], got {g}", field="gpu_memory_utilization")
+        check_gpu_memory_utilization(self.gpu_memory_utilization)
         if self.engine == "vllm" and not self.vllm_python:
             raise UserError("the vllm engine in a replica needs vllm_python (vLLM's own interpreter)",
                             field="vllm_python")

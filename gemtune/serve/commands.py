@@ -65,8 +65,9 @@ def register(app: typer.Typer) -> None:
         from gemtune.registry.store import Registry
         from gemtune.serve.auth import is_loopback
 
-        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise UserError(f"must be in (0, 1], got {gpu_memory_utilization}", field="gpu_memory_utilization")
+        from gemtune.serve.backends import check_gpu_memory_utilization
+
+        check_gpu_memory_utilization(gpu_memory_utilization)
         if gpu_memory_utilization is not None and not (print_vllm_command or (cluster and engine == "vllm")):
             raise UserError("applies to the vLLM servers gemtune starts or prints: use it with --print-vllm-command "
                             "or --cluster ray --engine vllm (a server at --vllm-url has its own)",
